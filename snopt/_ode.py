@@ -1,0 +1,412 @@
+"""Neural ODE blocks on the stock torchdiffeq, with an exact horizon gradient.
+
+The block wraps the user's vector field in :class:`_Field`, which counts function
+evaluations and exposes torchdiffeq's own step callbacks (``callback_step`` and
+``callback_step_adjoint``).  Those callbacks hand us the exact solver state (and, in
+the adjoint solve, the exact adjoint) at every step start, which is how curvature is
+sampled along the backward solve without patching the solver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol, Union
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+State = Union[Tensor, tuple[Tensor, ...]]
+
+ADAPTIVE_METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")
+FIXED_METHODS = (
+    "euler",
+    "explicit_adams",
+    "fixed_adams",
+    "heun2",
+    "heun3",
+    "implicit_adams",
+    "midpoint",
+    "rk4",
+)
+METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+
+_ADAPTIVE_OPTIONS = frozenset(
+    {
+        "first_step",
+        "min_step",
+        "max_step",
+        "step_t",
+        "jump_t",
+        "safety",
+        "ifactor",
+        "dfactor",
+        "max_num_steps",
+        "dtype",
+        "norm",
+    }
+)
+_FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb"})
+_ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_iters", "max_order"}
+
+#: Default cap on adaptive steps, so that a stiff field fails loudly instead of hanging.
+DEFAULT_MAX_NUM_STEPS = 10_000
+
+# Messages of torchdiffeq's internal assertions that signal a failed solve.
+_SOLVER_FAILURES = ("underflow in dt", "max_num_steps exceeded", "non-finite values in state")
+
+
+class SolverError(RuntimeError):
+    """An ODE solve failed (step-size underflow, too many steps, non-finite state)."""
+
+
+def as_solver_error(exc: BaseException) -> SolverError | None:
+    """Return ``exc`` as a :class:`SolverError` when it is a solver failure, else None."""
+    if isinstance(exc, SolverError):
+        return exc
+    if isinstance(exc, AssertionError) and any(m in str(exc) for m in _SOLVER_FAILURES):
+        return SolverError(
+            f"ODE solve failed: {str(exc)[:200]}. Try looser rtol/atol, a smaller horizon "
+            "t1 (or bounds on it), a fixed-grid method such as 'rk4', or a smaller learning rate."
+        )
+    return None
+
+
+@dataclass
+class SolverStats:
+    """Work done by one :class:`ODEBlock` call (forward solve and, after it, backward).
+
+    Attributes:
+        nfe_forward: vector-field evaluations in the forward solve.
+        nfe_backward: evaluations in the backward pass (adjoint solve or backprop).
+        steps_forward: solver steps attempted in the forward solve.
+        steps_backward: solver steps attempted in the adjoint solve.
+        rejected_forward: rejected adaptive steps in the forward solve.
+        rejected_backward: rejected adaptive steps in the adjoint solve.
+        samples: curvature samples taken along the backward solve.
+        t1: the horizon used.
+    """
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    steps_forward: int = 0
+    steps_backward: int = 0
+    rejected_forward: int = 0
+    rejected_backward: int = 0
+    samples: int = 0
+    t1: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The stats as a plain dict."""
+        return asdict(self)
+
+
+class StateSampler(Protocol):
+    """What an :class:`ODEBlock` calls to sample (state, adjoint) along the backward solve.
+
+    The curvature collector implements it; the block knows nothing of curvature.
+    """
+
+    def sampling(self, block: ODEBlock) -> bool:
+        """Whether this forward/backward pass of ``block`` should be sampled."""
+
+    def sample_spacing(self, block: ODEBlock) -> float:
+        """Grid spacing, in units of time: at most one sample per grid cell."""
+
+    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, weight: float) -> None:
+        """Take one sample: the state and dL/dstate at time ``t``, both detached."""
+
+
+class _Field(nn.Module):
+    """The user's field, plus NFE counting and torchdiffeq step callbacks."""
+
+    def __init__(self, func: nn.Module, block: ODEBlock) -> None:
+        super().__init__()
+        self.func = func
+        # A plain attribute, not a submodule, to keep the module tree acyclic.
+        object.__setattr__(self, "_block", block)
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        block = self._block
+        run = block._run
+        if run is not None:
+            if run.backward_phase:
+                block.stats.nfe_backward += 1
+            else:
+                block.stats.nfe_forward += 1
+        if block._shapes is None:
+            return self.func(t, y)
+        return _flatten(self.func(t, _unflatten(y, block._shapes)))
+
+    # torchdiffeq looks these up by name; see torchdiffeq/_impl/misc.py.
+    def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self._block._on_step(t0, y0, adjoint_state=None)
+
+    def callback_step_adjoint(self, t0: Tensor, y_aug: tuple[Tensor, ...], dt: Tensor) -> None:
+        self._block._on_step(t0, y_aug[1], adjoint_state=y_aug[2])
+
+
+class _AdaptiveField(_Field):
+    """A field for adaptive solvers, which also report rejected steps."""
+
+    def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self._block.stats.rejected_forward += 1
+
+    def callback_reject_step_adjoint(self, t0: Tensor, y_aug: Any, dt: Tensor) -> None:
+        self._block.stats.rejected_backward += 1
+
+
+class _Run:
+    """Book-keeping of one forward call and the backward pass that follows it."""
+
+    def __init__(self, sampler: StateSampler | None, t0: float, spacing: float) -> None:
+        self.backward_phase = False
+        self.sampler = sampler
+        self.t0 = t0
+        self.spacing = spacing
+        self.cells: set[int] = set()
+
+    def new_cell(self, t: float) -> bool:
+        """True the first time a time in a given grid cell is seen."""
+        cell = math.floor((t - self.t0) / self.spacing + 1e-6)
+        if cell in self.cells:
+            return False
+        self.cells.add(cell)
+        return True
+
+
+def _flatten(state: tuple[Tensor, ...]) -> Tensor:
+    return torch.cat([s.reshape(-1) for s in state])
+
+
+def _unflatten(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[start : start + n].view(shape))
+        start += n
+    return tuple(out)
+
+
+def _check_time(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a real number, but got {value!r}.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, but got {name}={value}.")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, but got {name}={value!r}.")
+    return float(value)
+
+
+class ODEBlock(nn.Module):
+    """Solve ``dx/dt = func(t, x)`` from ``t0`` to ``t1`` and return ``x(t1)``.
+
+    The horizon ``t1`` is a control variable, not a parameter: it is stored in the
+    buffer ``horizon`` (so it is saved in ``state_dict``), read as a float through
+    :attr:`t1`, changed with :meth:`set_t1`, and after ``loss.backward()`` its exact
+    derivative ``dL/dt1 = dL/dx(t1) . func(t1, x(t1))`` is in :attr:`t1_grad` (and its
+    per-sample terms in :attr:`t1_grad_samples`), in adjoint and in direct mode alike.
+
+    Args:
+        func: the vector field, an ``nn.Module`` called as ``func(t, x)``.
+        t0: start time.
+        t1: end time (the horizon); must be greater than ``t0``.
+        method: a torchdiffeq method, one of :data:`METHODS`.
+        rtol: relative tolerance of adaptive methods (> 0).
+        atol: absolute tolerance of adaptive methods (> 0).
+        options: torchdiffeq solver options, such as ``{"step_size": 0.1}`` for
+            fixed-grid methods. Adaptive methods default to ``max_num_steps=10000``.
+        adjoint: solve the backward pass with the adjoint ODE at O(1) memory (True) or
+            backpropagate through the solver (False).
+    """
+
+    def __init__(
+        self,
+        func: nn.Module,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        *,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        options: dict[str, Any] | None = None,
+        adjoint: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(func, nn.Module):
+            raise TypeError(f"`func` must be an nn.Module called as func(t, x), but got {type(func).__name__}.")
+        t0 = _check_time("t0", t0)
+        t1 = _check_time("t1", t1)
+        if not t1 > t0:
+            raise ValueError(f"`t1 > t0` must hold, but got t0={t0}, t1={t1}.")
+        if method not in METHODS:
+            raise ValueError(
+                f"`method` must be one of {list(METHODS)}, but got {method!r}. "
+                "('scipy_solver' is not supported: it has no step callbacks and no autograd.)"
+            )
+        self.rtol = _check_positive("rtol", rtol)
+        self.atol = _check_positive("atol", atol)
+        options = dict(options or {})
+        valid = (
+            _ADAPTIVE_OPTIONS
+            if method in ADAPTIVE_METHODS
+            else (_ADAMS_OPTIONS if "adams" in method else _FIXED_OPTIONS)
+        )
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"Unknown `options` keys {unknown} for method {method!r}; valid keys are {sorted(valid)}."
+            )
+        if "step_size" in options:
+            _check_positive("options['step_size']", options["step_size"])
+        if method in ADAPTIVE_METHODS:
+            options.setdefault("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+        if not isinstance(adjoint, bool):
+            raise TypeError(f"`adjoint` must be a bool, but got {adjoint!r}.")
+        self.t0 = t0
+        self.method = method
+        self.options = options
+        self.adjoint = adjoint
+        field_cls = _AdaptiveField if method in ADAPTIVE_METHODS else _Field
+        self.field = field_cls(func, self)
+        self.register_buffer("horizon", torch.tensor(t1, dtype=torch.float64))
+        self.stats = SolverStats(t1=t1)
+        #: Whether backward computes dL/dt1 (one extra field evaluation at t1).
+        self.horizon_grad = True
+        self.t1_grad: Tensor | None = None
+        self.t1_grad_samples: Tensor | None = None
+        self.sampler: StateSampler | None = None
+        self._run: _Run | None = None
+        self._shapes: list[torch.Size] | None = None
+
+    @property
+    def func(self) -> nn.Module:
+        """The user's vector field."""
+        return self.field.func
+
+    @property
+    def t1(self) -> float:
+        """The current horizon as a float."""
+        return float(self.horizon)
+
+    def set_t1(self, value: float) -> None:
+        """Set the horizon; it must be finite and greater than ``t0``."""
+        value = _check_time("t1", value)
+        if not value > self.t0:
+            raise ValueError(f"`t1 > t0` must hold, but got t0={self.t0}, t1={value}.")
+        with torch.no_grad():
+            self.horizon.fill_(value)
+
+    def zero_t1_grad(self) -> None:
+        """Forget the accumulated horizon gradient."""
+        self.t1_grad = None
+        self.t1_grad_samples = None
+
+    def extra_repr(self) -> str:
+        return f"t0={self.t0}, t1={self.t1:.4g}, method={self.method!r}, adjoint={self.adjoint}"
+
+    def forward(self, x: State) -> State:
+        is_tuple = isinstance(x, tuple)
+        self._shapes = [s.shape for s in x] if is_tuple else None
+        y0 = _flatten(x) if is_tuple else x
+        t1 = self.t1
+        self.stats = SolverStats(t1=t1)
+        sampler = self.sampler
+        if sampler is None or not torch.is_grad_enabled() or not sampler.sampling(self):
+            sampler = None
+        spacing = sampler.sample_spacing(self) if sampler is not None else 1.0
+        self._run = run = _Run(sampler, self.t0, spacing)
+        if sampler is not None and not self.adjoint and not y0.requires_grad:
+            # Direct mode samples through tensor hooks on the solver state; a leaf that
+            # requires grad gives the adjoint at t0 too.
+            y0 = y0.detach().requires_grad_()
+        t = torch.tensor([self.t0, t1], dtype=y0.dtype if y0.is_floating_point() else torch.float32, device=y0.device)
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
+        try:
+            if self.adjoint and torch.is_grad_enabled():
+                params = tuple(p for p in self.field.parameters() if p.requires_grad)
+                ys = odeint_adjoint(self.field, y0, t, adjoint_params=params, **kwargs)
+            else:
+                ys = odeint(self.field, y0, t, **kwargs)
+        except AssertionError as exc:
+            err = as_solver_error(exc)
+            if err is None:
+                raise
+            raise err from exc
+        finally:
+            run.backward_phase = True
+        out = ys[-1]
+        if self.horizon_grad and out.requires_grad:
+            out.register_hook(self._horizon_hook(t[-1], out.detach()))
+        return _unflatten(out, self._shapes) if is_tuple else out
+
+    def _horizon_hook(self, t1: Tensor, y1: Tensor) -> Callable[[Tensor], None]:
+        """dL/dt1 = dL/dx(t1) . f(t1, x(t1)), kept per sample (rows of the batch)."""
+
+        def hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                f1 = self.field.func(t1, y1 if self._shapes is None else _unflatten(y1, self._shapes))
+                if self._shapes is None:
+                    terms = (grad * f1).reshape(grad.shape[0], -1).sum(1) if grad.dim() > 0 else (grad * f1).reshape(1)
+                else:
+                    terms = self._per_sample_dot(_unflatten(grad, self._shapes), f1)
+                terms = terms.to(torch.float64)
+                self.t1_grad_samples = terms if self.t1_grad_samples is None else self.t1_grad_samples + terms
+                total = terms.sum()
+                self.t1_grad = total if self.t1_grad is None else self.t1_grad + total
+
+        return hook
+
+    @staticmethod
+    def _per_sample_dot(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
+        """Row-wise dot of two tuple states whose components share the batch dimension."""
+        batch = a[0].shape[0] if a[0].dim() > 0 else 1
+        total = torch.zeros(batch, dtype=a[0].dtype, device=a[0].device)
+        for ga, fb in zip(a, b):
+            prod = (ga * fb).reshape(batch, -1) if ga.dim() > 0 and ga.shape[0] == batch else (ga * fb).reshape(1, -1)
+            total = total + prod.sum(1)
+        return total
+
+    def _on_step(self, t0: Tensor, y0: Tensor, adjoint_state: Tensor | None) -> None:
+        run = self._run
+        if run is None:
+            return
+        if adjoint_state is None:
+            if run.backward_phase:  # a direct-mode solve never calls back in backward
+                return
+            self.stats.steps_forward += 1
+        else:
+            self.stats.steps_backward += 1
+        sampler = run.sampler
+        if sampler is None:
+            return
+        t = float(t0)
+        if adjoint_state is not None:
+            if run.new_cell(t):
+                self._take_sample(sampler, t, y0, adjoint_state, run.spacing)
+        elif not self.adjoint and y0.requires_grad and run.new_cell(t):
+            state = y0.detach()
+
+            def hook(grad: Tensor) -> None:
+                self._take_sample(sampler, t, state, grad, run.spacing)
+
+            y0.register_hook(hook)
+
+    def _take_sample(self, sampler: StateSampler, t: float, y: Tensor, adj: Tensor, weight: float) -> None:
+        self.stats.samples += 1
+        if self._shapes is not None:
+            sampler.sample(self, t, _unflatten(y.detach(), self._shapes), _unflatten(adj.detach(), self._shapes), weight)
+        else:
+            sampler.sample(self, t, y.detach(), adj.detach(), weight)
+
+
+def ode_blocks(model: nn.Module) -> list[tuple[str, ODEBlock]]:
+    """All ``ODEBlock`` submodules of ``model`` with their qualified names, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ODEBlock)]

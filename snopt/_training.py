@@ -1,0 +1,666 @@
+"""The training loop: ``fit`` and the ``Trainer`` behind it.
+
+One step is: forward solve -> loss -> backward (adjoint solve, which also feeds any
+curvature collector) -> optional preconditioner -> optimizer step -> optional
+controller step (horizons and other control variables).  Evaluation time is kept out
+of the wall-clock; checkpoints hold everything needed to resume exactly (model,
+optimizer, controller, scheduler, RNG states and the position in the data order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._ode import SolverError, as_solver_error, ode_blocks
+
+STATUSES = ("completed", "interrupted", "failed", "pruned")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on an error; ``result`` holds what was done until then."""
+
+    def __init__(self, message: str, result: FitResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    """What a training run produced.
+
+    Attributes:
+        status: one of ``"completed"``, ``"interrupted"``, ``"failed"``, ``"pruned"``.
+        message: why the run ended, when it did not complete.
+        history: one dict per step (step, epoch, wall_time, train_loss, lr, nfe_forward,
+            nfe_backward, ``t1/<block>`` for every ODE block, controller values) with
+            ``val_loss`` and ``metric`` on evaluation steps.
+        final: the last evaluation (``val_loss``, ``metric``) and the last train loss.
+        stats: totals (steps, NFE forward/backward, wall-clock without evaluation,
+            evaluation time) and the optimizer's and controller's own stats.
+        checkpoint: path of the last checkpoint written, if any.
+    """
+
+    status: str
+    message: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the result."""
+        return {
+            "status": self.status,
+            "message": self.message,
+            "final": self.final,
+            "stats": _jsonable(self.stats),
+            "checkpoint": self.checkpoint,
+            "history": self.history,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+class Callback:
+    """Hooks into the training loop; override what you need.
+
+    Callbacks may raise to stop training (``optuna.TrialPruned`` marks the run pruned).
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Called once before the first step (also when resuming)."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        """Called after every optimizer (and controller) step with the step's record."""
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, float]) -> None:
+        """Called after an evaluation; ``record`` holds ``val_loss`` and ``metric``."""
+
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
+        """Called after a checkpoint was written to ``path``."""
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        """Called once at the end, whatever the status."""
+
+
+class _Steppable(Protocol):
+    def step(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Objective:
+    """Loss and evaluation, from a task or from ``loss_fn``/``metric_fn``."""
+
+    def __init__(self, task: Any, loss_fn: Callable | None, metric_fn: Callable | None) -> None:
+        if task is None and loss_fn is None:
+            raise ValueError("Either `task` or `loss_fn` must be given.")
+        if task is not None and loss_fn is not None:
+            raise ValueError("Give either `task` or `loss_fn`, not both.")
+        self.task = task
+        self.loss_fn = loss_fn
+        self.metric_fn = metric_fn
+
+    def to(self, batch: Any, device: torch.device) -> Any:
+        if self.task is not None:
+            return self.task.batch_to(batch, device)
+        return [b.to(device) if isinstance(b, Tensor) else b for b in batch]
+
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        if self.task is not None:
+            return self.task.loss(model, batch)
+        x, y = batch[0], batch[1]
+        return self.loss_fn(model(x), y)  # type: ignore[misc]
+
+    def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
+        if self.task is not None:
+            return dict(self.task.evaluate(model, loader))
+        was_training = model.training
+        model.eval()
+        total, metric, n = 0.0, 0.0, 0
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    x, y = (b.to(device) for b in batch[:2])
+                    out = model(x)
+                    k = len(y)
+                    total += float(self.loss_fn(out, y)) * k  # type: ignore[misc]
+                    if self.metric_fn is not None:
+                        metric += float(self.metric_fn(out, y)) * k
+                    n += k
+        finally:
+            model.train(was_training)
+        n = max(n, 1)
+        result = {"val_loss": total / n}
+        result["metric"] = metric / n if self.metric_fn is not None else total / n
+        return result
+
+
+def _check_positive_int(name: str, value: int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, but got {name}={value!r}.")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None picks CUDA when available; otherwise the named device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {str(device)!r} but CUDA is not available; use 'cpu' or 'auto'.")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loader_generator(loader: Any) -> torch.Generator | None:
+    gen = getattr(loader, "generator", None)
+    if gen is None:
+        gen = getattr(getattr(loader, "sampler", None), "generator", None)
+    return gen if isinstance(gen, torch.Generator) else None
+
+
+class Trainer:
+    """Runs the training loop; :func:`fit` is the usual way in.
+
+    See :func:`fit` for the arguments.  During training the attributes ``step``,
+    ``epoch``, ``history``, ``model``, ``optimizer`` and ``controller`` are readable by
+    callbacks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        *,
+        optimizer: torch.optim.Optimizer,
+        task: Any = None,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        metric_fn: Callable[[Any, Any], Any] | None = None,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        controller: Any = None,
+        preconditioner: Any = None,
+        scheduler: Any = None,
+        callbacks: Sequence[Callback] = (),
+        eval_every: int | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
+        seed: int | None = None,
+        device: str | torch.device | None = "cpu",
+        max_grad_norm: float | None = None,
+        progress: bool = True,
+    ) -> None:
+        if epochs is None and max_steps is None:
+            raise ValueError("One of `epochs` or `max_steps` must be given.")
+        _check_positive_int("epochs", epochs)
+        _check_positive_int("max_steps", max_steps)
+        _check_positive_int("eval_every", eval_every)
+        _check_positive_int("checkpoint_every", checkpoint_every)
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"`max_grad_norm` must be a positive number, but got max_grad_norm={max_grad_norm}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}.")
+        if resume and checkpoint is None:
+            raise ValueError("`resume=True` needs a `checkpoint` path.")
+        self.objective = _Objective(task, loss_fn, metric_fn)
+        self.model = model
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.optimizer = optimizer
+        self.controller = controller
+        self.preconditioner = preconditioner
+        self.scheduler = scheduler
+        self.callbacks = list(callbacks)
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.eval_every = eval_every
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.max_grad_norm = max_grad_norm
+        self.progress = progress
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.train_time = 0.0
+        self.eval_time = 0.0
+        self.totals = {"nfe_forward": 0, "nfe_backward": 0, "steps_forward": 0, "steps_backward": 0}
+        self.last_eval: dict[str, float] = {}
+        self.last_checkpoint: str | None = None
+        self._epoch_rng: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def total_steps(self) -> int | None:
+        """Steps the run will take, where known."""
+        per_epoch = _safe_len(self.train_loader)
+        by_epochs = self.epochs * per_epoch if (self.epochs and per_epoch) else None
+        if self.max_steps is None:
+            return by_epochs
+        return self.max_steps if by_epochs is None else min(self.max_steps, by_epochs)
+
+    def horizons(self) -> dict[str, float]:
+        """``t1/<block name>`` -> current horizon, for every ODE block of the model."""
+        return {_t1_key(name): block.t1 for name, block in ode_blocks(self.model)}
+
+    def _done(self) -> bool:
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return True
+        return self.epochs is not None and self.epoch >= self.epochs
+
+    def _batches(self) -> Iterator[Any]:
+        """Yields batches epoch after epoch, recording the RNG needed to replay an epoch."""
+        skip = self.batch_in_epoch
+        while not self._done():
+            if skip and self._epoch_rng is not None:
+                resume_rng = _rng_state()
+                _set_rng_state(self._epoch_rng["rng"])
+                gen = _loader_generator(self.train_loader)
+                if gen is not None and self._epoch_rng.get("loader") is not None:
+                    gen.set_state(self._epoch_rng["loader"])
+                iterator = iter(self.train_loader)
+                for _ in range(skip):
+                    next(iterator)
+                _set_rng_state(resume_rng)
+            else:
+                gen = _loader_generator(self.train_loader)
+                self._epoch_rng = {"rng": _rng_state(), "loader": gen.get_state() if gen is not None else None}
+                self.batch_in_epoch = 0
+                iterator = iter(self.train_loader)
+            skip = 0
+            for batch in iterator:
+                yield batch
+                if self._done():
+                    return
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._on_epoch_end()
+
+    def _on_epoch_end(self) -> None:
+        if self.val_loader is not None and self.eval_every is None and self.history:
+            self._evaluate(self.history[-1])
+        if self.checkpoint_path is not None and self.checkpoint_every is None:
+            self.save_checkpoint(self.checkpoint_path)
+
+    def _evaluate(self, record: dict[str, float]) -> None:
+        if self.val_loader is None or "val_loss" in record:
+            return
+        start = time.perf_counter()
+        # Evaluation must not move the training RNG, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            metrics = self.objective.evaluate(self.model, self.val_loader)
+        self.eval_time += time.perf_counter() - start
+        record.update(metrics)
+        self.last_eval = dict(metrics)
+        for cb in self.callbacks:
+            cb.on_evaluate(self, record)
+
+    # ------------------------------------------------------------- one step
+    def _train_step(self, batch: Any) -> dict[str, float]:
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        batch = self.objective.to(batch, self.device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        blocks = ode_blocks(model)
+        for _, block in blocks:
+            block.zero_t1_grad()
+        loss = self.objective.loss(model, batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"The training loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}). "
+                "Lower the learning rate, clip gradients (`max_grad_norm`), tighten rtol/atol or bound t1."
+            )
+        loss.backward()
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        if self.preconditioner is not None:
+            self.preconditioner.step()
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.controller is not None:
+            self.controller.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_time += time.perf_counter() - start
+        self.step += 1
+        self.batch_in_epoch += 1
+        record: dict[str, float] = {
+            "step": self.step,
+            "epoch": self.epoch + self.batch_in_epoch / max(_safe_len(self.train_loader) or 1, 1),
+            "wall_time": self.train_time,
+            "train_loss": float(loss.detach()),
+            "lr": lr,
+        }
+        nfe = {"nfe_forward": 0, "nfe_backward": 0, "steps_forward": 0, "steps_backward": 0}
+        for _, block in blocks:
+            s = block.stats
+            nfe["nfe_forward"] += s.nfe_forward
+            nfe["nfe_backward"] += s.nfe_backward
+            nfe["steps_forward"] += s.steps_forward
+            nfe["steps_backward"] += s.steps_backward
+        for key, value in nfe.items():
+            self.totals[key] += value
+        record["nfe_forward"] = nfe["nfe_forward"]
+        record["nfe_backward"] = nfe["nfe_backward"]
+        record["nfe_total"] = self.totals["nfe_forward"] + self.totals["nfe_backward"]
+        record.update(self.horizons())
+        if self.controller is not None:
+            record.update({k: float(v) for k, v in self.controller.values.items()})
+        return record
+
+    # ------------------------------------------------------------- the loop
+    def run(self) -> FitResult:
+        """Train until the step/epoch budget is spent; see :func:`fit`."""
+        self.model.to(self.device)
+        if self.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_checkpoint(self.checkpoint_path)
+        elif self.seed is not None:
+            seed_everything(self.seed)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        bar = _progress_bar(self.total_steps, self.step, enabled=self.progress)
+        status, message, error = "completed", "", None
+        try:
+            for batch in self._batches():
+                record = self._train_step(batch)
+                self.history.append(record)
+                if self.eval_every is not None and self.step % self.eval_every == 0:
+                    self._evaluate(record)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, record)
+                if (
+                    self.checkpoint_path is not None
+                    and self.checkpoint_every is not None
+                    and self.step % self.checkpoint_every == 0
+                ):
+                    self.save_checkpoint(self.checkpoint_path)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
+            if self.history and "val_loss" not in self.history[-1]:
+                self._evaluate(self.history[-1])
+            if self.checkpoint_path is not None:
+                self.save_checkpoint(self.checkpoint_path)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            path = self.checkpoint_path or Path("snopt-interrupted.pt")
+            self.save_checkpoint(path)
+            message = f"Interrupted at step {self.step}; checkpoint saved to {path} (resume with resume=True)."
+            warnings.warn(message, stacklevel=2)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below with the partial result
+            error = exc
+            solver = as_solver_error(exc)
+            if solver is not None:
+                error = solver
+            optuna = sys.modules.get("optuna")
+            if optuna is not None and isinstance(exc, optuna.TrialPruned):
+                status, message = "pruned", f"Pruned at step {self.step}: {exc}"
+            else:
+                status, message = "failed", f"{type(error).__name__}: {error}"
+        finally:
+            if bar is not None:
+                bar.close()
+        result = self._result(status, message)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        if error is not None:
+            if status == "pruned" or not isinstance(error, (TrainingError, SolverError)):
+                raise error
+            if isinstance(error, TrainingError):
+                error.result = result
+                raise error
+            raise TrainingError(str(error), result) from error
+        return result
+
+    def _result(self, status: str, message: str) -> FitResult:
+        final = dict(self.last_eval)
+        if self.history:
+            final["train_loss"] = self.history[-1]["train_loss"]
+        final.update(self.horizons())
+        stats: dict[str, Any] = dict(self.totals)
+        stats.update(
+            steps=self.step,
+            epochs=self.epoch,
+            wall_time=self.train_time,
+            eval_time=self.eval_time,
+            nfe_total=self.totals["nfe_forward"] + self.totals["nfe_backward"],
+        )
+        for name, owner in (("optimizer", self.optimizer), ("controller", self.controller)):
+            own = getattr(owner, "stats", None)
+            if own is not None:
+                stats[name] = dict(own.as_dict() if hasattr(own, "as_dict") else own)
+        return FitResult(status, message, self.history, final, stats, self.last_checkpoint)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this run exactly."""
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "history": self.history,
+            "train_time": self.train_time,
+            "eval_time": self.eval_time,
+            "totals": self.totals,
+            "last_eval": self.last_eval,
+            "rng": _rng_state(),
+            "epoch_rng": self._epoch_rng,
+        }
+        for name in ("controller", "preconditioner", "scheduler"):
+            owner = getattr(self, name)
+            if owner is not None:
+                state[name] = owner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name in ("controller", "preconditioner", "scheduler"):
+            owner = getattr(self, name)
+            if owner is not None and name in state:
+                owner.load_state_dict(state[name])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.history = list(state["history"])
+        self.train_time = state["train_time"]
+        self.eval_time = state["eval_time"]
+        self.totals = dict(state["totals"])
+        self.last_eval = dict(state["last_eval"])
+        self._epoch_rng = state["epoch_rng"]
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> str:
+        """Write :meth:`state_dict` atomically to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        self.last_checkpoint = str(path)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, str(path))
+        return str(path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint`."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+
+
+def _t1_key(name: str) -> str:
+    return f"t1/{name}" if name else "t1"
+
+
+def _safe_len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _postfix(record: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:
+    post = {"loss": f"{record['train_loss']:.4g}"}
+    if "metric" in last_eval:
+        post["metric"] = f"{last_eval['metric']:.4g}"
+    t1 = [v for k, v in record.items() if k.startswith("t1")]
+    if t1:
+        post["T"] = ",".join(f"{v:.3g}" for v in t1)
+    return post
+
+
+def _progress_bar(total: int | None, initial: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    *,
+    optimizer: torch.optim.Optimizer,
+    task: Any = None,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    metric_fn: Callable[[Any, Any], Any] | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    controller: Any = None,
+    preconditioner: Any = None,
+    scheduler: Any = None,
+    callbacks: Sequence[Callback] = (),
+    eval_every: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    device: str | torch.device | None = "cpu",
+    max_grad_norm: float | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` and return a :class:`FitResult`.
+
+    Args:
+        model: the model (any ``nn.Module``; its ODE blocks are found automatically).
+        train_loader: an iterable of batches; with ``loss_fn``, batches are ``(x, y)``.
+        val_loader: batches for evaluation (optional).
+        optimizer: any ``torch.optim.Optimizer``, :class:`snopt.SNOpt` included.
+        task: a :class:`snopt.Task` that supplies the loss and the evaluation.
+        loss_fn: instead of ``task``: ``loss_fn(model(x), y) -> loss``.
+        metric_fn: with ``loss_fn``: ``metric_fn(model(x), y)`` averaged over batches.
+        epochs: number of passes over ``train_loader``.
+        max_steps: number of optimizer steps (the smaller budget wins).
+        controller: a :class:`snopt.Controller`, stepped after the optimizer.
+        preconditioner: an object with ``step()`` called between backward and the
+            optimizer step (SNOpt's preconditioner form).
+        scheduler: an LR scheduler, stepped after every optimizer step.
+        callbacks: :class:`Callback` instances.
+        eval_every: evaluate every N steps (default: at the end of every epoch).
+        checkpoint: path of the checkpoint file (written at every epoch end, or every
+            ``checkpoint_every`` steps, and at the end).
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint`` when the file exists.
+        seed: seeds Python, NumPy and torch at the start (not when resuming).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        max_grad_norm: clip the gradient norm to this value.
+        progress: show a progress bar.
+
+    Returns:
+        The run's :class:`FitResult`; status ``"interrupted"`` after Ctrl-C (a
+        checkpoint is saved first).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the message names the step).
+        TrainingError: the ODE solver failed; ``exc.result`` holds the partial run.
+    """
+    trainer = Trainer(
+        model,
+        train_loader,
+        val_loader,
+        optimizer=optimizer,
+        task=task,
+        loss_fn=loss_fn,
+        metric_fn=metric_fn,
+        epochs=epochs,
+        max_steps=max_steps,
+        controller=controller,
+        preconditioner=preconditioner,
+        scheduler=scheduler,
+        callbacks=callbacks,
+        eval_every=eval_every,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        seed=seed,
+        device=device,
+        max_grad_norm=max_grad_norm,
+        progress=progress,
+    )
+    return trainer.run()

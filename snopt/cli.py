@@ -1,0 +1,290 @@
+"""The ``snopt`` command line: ``train``, ``search``, ``compare``, ``worker``, ``ui``.
+
+Every subcommand is a :class:`Command` with ``add_arguments`` and ``run``; usage errors
+print the subcommand's help, ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
+
+
+class Command(ABC):
+    """A subcommand of ``snopt``."""
+
+    name: str = ""
+    help: str = ""
+
+    @abstractmethod
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the subcommand's arguments."""
+
+    @abstractmethod
+    def run(self, args: argparse.Namespace) -> int:
+        """Run the subcommand; return the process exit code."""
+
+
+class UsageError(ValueError):
+    """Bad command-line input: the subcommand's help is printed with the message."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _key_values(text: str) -> dict[str, Any]:
+    """``width=32,n_blocks=2`` -> {"width": 32, "n_blocks": 2} (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | None = None) -> None:
+    """Add the flags of every :class:`RunConfig` field to ``parser``."""
+    d = defaults or RunConfig()
+    g = parser.add_argument_group("task and model")
+    g.add_argument("--task", default=d.task, choices=["digits", "toy2d", "timeseries"], help="built-in task")
+    g.add_argument("--task-kwargs", type=_key_values, default=d.task_kwargs, metavar="K=V,...",
+                   help="task arguments, e.g. dataset=two_moons")
+    g.add_argument("--model-kwargs", type=_key_values, default=d.model_kwargs, metavar="K=V,...",
+                   help="model arguments, e.g. width=32,n_blocks=2")
+    g = parser.add_argument_group("ODE solver")
+    g.add_argument("--t1", type=_positive_float, default=d.t1, help="initial horizon T of every ODE block")
+    g.add_argument("--method", default=d.method, help="torchdiffeq method (dopri5, rk4, euler, ...)")
+    g.add_argument("--rtol", type=_positive_float, default=d.rtol, help="relative tolerance")
+    g.add_argument("--atol", type=_positive_float, default=d.atol, help="absolute tolerance")
+    g.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=d.adjoint,
+                   help="adjoint (O(1) memory) or direct backprop through the solver")
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="parameter optimizer")
+    g.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+    g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, help="momentum (SGD, SNOpt)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay, help="weight decay")
+    g.add_argument("--snopt-eps", type=_positive_float, default=d.snopt_eps, help="SNOpt damping eps")
+    g.add_argument("--snopt-update-freq", type=_positive_int, default=d.snopt_update_freq,
+                   help="SNOpt: steps between curvature refreshes")
+    g.add_argument("--snopt-alpha", type=float, default=d.snopt_alpha, help="SNOpt second-moment decay in [0, 1)")
+    g.add_argument("--snopt-sample-step", type=_positive_float, default=d.snopt_sample_step,
+                   help="SNOpt: sampling grid spacing as a fraction of the horizon")
+    g.add_argument("--snopt-full-precond", action=argparse.BooleanOptionalAction, default=d.snopt_full_precond,
+                   help="SNOpt: also precondition layers outside the ODE blocks")
+    g = parser.add_argument_group("horizon control")
+    g.add_argument("--control", choices=CONTROL_POLICIES, default=d.control, help="policy that updates T in training")
+    g.add_argument("--t1-lr", type=_positive_float, default=d.t1_lr, help="step size eta of the T policy")
+    g.add_argument("--t1-penalty", type=_nonneg_float, default=d.t1_penalty, help="weight of the cost on T")
+    g.add_argument("--t1-cost", choices=COSTS, default=d.t1_cost, help="shape of the cost on T")
+    g.add_argument("--t1-every", type=_positive_int, default=d.t1_every, help="steps between T updates")
+    g.add_argument("--t1-bounds", type=_positive_float, nargs=2, default=d.t1_bounds, metavar=("LOW", "HIGH"),
+                   help="bounds on T (a projection; clipping is counted)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training data")
+    g.add_argument("--max-steps", type=_positive_int, default=d.max_steps, help="cap on optimizer steps")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="batch size")
+    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every,
+                   help="evaluate every N steps (default: each epoch)")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--max-grad-norm", type=_positive_float, default=d.max_grad_norm, help="gradient clipping")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    """The :class:`RunConfig` described by parsed ``args`` (plus ``overrides``)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    if values.get("t1_bounds") is not None:
+        values["t1_bounds"] = tuple(values["t1_bounds"])
+    try:
+        return RunConfig(**values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
+    """Rows of dicts as an aligned plain-text table (floats to 4 significant digits)."""
+    if not rows:
+        return ""
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body)
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> None:
+    """Print :func:`format_table` to stdout."""
+    text = format_table(rows, title)
+    if text:
+        print(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+class TrainCommand(Command):
+    """``snopt train``: train one model and print a summary."""
+
+    name = "train"
+    help = "train a Neural ODE on a built-in task"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_run_arguments(parser)
+        parser.add_argument("--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)")
+        parser.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
+        parser.add_argument("--output-json", default=None, metavar="PATH",
+                            help="write final metrics, history and stats as JSON")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_tracking_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from ._run import build_run, run_training
+        from ._training import TrainingError
+
+        config = config_from_args(args, checkpoint=args.checkpoint, resume=args.resume)
+        run = build_run(config)
+        callbacks = _tracking_callbacks(args, config, run)
+        try:
+            result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
+        except TrainingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            if args.output_json and exc.result is not None:
+                write_json(args.output_json, {"config": config.to_dict(), **exc.result.to_dict()})
+            return 1
+        summary = {"task": config.task, "optimizer": config.optimizer, "control": config.control}
+        summary.update({k: v for k, v in result.final.items()})
+        summary["steps"] = result.stats["steps"]
+        summary["wall_time_s"] = result.stats["wall_time"]
+        summary["nfe_total"] = result.stats["nfe_total"]
+        print_table([summary], title=f"snopt train: {result.status}")
+        if result.message:
+            print(result.message)
+        if args.output_json:
+            write_json(args.output_json, {"config": config.to_dict(), **result.to_dict()})
+            print(f"summary written to {args.output_json}")
+        return 0 if result.status == "completed" else 130
+
+
+def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser)
+
+
+def _tracking_callbacks(args: argparse.Namespace, config: RunConfig, run: Any) -> list[Any]:
+    from ._tracking import tracking_callbacks
+
+    tags = {"task": config.task, "optimizer": config.optimizer, "strategy": config.control}
+    return list(tracking_callbacks(args, config.to_dict(), tags))
+
+
+def _commands() -> list[Command]:
+    from ._tracking import TRACKING_COMMANDS
+    from .search._cli import SEARCH_COMMANDS
+
+    return [TrainCommand(), *[cls() for cls in SEARCH_COMMANDS], *[cls() for cls in TRACKING_COMMANDS]]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser], dict[str, Command]]:
+    """The top-level parser, its subparsers and commands by name."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="snopt",
+        description="Second-order training of Neural ODEs (SNOpt), horizon control and studies, tracked in MLflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"snopt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    commands: dict[str, Command] = {}
+    for command in _commands():
+        p = sub.add_parser(command.name, help=command.help, description=command.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        command.add_arguments(p)
+        subparsers[command.name] = p
+        commands[command.name] = command
+    return parser, subparsers, commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``snopt`` command; returns the exit code."""
+    parser, subparsers, commands = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return commands[args.command].run(args)
+    except UsageError as exc:
+        subparsers[args.command].print_usage(sys.stderr)
+        print(f"snopt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports errors instead of tracebacks
+        if getattr(args, "debug", False):
+            raise
+        print(f"snopt {args.command}: error: {type(exc).__name__}: {exc} (use --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Shared fixtures: fixed seeds, and every test runs in its own temporary folder."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded_tmp_cwd(tmp_path, monkeypatch):
+    """Seed every RNG and run in a temporary working directory (nothing lands in the repo)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    # Keep MLflow's embedded store inside the test's folder unless a test points elsewhere.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    yield
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,254 @@
+"""ODEBlock against closed-form linear ODEs, finite differences and bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from snopt._ode import METHODS, ODEBlock, SolverError
+
+DT = torch.float64
+
+
+class Linear(nn.Module):
+    """dx/dt = x A^T, whose flow is the matrix exponential."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+
+    def forward(self, t, x):
+        return x @ self.a.T
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = 0.5 * torch.randn(3, 3, generator=g, dtype=DT)
+    x0 = torch.randn(4, 3, generator=g, dtype=DT)
+    w = torch.randn(4, 3, generator=g, dtype=DT)
+    return a, x0, w
+
+
+def _loss(block, x0, w):
+    return (w * block(x0)).sum()
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_gradients_match_matrix_exponential(adjoint):
+    a, x0, w = _problem()
+    T = 1.3
+    block = ODEBlock(Linear(a), 0.0, T, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    x = x0.clone().requires_grad_()
+    loss = _loss(block, x, w)
+    loss.backward()
+    e = torch.linalg.matrix_exp(a * T)
+    # L = sum w * (x0 E^T)  =>  dL/dx0 = w E,  dL/dT = sum w * (x0 E^T A^T),  dL/dA = int_0^T ...
+    assert loss.item() == pytest.approx((w * (x0 @ e.T)).sum().item(), rel=1e-8)
+    torch.testing.assert_close(x.grad, w @ e, rtol=1e-7, atol=1e-9)
+    assert block.t1_grad.item() == pytest.approx((w * (x0 @ e.T @ a.T)).sum().item(), rel=1e-7)
+    assert block.t1_grad_samples.shape == (4,)
+    assert block.t1_grad_samples.sum().item() == pytest.approx(block.t1_grad.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", {"step_size": 0.01})])
+def test_horizon_and_parameter_gradients_match_finite_differences(adjoint, method, options):
+    torch.manual_seed(1)
+    field = nn.Sequential()
+    field = _MLP()
+    x0 = torch.randn(5, 2, dtype=DT)
+    block = ODEBlock(field, 0.0, 0.7, method=method, options=options, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    loss = (block(x0) ** 2).sum()
+    loss.backward()
+    h = 1e-6
+
+    def value(t1):
+        b = ODEBlock(field, 0.0, t1, method=method, options=options, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+        with torch.no_grad():
+            return (b(x0) ** 2).sum().item()
+
+    fd = (value(0.7 + h) - value(0.7 - h)) / (2 * h)
+    tol = 1e-6 if method == "dopri5" else 1e-4  # rk4's last step changes length with t1
+    assert block.t1_grad.item() == pytest.approx(fd, rel=tol, abs=tol)
+    p = field.l1.weight
+    grad = p.grad[0, 0].item()
+    with torch.no_grad():
+        p[0, 0] += h
+        up = value(0.7)
+        p[0, 0] -= 2 * h
+        down = value(0.7)
+        p[0, 0] += h
+    assert grad == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-7)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(2, 8).double()
+        self.l2 = nn.Linear(8, 2).double()
+
+    def forward(self, t, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class _Pair(nn.Module):
+    """Tuple state: dx/dt = x A^T, dy/dt = -y; closed form for both."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+
+    def forward(self, t, state):
+        x, y = state
+        return x @ self.a.T, -y
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_tuple_state(adjoint):
+    a, x0, w = _problem(3)
+    y0 = torch.ones(4, 2, dtype=DT, requires_grad=True)
+    block = ODEBlock(_Pair(a), 0.0, 0.9, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    x, y = block((x0, y0))
+    assert x.shape == (4, 3) and y.shape == (4, 2)
+    torch.testing.assert_close(y, torch.full_like(y, math.exp(-0.9)))
+    e = torch.linalg.matrix_exp(a * 0.9)
+    torch.testing.assert_close(x, x0 @ e.T, rtol=1e-8, atol=1e-10)
+    ((w * x).sum() + y.sum()).backward()
+    torch.testing.assert_close(y0.grad, torch.full_like(y0, math.exp(-0.9)), rtol=1e-8, atol=1e-10)
+    expected = (w * (x0 @ e.T @ a.T)).sum() - y.detach().sum()
+    assert block.t1_grad.item() == pytest.approx(expected.item(), rel=1e-7)
+
+
+def test_stats_count_forward_and_backward_evaluations():
+    a, x0, w = _problem()
+    calls = []
+
+    class Counting(Linear):
+        def forward(self, t, x):
+            calls.append(torch.is_grad_enabled())
+            return super().forward(t, x)
+
+    block = ODEBlock(Counting(a), 0.0, 1.0, method="rk4", options={"step_size": 0.1})
+    block.horizon_grad = False
+    _loss(block, x0, w).backward()
+    s = block.stats
+    # rk4: 4 evaluations per step, 10 steps forward and 10 backward.
+    assert (s.nfe_forward, s.steps_forward, s.nfe_backward, s.steps_backward) == (40, 10, 40, 10)
+    assert len(calls) == s.nfe_forward + s.nfe_backward
+    assert s.t1 == 1.0
+
+
+def test_set_t1_and_state_dict_round_trip():
+    a, _, _ = _problem()
+    block = ODEBlock(Linear(a), 0.0, 1.0)
+    block.set_t1(2.5)
+    assert block.t1 == 2.5
+    other = ODEBlock(Linear(a), 0.0, 1.0)
+    other.load_state_dict(block.state_dict())
+    assert other.t1 == 2.5
+    with pytest.raises(ValueError, match=r"`t1 > t0` must hold, but got t0=0.0, t1=-1.0"):
+        block.set_t1(-1.0)
+
+
+class _Recorder:
+    """A StateSampler that records what the block hands it."""
+
+    def __init__(self, spacing):
+        self.spacing = spacing
+        self.samples = []
+
+    def sampling(self, block):
+        return True
+
+    def sample_spacing(self, block):
+        return self.spacing
+
+    def sample(self, block, t, state, adjoint, weight):
+        self.samples.append((t, state.clone(), adjoint.clone(), weight))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_sampler_gets_exact_state_and_adjoint(adjoint):
+    """State and adjoint at the sampled times equal expm(A t) x0 and expm(A^T (T - t)) w."""
+    a, x0, w = _problem(5)
+    T, h = 1.0, 0.05
+    block = ODEBlock(Linear(a), 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    rec = _Recorder(h)
+    block.sampler = rec
+    _loss(block, x0, w).backward()
+    times = sorted(t for t, *_ in rec.samples)
+    # One sample per step start of the backward sweep: T, T - h, ..., h (adjoint) or 0, ..., T - h (direct).
+    expected = [h * k for k in (range(1, 21) if adjoint else range(0, 20))]
+    assert times == pytest.approx(expected, abs=1e-9)
+    assert block.stats.samples == 20
+    for t, state, adj, weight in rec.samples:
+        assert weight == h
+        x_ref = x0 @ torch.linalg.matrix_exp(a * t).T
+        a_ref = w @ torch.linalg.matrix_exp(a * (T - t))
+        torch.testing.assert_close(state, x_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adj, a_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_is_not_called_without_grad():
+    a, x0, _ = _problem()
+    block = ODEBlock(Linear(a), 0.0, 1.0)
+    rec = _Recorder(0.01)
+    block.sampler = rec
+    with torch.no_grad():
+        block(x0)
+    assert rec.samples == [] and block.stats.samples == 0
+
+
+def test_adaptive_sampling_dedupes_rejected_steps_and_stays_on_grid_cells():
+    a, x0, w = _problem(2)
+    block = ODEBlock(Linear(3 * a), 0.0, 2.0, rtol=1e-8, atol=1e-8)
+    rec = _Recorder(0.1)
+    block.sampler = rec
+    _loss(block, x0, w).backward()
+    cells = [math.floor(t / 0.1 + 1e-6) for t, *_ in rec.samples]
+    assert len(cells) == len(set(cells)) > 0
+    assert len(rec.samples) <= block.stats.steps_backward
+
+
+def test_solver_failure_is_a_solver_error():
+    a, x0, _ = _problem()
+    block = ODEBlock(Linear(a * 20), 0.0, 5.0, rtol=1e-9, atol=1e-9, options={"max_num_steps": 3})
+    with pytest.raises(SolverError, match="max_num_steps"):
+        block(x0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(t0=1.0, t1=1.0), r"`t1 > t0` must hold, but got t0=1.0, t1=1.0"),
+        (dict(t0=0.0, t1=-2.0), r"`t1 > t0` must hold"),
+        (dict(t1=float("inf")), r"`t1` must be finite"),
+        (dict(t0=float("nan")), r"`t0` must be finite"),
+        (dict(method="rk5"), r"`method` must be one of .*'dopri5'.*but got 'rk5'"),
+        (dict(method="scipy_solver"), r"`method` must be one of"),
+        (dict(rtol=0.0), r"`rtol` must be a positive finite number, but got rtol=0.0"),
+        (dict(atol=-1e-3), r"`atol` must be a positive finite number"),
+        (dict(options={"stepsize": 0.1}, method="rk4"), r"Unknown `options` keys \['stepsize'\].*'step_size'"),
+        (dict(options={"step_size": 0.1}), r"Unknown `options` keys \['step_size'\] for method 'dopri5'"),
+        (dict(options={"step_size": 0.0}, method="euler"), r"`options\['step_size'\]` must be a positive"),
+    ],
+)
+def test_bad_input_is_named(kwargs, match):
+    a, _, _ = _problem()
+    with pytest.raises(ValueError, match=match):
+        ODEBlock(Linear(a), **kwargs)
+
+
+def test_func_must_be_a_module():
+    with pytest.raises(TypeError, match="`func` must be an nn.Module"):
+        ODEBlock(lambda t, x: x)
+
+
+def test_every_method_runs():
+    a, x0, w = _problem()
+    for method in METHODS:
+        options = {"step_size": 0.25} if method not in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun") else None
+        block = ODEBlock(Linear(a), 0.0, 1.0, method=method, options=options, rtol=1e-6, atol=1e-6)
+        _loss(block, x0, w).backward()
+        assert block.stats.nfe_forward > 0 and block.stats.nfe_backward > 0, method
