@@ -6,10 +6,10 @@ The public face of the library; the implementation lives in private modules.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._layers import ConcatConv2d, ConcatLinear, ConvField, MLPField
-from ._models import CNF, ODERNN, ODEClassifier
+from ._models import CNF, ODERNN, CNFField, ODEClassifier
 from ._ode import METHODS, ODEBlock, SolverError, SolverStats, ode_blocks
 from ._run import RunConfig, build_run, run_training
-from ._tasks import DigitsTask, Task, TimeSeriesTask, Toy2DTask, get_task
+from ._tasks import TASKS, DigitsTask, Task, TimeSeriesTask, Toy2DTask, get_task
 from ._training import Callback, FitResult, NonFiniteLossError, Trainer, TrainingError, fit
 
 try:
@@ -19,6 +19,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "CNF",
+    "CNFField",
+    "TASKS",
     "METHODS",
     "ODERNN",
     "Callback",

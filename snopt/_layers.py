@@ -9,12 +9,12 @@ called as ``field(t, x)``, the signature :class:`~snopt._ode.ODEBlock` expects.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-TimeLike = Union[Tensor, float]
+TimeLike = Tensor | float
 
 #: Activation names accepted by the vector fields, with their module factories.
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -44,7 +44,9 @@ def _check_bool(name: str, value: object) -> bool:
 def _make_activation(activation: str) -> nn.Module:
     """A fresh activation module for a name in :data:`ACTIVATIONS`."""
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {list(ACTIVATIONS)}, but got activation={activation!r}.")
+        raise ValueError(
+            f"`activation` must be one of {list(ACTIVATIONS)}, but got activation={activation!r}."
+        )
     return _ACTIVATIONS[activation]()
 
 
@@ -155,7 +157,9 @@ class ConcatConv2d(nn.Module):
             Tensor of shape ``[batch, out_channels, height', width']``.
         """
         if x.dim() != 4:
-            raise ValueError(f"`x` must have shape [batch, channels, height, width], but got {tuple(x.shape)}.")
+            raise ValueError(
+                f"`x` must have shape [batch, channels, height, width], but got {tuple(x.shape)}."
+            )
         b, _, h, w = x.shape
         tt = _time_column(t, x.reshape(b, -1)).reshape(b, 1, 1, 1).expand(b, 1, h, w)
         return self.conv(torch.cat([tt, x], dim=1))
@@ -225,7 +229,9 @@ class ConvField(nn.Module):
         norm: whether to apply the GroupNorm layers.
     """
 
-    def __init__(self, channels: int, hidden: int | None = None, activation: str = "relu", norm: bool = True) -> None:
+    def __init__(
+        self, channels: int, hidden: int | None = None, activation: str = "relu", norm: bool = True
+    ) -> None:
         super().__init__()
         self.channels = _check_int("channels", channels, 1)
         self.hidden = self.channels if hidden is None else _check_int("hidden", hidden, 1)

@@ -8,7 +8,8 @@ the training loop may tune.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +66,7 @@ class ODEClassifier(nn.Module):
         *,
         width: int = 16,
         n_blocks: int = 1,
+        pool: int = 4,
         t1: float = 1.0,
         method: str = "dopri5",
         rtol: float = 1e-3,
@@ -74,11 +76,16 @@ class ODEClassifier(nn.Module):
     ) -> ODEClassifier:
         """An image classifier: conv stem, ``n_blocks`` ODE blocks on :class:`ConvField`, pooled head.
 
+        The head is GroupNorm, ReLU, adaptive average pooling to ``pool x pool``, flatten and
+        a linear layer.  Pooling to a small grid rather than to one pixel keeps where the
+        features are, which a shallow field on small images needs to learn in a few steps.
+
         Args:
             in_channels: channels of the input images (>= 1).
             num_classes: number of classes (>= 2).
             width: channels of the ODE state (>= 1).
             n_blocks: number of ODE blocks (>= 1).
+            pool: side of the pooled feature grid of the head (>= 1).
             t1: horizon of every block (> 0).
             method: torchdiffeq method of every block.
             rtol: relative tolerance (> 0).
@@ -93,11 +100,16 @@ class ODEClassifier(nn.Module):
         num_classes = _check_int("num_classes", num_classes, 2)
         width = _check_int("width", width, 1)
         n_blocks = _check_int("n_blocks", n_blocks, 1)
+        pool = _check_int("pool", pool, 1)
         stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), _group_norm(width), nn.ReLU())
         kwargs = _solver_kwargs(t1, method, rtol, atol, adjoint, options)
         blocks = [ODEBlock(ConvField(width), **kwargs) for _ in range(n_blocks)]
         head = nn.Sequential(
-            _group_norm(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)
+            _group_norm(width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+            nn.Linear(width * pool * pool, num_classes),
         )
         return cls(stem, blocks, head)
 
@@ -225,7 +237,9 @@ class CNFField(nn.Module):
     def __init__(self, field: nn.Module, trace: str = "hutchinson") -> None:
         super().__init__()
         if not isinstance(field, nn.Module):
-            raise TypeError(f"`field` must be an nn.Module called as field(t, z), but got {type(field).__name__}.")
+            raise TypeError(
+                f"`field` must be an nn.Module called as field(t, z), but got {type(field).__name__}."
+            )
         if trace not in TRACES:
             raise ValueError(f"`trace` must be one of {list(TRACES)}, but got trace={trace!r}.")
         self.field = field
@@ -308,12 +322,14 @@ class CNF(nn.Module):
         super().__init__()
         self.dim = _check_int("dim", dim, 1)
         field = CNFField(MLPField(self.dim, hidden, depth, activation), trace)
-        self.blocks = nn.ModuleList([ODEBlock(field, **_solver_kwargs(t1, method, rtol, atol, adjoint, options))])
+        self.blocks = nn.ModuleList(
+            [ODEBlock(field, **_solver_kwargs(t1, method, rtol, atol, adjoint, options))]
+        )
 
     @property
     def field(self) -> CNFField:
         """The augmented field of the flow."""
-        return self.blocks[0].func
+        return cast(CNFField, self.blocks[0].func)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-density of each row of ``x``, in nats.
@@ -414,7 +430,9 @@ class ODERNN(nn.Module):
         self.output_dim = _check_int("output_dim", output_dim, 1)
         hidden = self.hidden_dim if hidden is None else hidden
         field = _GapScaledField(MLPField(self.hidden_dim, hidden, depth, activation, time=False))
-        self.blocks = nn.ModuleList([ODEBlock(field, **_solver_kwargs(t1, method, rtol, atol, adjoint, options))])
+        self.blocks = nn.ModuleList(
+            [ODEBlock(field, **_solver_kwargs(t1, method, rtol, atol, adjoint, options))]
+        )
         self.cell = nn.GRUCell(2 * self.input_dim, self.hidden_dim)
         self.head = nn.Linear(self.hidden_dim, self.output_dim)
 
@@ -424,7 +442,9 @@ class ODERNN(nn.Module):
         h, _ = self.blocks[0]((h, gap.unsqueeze(1).to(h.dtype)))
         return h
 
-    def forward(self, times: Tensor, values: Tensor, mask: Tensor | None = None, *, until: Tensor | None = None) -> Tensor:
+    def forward(
+        self, times: Tensor, values: Tensor, mask: Tensor | None = None, *, until: Tensor | None = None
+    ) -> Tensor:
         """Predict from a batch of series.
 
         Args:

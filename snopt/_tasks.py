@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class Task(ABC):
     higher_is_better: bool
 
     @abstractmethod
-    def build_model(self, **hparams: Any) -> nn.Module:
+    def build_model(self, *args: Any, **hparams: Any) -> nn.Module:
         """A fresh model for this task; the keyword arguments are its hyperparameters."""
 
     @abstractmethod
@@ -131,7 +132,9 @@ class Task(ABC):
         return {"val_loss": loss_sum / count, "metric": metric_sum / count}
 
     @staticmethod
-    def batch_to(batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+    def batch_to(
+        batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, ...]:
         """Move every tensor of a batch to ``device``.
 
         Args:
@@ -194,6 +197,7 @@ class DigitsTask(Task):
         atol: float = 1e-3,
         adjoint: bool = True,
         options: dict[str, Any] | None = None,
+        pool: int = 4,
     ) -> ODEClassifier:
         """An :class:`ODEClassifier` for 1x8x8 images and 10 classes; see :meth:`ODEClassifier.for_images`."""
         return ODEClassifier.for_images(
@@ -201,6 +205,7 @@ class DigitsTask(Task):
             self.num_classes,
             width=width,
             n_blocks=n_blocks,
+            pool=pool,
             t1=t1,
             method=method,
             rtol=rtol,
@@ -280,7 +285,9 @@ def _pinwheel(rs: np.random.RandomState, n: int, arms: int = 5) -> np.ndarray:
     # Gaussian blobs stretched along the radius, each rotated by an angle growing with radius.
     radial = 1.0 + 0.3 * rs.randn(n)
     tangential = 0.08 * rs.randn(n)
-    angle = rs.randint(0, arms, size=n) * (2 * math.pi / arms) + 0.6 * np.exp(radial - 1.0) + tangential / radial
+    angle = (
+        rs.randint(0, arms, size=n) * (2 * math.pi / arms) + 0.6 * np.exp(radial - 1.0) + tangential / radial
+    )
     return 2.5 * radial[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
 
 
@@ -433,6 +440,7 @@ class TimeSeriesTask(Task):
         window: float = 4.0,
         noise: float = 0.05,
         drop: float = 0.2,
+        lead: float = 0.5,
     ) -> None:
         self.n_train = _check_int("n_train", n_train, 1)
         self.n_val = _check_int("n_val", n_val, 1)
@@ -450,7 +458,10 @@ class TimeSeriesTask(Task):
             raise ValueError(f"`drop` must be a number in [0, 1), but got drop={drop!r}.")
         self.window = float(window)
         self.noise = float(noise)
+        if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0 <= lead < math.inf:
+            raise ValueError(f"`lead` must be a finite number >= 0, but got lead={lead!r}.")
         self.drop = float(drop)
+        self.lead = float(lead)
 
     def build_model(
         self,
@@ -487,7 +498,7 @@ class TimeSeriesTask(Task):
         length = self.n_points
         amp = rs.uniform(0.5, 1.5, n)
         damp = rs.uniform(0.0, 0.15, n)
-        freq = rs.uniform(1.0, 3.0, n)
+        freq = rs.uniform(0.5, 1.5, n)
         phase = rs.uniform(0.0, 2 * math.pi, n)
 
         def signal(t: np.ndarray) -> np.ndarray:
@@ -504,7 +515,7 @@ class TimeSeriesTask(Task):
         keep[:, 0] = True
         mask = present & keep
         values = np.where(mask, signal(times) + self.noise * rs.randn(n, length), 0.0)
-        until = rs.uniform(self.window, self.window + 1.0, n)
+        until = rs.uniform(self.window, self.window + self.lead, n)
         target = signal(until)[:, None]
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         return (
@@ -516,7 +527,7 @@ class TimeSeriesTask(Task):
         )
 
     def loaders(self, batch_size: int, *, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-        """Training and validation loaders of ``(times, values, mask, until, target)``; see :meth:`Task.loaders`."""
+        """Loaders of ``(times, values, mask, until, target)`` batches; see :meth:`Task.loaders`."""
         seed = _check_seed(seed)
         rs = np.random.RandomState(seed)
         train = self.generate(self.n_train, rs)
@@ -535,7 +546,11 @@ class TimeSeriesTask(Task):
         )
 
 
-_TASK_CLASSES: dict[str, type[Task]] = {"digits": DigitsTask, "toy2d": Toy2DTask, "timeseries": TimeSeriesTask}
+_TASK_CLASSES: dict[str, type[Task]] = {
+    "digits": DigitsTask,
+    "toy2d": Toy2DTask,
+    "timeseries": TimeSeriesTask,
+}
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
