@@ -10,14 +10,15 @@ sampled along the backward solve without patching the solver.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-State = Union[Tensor, tuple[Tensor, ...]]
+State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 - a runtime alias on Python 3.10
 
 ADAPTIVE_METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")
 FIXED_METHODS = (
@@ -120,6 +121,9 @@ class StateSampler(Protocol):
 
 class _Field(nn.Module):
     """The user's field, plus NFE counting and torchdiffeq step callbacks."""
+
+    func: nn.Module
+    _block: ODEBlock
 
     def __init__(self, func: nn.Module, block: ODEBlock) -> None:
         super().__init__()
@@ -241,7 +245,9 @@ class ODEBlock(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(func, nn.Module):
-            raise TypeError(f"`func` must be an nn.Module called as func(t, x), but got {type(func).__name__}.")
+            raise TypeError(
+                f"`func` must be an nn.Module called as func(t, x), but got {type(func).__name__}."
+            )
         t0 = _check_time("t0", t0)
         t1 = _check_time("t1", t1)
         if not t1 > t0:
@@ -275,7 +281,8 @@ class ODEBlock(nn.Module):
         self.options = options
         self.adjoint = adjoint
         field_cls = _AdaptiveField if method in ADAPTIVE_METHODS else _Field
-        self.field = field_cls(func, self)
+        self.field: _Field = field_cls(func, self)
+        self.horizon: Tensor
         self.register_buffer("horizon", torch.tensor(t1, dtype=torch.float64))
         self.stats = SolverStats(t1=t1)
         #: Whether backward computes dL/dt1 (one extra field evaluation at t1).
@@ -313,9 +320,13 @@ class ODEBlock(nn.Module):
         return f"t0={self.t0}, t1={self.t1:.4g}, method={self.method!r}, adjoint={self.adjoint}"
 
     def forward(self, x: State) -> State:
-        is_tuple = isinstance(x, tuple)
-        self._shapes = [s.shape for s in x] if is_tuple else None
-        y0 = _flatten(x) if is_tuple else x
+        y0: Tensor
+        if isinstance(x, tuple):
+            self._shapes = [s.shape for s in x]
+            y0 = _flatten(x)
+        else:
+            self._shapes = None
+            y0 = x
         t1 = self.t1
         self.stats = SolverStats(t1=t1)
         sampler = self.sampler
@@ -327,7 +338,9 @@ class ODEBlock(nn.Module):
             # Direct mode samples through tensor hooks on the solver state; a leaf that
             # requires grad gives the adjoint at t0 too.
             y0 = y0.detach().requires_grad_()
-        t = torch.tensor([self.t0, t1], dtype=y0.dtype if y0.is_floating_point() else torch.float32, device=y0.device)
+        t = torch.tensor(
+            [self.t0, t1], dtype=y0.dtype if y0.is_floating_point() else torch.float32, device=y0.device
+        )
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         try:
             if self.adjoint and torch.is_grad_enabled():
@@ -345,7 +358,7 @@ class ODEBlock(nn.Module):
         out = ys[-1]
         if self.horizon_grad and out.requires_grad:
             out.register_hook(self._horizon_hook(t[-1], out.detach()))
-        return _unflatten(out, self._shapes) if is_tuple else out
+        return _unflatten(out, self._shapes) if self._shapes is not None else out
 
     def _horizon_hook(self, t1: Tensor, y1: Tensor) -> Callable[[Tensor], None]:
         """dL/dt1 = dL/dx(t1) . f(t1, x(t1)), kept per sample (rows of the batch)."""
@@ -354,7 +367,11 @@ class ODEBlock(nn.Module):
             with torch.no_grad():
                 f1 = self.field.func(t1, y1 if self._shapes is None else _unflatten(y1, self._shapes))
                 if self._shapes is None:
-                    terms = (grad * f1).reshape(grad.shape[0], -1).sum(1) if grad.dim() > 0 else (grad * f1).reshape(1)
+                    terms = (
+                        (grad * f1).reshape(grad.shape[0], -1).sum(1)
+                        if grad.dim() > 0
+                        else (grad * f1).reshape(1)
+                    )
                 else:
                     terms = self._per_sample_dot(_unflatten(grad, self._shapes), f1)
                 terms = terms.to(torch.float64)
@@ -370,7 +387,11 @@ class ODEBlock(nn.Module):
         batch = a[0].shape[0] if a[0].dim() > 0 else 1
         total = torch.zeros(batch, dtype=a[0].dtype, device=a[0].device)
         for ga, fb in zip(a, b):
-            prod = (ga * fb).reshape(batch, -1) if ga.dim() > 0 and ga.shape[0] == batch else (ga * fb).reshape(1, -1)
+            prod = (
+                (ga * fb).reshape(batch, -1)
+                if ga.dim() > 0 and ga.shape[0] == batch
+                else (ga * fb).reshape(1, -1)
+            )
             total = total + prod.sum(1)
         return total
 
@@ -402,7 +423,9 @@ class ODEBlock(nn.Module):
     def _take_sample(self, sampler: StateSampler, t: float, y: Tensor, adj: Tensor, weight: float) -> None:
         self.stats.samples += 1
         if self._shapes is not None:
-            sampler.sample(self, t, _unflatten(y.detach(), self._shapes), _unflatten(adj.detach(), self._shapes), weight)
+            sampler.sample(
+                self, t, _unflatten(y.detach(), self._shapes), _unflatten(adj.detach(), self._shapes), weight
+            )
         else:
             sampler.sample(self, t, y.detach(), adj.detach(), weight)
 

@@ -8,8 +8,9 @@ model, the optimizer and the controller from it and calls :func:`snopt.fit`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -15,9 +15,10 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -251,9 +252,13 @@ class Trainer:
         _check_positive_int("eval_every", eval_every)
         _check_positive_int("checkpoint_every", checkpoint_every)
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(f"`max_grad_norm` must be a positive number, but got max_grad_norm={max_grad_norm}.")
+            raise ValueError(
+                f"`max_grad_norm` must be a positive number, but got max_grad_norm={max_grad_norm}."
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}.")
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}."
+            )
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs a `checkpoint` path.")
         self.objective = _Objective(task, loss_fn, metric_fn)
@@ -322,7 +327,10 @@ class Trainer:
                 _set_rng_state(resume_rng)
             else:
                 gen = _loader_generator(self.train_loader)
-                self._epoch_rng = {"rng": _rng_state(), "loader": gen.get_state() if gen is not None else None}
+                self._epoch_rng = {
+                    "rng": _rng_state(),
+                    "loader": gen.get_state() if gen is not None else None,
+                }
                 self.batch_in_epoch = 0
                 iterator = iter(self.train_loader)
             skip = 0
@@ -446,7 +454,9 @@ class Trainer:
             status = "interrupted"
             path = self.checkpoint_path or Path("snopt-interrupted.pt")
             self.save_checkpoint(path)
-            message = f"Interrupted at step {self.step}; checkpoint saved to {path} (resume with resume=True)."
+            message = (
+                f"Interrupted at step {self.step}; checkpoint saved to {path} (resume with resume=True)."
+            )
             warnings.warn(message, stacklevel=2)
         except BaseException as exc:  # noqa: BLE001 - re-raised below with the partial result
             error = exc

@@ -11,8 +11,9 @@ import json
 import math
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
 
@@ -82,45 +83,89 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | 
     d = defaults or RunConfig()
     g = parser.add_argument_group("task and model")
     g.add_argument("--task", default=d.task, choices=["digits", "toy2d", "timeseries"], help="built-in task")
-    g.add_argument("--task-kwargs", type=_key_values, default=d.task_kwargs, metavar="K=V,...",
-                   help="task arguments, e.g. dataset=two_moons")
-    g.add_argument("--model-kwargs", type=_key_values, default=d.model_kwargs, metavar="K=V,...",
-                   help="model arguments, e.g. width=32,n_blocks=2")
+    g.add_argument(
+        "--task-kwargs",
+        type=_key_values,
+        default=d.task_kwargs,
+        metavar="K=V,...",
+        help="task arguments, e.g. dataset=two_moons",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        type=_key_values,
+        default=d.model_kwargs,
+        metavar="K=V,...",
+        help="model arguments, e.g. width=32,n_blocks=2",
+    )
     g = parser.add_argument_group("ODE solver")
     g.add_argument("--t1", type=_positive_float, default=d.t1, help="initial horizon T of every ODE block")
     g.add_argument("--method", default=d.method, help="torchdiffeq method (dopri5, rk4, euler, ...)")
     g.add_argument("--rtol", type=_positive_float, default=d.rtol, help="relative tolerance")
     g.add_argument("--atol", type=_positive_float, default=d.atol, help="absolute tolerance")
-    g.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=d.adjoint,
-                   help="adjoint (O(1) memory) or direct backprop through the solver")
+    g.add_argument(
+        "--adjoint",
+        action=argparse.BooleanOptionalAction,
+        default=d.adjoint,
+        help="adjoint (O(1) memory) or direct backprop through the solver",
+    )
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="parameter optimizer")
-    g.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+    g.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=d.lr,
+        help=f"learning rate (default per optimizer: {DEFAULT_LR})",
+    )
     g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, help="momentum (SGD, SNOpt)")
     g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay, help="weight decay")
     g.add_argument("--snopt-eps", type=_positive_float, default=d.snopt_eps, help="SNOpt damping eps")
-    g.add_argument("--snopt-update-freq", type=_positive_int, default=d.snopt_update_freq,
-                   help="SNOpt: steps between curvature refreshes")
-    g.add_argument("--snopt-alpha", type=float, default=d.snopt_alpha, help="SNOpt second-moment decay in [0, 1)")
-    g.add_argument("--snopt-sample-step", type=_positive_float, default=d.snopt_sample_step,
-                   help="SNOpt: sampling grid spacing as a fraction of the horizon")
-    g.add_argument("--snopt-full-precond", action=argparse.BooleanOptionalAction, default=d.snopt_full_precond,
-                   help="SNOpt: also precondition layers outside the ODE blocks")
+    g.add_argument(
+        "--snopt-update-freq",
+        type=_positive_int,
+        default=d.snopt_update_freq,
+        help="SNOpt: steps between curvature refreshes",
+    )
+    g.add_argument(
+        "--snopt-alpha", type=float, default=d.snopt_alpha, help="SNOpt second-moment decay in [0, 1)"
+    )
+    g.add_argument(
+        "--snopt-sample-step",
+        type=_positive_float,
+        default=d.snopt_sample_step,
+        help="SNOpt: sampling grid spacing as a fraction of the horizon",
+    )
+    g.add_argument(
+        "--snopt-full-precond",
+        action=argparse.BooleanOptionalAction,
+        default=d.snopt_full_precond,
+        help="SNOpt: also precondition layers outside the ODE blocks",
+    )
     g = parser.add_argument_group("horizon control")
-    g.add_argument("--control", choices=CONTROL_POLICIES, default=d.control, help="policy that updates T in training")
+    g.add_argument(
+        "--control", choices=CONTROL_POLICIES, default=d.control, help="policy that updates T in training"
+    )
     g.add_argument("--t1-lr", type=_positive_float, default=d.t1_lr, help="step size eta of the T policy")
     g.add_argument("--t1-penalty", type=_nonneg_float, default=d.t1_penalty, help="weight of the cost on T")
     g.add_argument("--t1-cost", choices=COSTS, default=d.t1_cost, help="shape of the cost on T")
     g.add_argument("--t1-every", type=_positive_int, default=d.t1_every, help="steps between T updates")
-    g.add_argument("--t1-bounds", type=_positive_float, nargs=2, default=d.t1_bounds, metavar=("LOW", "HIGH"),
-                   help="bounds on T (a projection; clipping is counted)")
+    g.add_argument(
+        "--t1-bounds",
+        type=_positive_float,
+        nargs=2,
+        default=d.t1_bounds,
+        metavar=("LOW", "HIGH"),
+        help="bounds on T (a projection; clipping is counted)",
+    )
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training data")
     g.add_argument("--max-steps", type=_positive_int, default=d.max_steps, help="cap on optimizer steps")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="batch size")
-    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every,
-                   help="evaluate every N steps (default: each epoch)")
+    g.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=d.eval_every,
+        help="evaluate every N steps (default: each epoch)",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     g.add_argument("--max-grad-norm", type=_positive_float, default=d.max_grad_norm, help="gradient clipping")
@@ -184,10 +229,16 @@ class TrainCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser)
-        parser.add_argument("--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)")
+        parser.add_argument(
+            "--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)"
+        )
         parser.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
-        parser.add_argument("--output-json", default=None, metavar="PATH",
-                            help="write final metrics, history and stats as JSON")
+        parser.add_argument(
+            "--output-json",
+            default=None,
+            metavar="PATH",
+            help="write final metrics, history and stats as JSON",
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         _add_tracking_arguments(parser)
 
@@ -205,8 +256,9 @@ class TrainCommand(Command):
             if args.output_json and exc.result is not None:
                 write_json(args.output_json, {"config": config.to_dict(), **exc.result.to_dict()})
             return 1
-        summary = {"task": config.task, "optimizer": config.optimizer, "control": config.control}
-        summary.update({k: v for k, v in result.final.items()})
+        summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
+        summary["control"] = config.control
+        summary.update(result.final)
         summary["steps"] = result.stats["steps"]
         summary["wall_time_s"] = result.stats["wall_time"]
         summary["nfe_total"] = result.stats["nfe_total"]
@@ -245,7 +297,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     parser = argparse.ArgumentParser(
         prog="snopt",
-        description="Second-order training of Neural ODEs (SNOpt), horizon control and studies, tracked in MLflow.",
+        description="Second-order training of Neural ODEs (SNOpt), horizon control and studies, "
+        "tracked in MLflow.",
     )
     parser.add_argument("--version", action="version", version=f"snopt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -253,8 +306,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers: dict[str, argparse.ArgumentParser] = {}
     commands: dict[str, Command] = {}
     for command in _commands():
-        p = sub.add_parser(command.name, help=command.help, description=command.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         command.add_arguments(p)
         subparsers[command.name] = p
@@ -281,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI reports errors instead of tracebacks
         if getattr(args, "debug", False):
             raise
-        print(f"snopt {args.command}: error: {type(exc).__name__}: {exc} (use --debug for a traceback)",
-              file=sys.stderr)
+        print(
+            f"snopt {args.command}: error: {type(exc).__name__}: {exc} (use --debug for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

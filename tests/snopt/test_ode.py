@@ -229,7 +229,10 @@ def test_solver_failure_is_a_solver_error():
         (dict(method="scipy_solver"), r"`method` must be one of"),
         (dict(rtol=0.0), r"`rtol` must be a positive finite number, but got rtol=0.0"),
         (dict(atol=-1e-3), r"`atol` must be a positive finite number"),
-        (dict(options={"stepsize": 0.1}, method="rk4"), r"Unknown `options` keys \['stepsize'\].*'step_size'"),
+        (
+            dict(options={"stepsize": 0.1}, method="rk4"),
+            r"Unknown `options` keys \['stepsize'\].*'step_size'",
+        ),
         (dict(options={"step_size": 0.1}), r"Unknown `options` keys \['step_size'\] for method 'dopri5'"),
         (dict(options={"step_size": 0.0}, method="euler"), r"`options\['step_size'\]` must be a positive"),
     ],
@@ -248,7 +251,11 @@ def test_func_must_be_a_module():
 def test_every_method_runs():
     a, x0, w = _problem()
     for method in METHODS:
-        options = {"step_size": 0.25} if method not in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun") else None
+        options = (
+            {"step_size": 0.25}
+            if method not in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+            else None
+        )
         block = ODEBlock(Linear(a), 0.0, 1.0, method=method, options=options, rtol=1e-6, atol=1e-6)
         _loss(block, x0, w).backward()
         assert block.stats.nfe_forward > 0 and block.stats.nfe_backward > 0, method

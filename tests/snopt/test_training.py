@@ -21,16 +21,23 @@ class Field(nn.Module):
 
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 3), ODEBlock(Field(), 0.0, 0.5, method="rk4", options={"step_size": 0.25}),
-                         nn.Linear(3, 2))
+    return nn.Sequential(
+        nn.Linear(4, 3),
+        ODEBlock(Field(), 0.0, 0.5, method="rk4", options={"step_size": 0.25}),
+        nn.Linear(3, 2),
+    )
 
 
 def make_loaders(seed=0):
     g = torch.Generator().manual_seed(123)
     x = torch.randn(96, 4, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    train = DataLoader(
+        TensorDataset(x[:64], y[:64]),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
     return train, val
 
@@ -43,9 +50,22 @@ def run(max_steps=None, epochs=None, checkpoint=None, resume=False, callbacks=()
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train, val = make_loaders()
-    result = fit(model, train, val, optimizer=opt, loss_fn=nn.functional.cross_entropy, metric_fn=accuracy,
-                 max_steps=max_steps, epochs=epochs, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
-                 eval_every=eval_every, seed=7, progress=False)
+    result = fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        loss_fn=nn.functional.cross_entropy,
+        metric_fn=accuracy,
+        max_steps=max_steps,
+        epochs=epochs,
+        checkpoint=checkpoint,
+        resume=resume,
+        callbacks=callbacks,
+        eval_every=eval_every,
+        seed=7,
+        progress=False,
+    )
     return model, result
 
 
@@ -142,8 +162,14 @@ def test_bad_arguments(kwargs, match):
     model = make_model()
     train, _ = make_loaders()
     with pytest.raises(ValueError, match=match):
-        fit(model, train, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            loss_fn=nn.functional.cross_entropy, progress=False, **kwargs)
+        fit(
+            model,
+            train,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.functional.cross_entropy,
+            progress=False,
+            **kwargs,
+        )
 
 
 def test_scheduler_and_clipping_are_applied():
@@ -151,6 +177,14 @@ def test_scheduler_and_clipping_are_applied():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     train, _ = make_loaders()
-    result = fit(model, train, optimizer=opt, scheduler=sched, loss_fn=nn.functional.cross_entropy, epochs=1,
-                 max_grad_norm=0.5, progress=False)
+    result = fit(
+        model,
+        train,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.functional.cross_entropy,
+        epochs=1,
+        max_grad_norm=0.5,
+        progress=False,
+    )
     assert [r["lr"] for r in result.history] == [0.1, 0.1, 0.05, 0.05]
