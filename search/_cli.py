@@ -1,0 +1,363 @@
+"""Subcommands ``snopt search``, ``snopt compare`` and ``snopt worker``.
+
+``snopt compare`` with no arguments compares feedback, TPE, GP and random search on the
+digits task with a small budget (a few minutes on 2 CPU cores) and prints where the
+report is.  The strategy of a study sets ``--control``: in-training strategies use their
+controller, black-box ones a fixed T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from snopt._run import RunConfig
+from snopt.cli import Command, UsageError, add_run_arguments, config_from_args, print_table
+
+from ._budget import Budget
+from ._compare import DEFAULT_EPSILON, DEFAULT_STRATEGIES, compare, run_workers
+from ._space import HORIZON, SearchSpace, default_space
+from ._storage import DEFAULT_STORAGE, resolve_storage
+from ._strategies import PRUNERS, STRATEGIES
+from ._study import Study, create_study, load_study
+
+#: The training run of every trial of ``snopt compare`` unless flags change it: one epoch
+#: of digits with a loose tolerance; the controller updates T every step with the whole
+#: Newton step of the feedback policy (``t1_lr=1``).
+COMPARE_DEFAULTS = RunConfig(
+    task="digits",
+    epochs=1,
+    batch_size=128,
+    rtol=1e-2,
+    atol=1e-2,
+    eval_every=4,
+    t1_every=1,
+    t1_lr=1.0,
+)
+#: ``snopt compare``'s default budget per strategy (and seed): whichever comes first.
+COMPARE_BUDGET = {"nfe": 6000, "timeout": 60.0}
+SEARCH_DEFAULTS = COMPARE_DEFAULTS
+SEARCH_BUDGET = {"n_trials": 10}
+
+
+def _strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown strategies {unknown}; choose from {','.join(STRATEGIES)}")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return seeds
+
+
+def _space(text: str) -> SearchSpace:
+    try:
+        return SearchSpace.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    g = parser.add_argument_group(
+        "budget (per study; whichever runs out first)",
+        f"default when none is given: {Budget(**defaults).describe()}",
+    )
+    g.add_argument("--n-trials", type=_positive_int, default=None, help="finished trials")
+    g.add_argument(
+        "--budget-nfe", type=_positive_int, default=None, help="cumulative NFE (forward + backward)"
+    )
+    g.add_argument(
+        "--timeout", type=_positive_float, default=None, help="cumulative trial wall-clock in seconds"
+    )
+
+
+def _budget(args: argparse.Namespace, defaults: dict[str, Any]) -> Budget:
+    if args.n_trials is None and args.budget_nfe is None and args.timeout is None:
+        return Budget(**defaults)
+    return Budget(n_trials=args.n_trials, nfe=args.budget_nfe, timeout=args.timeout)
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("study")
+    g.add_argument(
+        "--space",
+        type=_space,
+        default=None,
+        metavar="SPEC",
+        help="search space, e.g. t1=0.25:4:log,lr=1e-3:5e-2:log,width=4:32:int:log,tol=1e-3:1e-1:log "
+        "(default: T, learning rate, width and tolerance of the task)",
+    )
+    g.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="Optuna storage URL (sqlite:///file.db, postgresql://user:pw@host/db, mysql://...)",
+    )
+    g.add_argument("--pruner", choices=PRUNERS, default="median", help="pruner of every study")
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes per study on this machine, sharing it through --storage",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _task_config(args: argparse.Namespace) -> RunConfig:
+    _quiet_optuna()
+    try:
+        resolve_storage(args.storage)  # a bad URL is a usage error, reported before any work
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return config_from_args(args)
+
+
+def _quiet_optuna() -> None:
+    # Optuna logs every trial at INFO; the progress bars and the final table say it better.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _space_for(args: argparse.Namespace, config: RunConfig) -> SearchSpace:
+    space = args.space if args.space is not None else default_space(config.task)
+    try:
+        space.validate_for(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return space
+
+
+def _trial_rows(study: Study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            study.metric_name: t.value,
+            "T0": t.user_attrs.get("t1_initial", t.params.get(HORIZON)),
+            "T": t.user_attrs.get("t1_final", t.params.get(HORIZON)),
+            "nfe": t.user_attrs.get("nfe_total"),
+        }
+        for k, v in t.user_attrs.get("hyperparams", t.params).items():
+            if k != HORIZON:
+                row[k] = v
+        if t.user_attrs.get("fail_reason"):
+            row["reason"] = str(t.user_attrs["fail_reason"])[:60]
+        rows.append(row)
+    return rows
+
+
+def _print_study(study: Study) -> None:
+    print_table(
+        _trial_rows(study), title=f"study {study.study_name} ({study.strategy}) in {study.storage_url}"
+    )
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no trial completed")
+        return
+    t1 = best.user_attrs.get("t1_final", best.params.get(HORIZON))
+    print(
+        f"best: trial {best.number}, {study.metric_name}={best.value:.6g}, T={t1}, "
+        f"hyperparameters={best.user_attrs.get('hyperparams', best.params)}"
+    )
+
+
+class SearchCommand(Command):
+    """``snopt search``: one study of one strategy."""
+
+    name = "search"
+    help = "search T and hyperparameters with one strategy (an Optuna study)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_run_arguments(parser, defaults=SEARCH_DEFAULTS)
+        parser.add_argument("--strategy", choices=STRATEGIES, default="tpe", help="search strategy")
+        parser.add_argument(
+            "--study-name", default=None, help="study name (default: <task>-<strategy>-s<seed>)"
+        )
+        _add_budget_arguments(parser, SEARCH_BUDGET)
+        _add_study_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        config = _task_config(args)
+        space = _space_for(args, config)
+        try:
+            budget = _budget(args, SEARCH_BUDGET)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        try:
+            study = create_study(
+                config,
+                strategy=args.strategy,
+                space=space,
+                budget=budget,
+                storage=args.storage,
+                study_name=args.study_name,
+                seed=config.seed,
+                pruner=args.pruner,
+                progress=not args.no_progress,
+            )
+        except ValueError as exc:  # e.g. a study of that name with other settings
+            raise UsageError(str(exc)) from exc
+        print(
+            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) in {study.storage_url}"
+        )
+        if args.workers > 1:
+            run_workers(study, args.workers, progress=not args.no_progress)
+        else:
+            study.optimize()
+        _print_study(study)
+        return 0
+
+
+class CompareCommand(Command):
+    """``snopt compare``: every strategy under one budget, with a report."""
+
+    name = "compare"
+    help = "compare in-training feedback with black-box search under one budget and write a report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_run_arguments(parser, defaults=COMPARE_DEFAULTS)
+        parser.add_argument(
+            "--strategies",
+            type=_strategies,
+            default=list(DEFAULT_STRATEGIES),
+            help=f"comma-separated, from {','.join(STRATEGIES)}",
+        )
+        parser.add_argument(
+            "--seeds",
+            type=_seeds,
+            default=None,
+            help="comma-separated seeds, one study per strategy and seed (default: --seed)",
+        )
+        parser.add_argument(
+            "--study-name",
+            default=None,
+            help="prefix of the study names <name>-<strategy>-s<seed> (default: the task)",
+        )
+        parser.add_argument(
+            "--output-dir", default="compare_report", help="where report.md/.json and PNGs go"
+        )
+        parser.add_argument(
+            "--epsilon",
+            type=float,
+            default=DEFAULT_EPSILON,
+            help="'reached' means within epsilon of the best value any strategy found",
+        )
+        _add_budget_arguments(parser, COMPARE_BUDGET)
+        _add_study_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        config = _task_config(args)
+        space = _space_for(args, config)
+        try:
+            budget = _budget(args, COMPARE_BUDGET)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        seeds = args.seeds if args.seeds is not None else [config.seed]
+        print(
+            f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
+            f"budget {budget.describe()} per strategy and seed; studies in {args.storage}"
+        )
+        report = compare(
+            config,
+            strategies=args.strategies,
+            budget=budget,
+            seeds=seeds,
+            space=space,
+            storage=args.storage,
+            output_dir=args.output_dir,
+            name=args.study_name,
+            epsilon=args.epsilon,
+            pruner=args.pruner,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        rows = []
+        for r in report.summary():
+            row = {k: v for k, v in r.items() if k != "hyperparams"}
+            rows.append(row)
+        print_table(
+            rows,
+            title=f"{report.metric_name} ({report.direction}); target {report.target}, "
+            f"epsilon {report.epsilon:g}",
+        )
+        print(
+            f"report written to {os.path.abspath(report.files['markdown'])} "
+            f"(also report.json and PNG figures in {os.path.abspath(args.output_dir)})"
+        )
+        return 0
+
+
+class WorkerCommand(Command):
+    """``snopt worker``: join a study stored in a shared database and run its trials."""
+
+    name = "worker"
+    help = "run trials of an existing study from its storage (one more worker, on any machine)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--storage", required=True, help="the study's storage URL")
+        parser.add_argument("--study", required=True, help="the study's name")
+        parser.add_argument(
+            "--n-trials",
+            type=_positive_int,
+            default=None,
+            help="at most this many trials from this worker (default: until the study's budget)",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=_positive_float,
+            default=None,
+            help="stop starting trials after this many seconds",
+        )
+        parser.add_argument(
+            "--worker-index",
+            type=int,
+            default=None,
+            help="decorrelates this worker's sampler from the others (default: from the process id)",
+        )
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(self, args: argparse.Namespace) -> int:
+        _quiet_optuna()
+        worker = args.worker_index if args.worker_index is not None else os.getpid()
+        try:
+            study = load_study(args.study, args.storage, worker=worker, progress=not args.no_progress)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        study.optimize(n_trials=args.n_trials, timeout=args.timeout)
+        _print_study(study)
+        return 0
+
+
+#: The command classes that ``snopt.cli`` registers.
+SEARCH_COMMANDS = (SearchCommand, CompareCommand, WorkerCommand)

@@ -1,0 +1,376 @@
+"""``compare``: every strategy on one task, under one budget, over seeds; then the report.
+
+One Optuna study per strategy and seed, named ``f"{name}-{strategy}-s{seed}"``, in the
+given storage.  Running ``compare`` again with the same name resumes the studies (their
+finished trials are kept and each tops up to the budget) and rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from optuna.storages import BaseStorage
+
+from snopt._run import RunConfig
+
+from ._budget import Budget
+from ._objective import TrialCallbacksFactory
+from ._report import ComparisonReport, study_result
+from ._space import SearchSpace
+from ._storage import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, storage_url
+from ._strategies import STRATEGIES, check_strategy
+from ._study import Objective, Study, _as_budget, create_study, load_study
+
+#: Strategies of ``snopt compare`` when none are named.
+DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
+#: Default tolerance of "reached the target" (0.5 accuracy points, as a fraction).
+DEFAULT_EPSILON = 0.005
+
+
+def _check_seeds(seeds: Any) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("`seeds` must name at least one seed, but got an empty list.")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"`seeds` must be non-negative integers, but got {s!r} in seeds={seeds}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"`seeds` must be distinct, but got seeds={seeds}.")
+    return seeds
+
+
+def _check_strategies(strategies: Iterable[str]) -> list[str]:
+    if isinstance(strategies, str):
+        strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+    strategies = list(strategies)
+    if not strategies:
+        raise ValueError(f"`strategies` must name at least one of {list(STRATEGIES)}, but got an empty list.")
+    for s in strategies:
+        check_strategy(s)
+    if len(set(strategies)) != len(strategies):
+        raise ValueError(f"`strategies` must be distinct, but got strategies={strategies}.")
+    return strategies
+
+
+def _check_workers(workers: Any, storage: Any) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"`workers` must be a positive integer, but got workers={workers!r}.")
+    if workers > 1 and not isinstance(storage, str):
+        raise ValueError(
+            "`workers > 1` needs a storage URL that every worker process can open (e.g. sqlite:///x.db)."
+        )
+    return workers
+
+
+def compare(
+    task_or_objective: str | RunConfig | Objective = "digits",
+    strategies: Sequence[str] | str = DEFAULT_STRATEGIES,
+    budget: Budget | Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | int = (0,),
+    *,
+    space: SearchSpace | None = None,
+    storage: str | BaseStorage | None = DEFAULT_STORAGE,
+    output_dir: str | os.PathLike | None = "compare_report",
+    name: str | None = None,
+    epsilon: float = DEFAULT_EPSILON,
+    pruner: str | None = "median",
+    pruner_kwargs: Mapping[str, Any] | None = None,
+    sampler_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    direction: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+    trial_callbacks_factory: TrialCallbacksFactory | None = None,
+    on_study_start: Callable[[Study], None] | None = None,
+    on_study_end: Callable[[Study], None] | None = None,
+    on_report: Callable[[ComparisonReport], None] | None = None,
+    warm_up: bool = True,
+) -> ComparisonReport:
+    """Run every strategy under the same budget for every seed and report which found what, at what cost.
+
+    Args:
+        task_or_objective: a built-in task name, a base :class:`snopt.RunConfig`, or a
+            custom objective ``f(trial) -> float`` (black-box strategies only).
+        strategies: names from :data:`STRATEGIES` (or one comma-separated string).
+        budget: the :class:`Budget` of every study (trials, NFE and/or seconds); required.
+        seeds: one study per strategy and seed.
+        space: the search space shared by every strategy (default: :func:`default_space`).
+        storage: database URL of the studies (default ``sqlite:///snopt.db``), an Optuna
+            storage, or None (in-memory).
+        output_dir: where ``report.md``, ``report.json`` and the figures go (None: not written).
+        name: prefix of the study names (default: the task's name).
+        epsilon: tolerance of "came within epsilon of the best value" (metric units).
+        pruner, pruner_kwargs: the pruner of every study (``median``, ``hyperband``, ``none``).
+        sampler_kwargs: strategy -> arguments overriding its recorded sampler defaults.
+        direction: for a custom objective (default ``minimize``).
+        workers: processes per study sharing it through the storage (needs a URL).
+        progress: progress bars: overall, per study (budget) and per trial (training).
+        heartbeat_interval, grace_period: see :func:`create_study`.
+        trial_callbacks_factory: ``factory(trial, config) -> callbacks`` for each training
+            run (e.g. MLflow nested runs; must be picklable when ``workers > 1``).
+        on_study_start, on_study_end: called with each :class:`Study` around its optimization.
+        on_report: called with the finished report (after the files are written).  To
+            wrap a whole comparison (e.g. in an MLflow parent run), call ``compare`` inside
+            that context.
+        warm_up: train one step before the first study, so that one-time start-up costs
+            (data loading, library initialisation) do not land on the first strategy's clock.
+
+    Returns:
+        The :class:`ComparisonReport` (also written to ``output_dir``).
+
+    Raises:
+        ValueError: on unknown strategies, empty or invalid seeds, an unlimited or
+            non-positive budget, a bad space, storage scheme or worker count.
+    """
+    strategies = _check_strategies(strategies)
+    seeds = _check_seeds(seeds)
+    budget = _as_budget(budget)
+    if not budget.limited:
+        raise ValueError(
+            "`budget` must set at least one of n_trials, nfe or timeout, "
+            "so that every strategy gets the same."
+        )
+    workers = _check_workers(workers, storage)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
+        raise ValueError(f"`epsilon` must be a finite number >= 0, but got epsilon={epsilon!r}.")
+    sampler_kwargs = dict(sampler_kwargs or {})
+    unknown = sorted(set(sampler_kwargs) - set(strategies))
+    if unknown:
+        raise ValueError(
+            f"`sampler_kwargs` names strategies {unknown} that are not compared; compared: {strategies}."
+        )
+    if name is None:
+        if isinstance(task_or_objective, RunConfig):
+            name = task_or_objective.task
+        elif isinstance(task_or_objective, str):
+            name = task_or_objective
+        else:
+            name = getattr(task_or_objective, "__name__", "objective")
+
+    if warm_up and isinstance(task_or_objective, (str, RunConfig)):
+        _warm_up(task_or_objective)
+    overall = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        overall = tqdm(
+            total=len(seeds) * len(strategies), desc=f"compare {name}", unit="study", dynamic_ncols=True
+        )
+    results = []
+    settings: dict[str, Any] = {"samplers": {}}
+    metric_name, study_direction = "value", "minimize"
+    try:
+        for seed in seeds:
+            for strategy in strategies:
+                study = create_study(
+                    task_or_objective,
+                    strategy=strategy,
+                    space=space,
+                    budget=budget,
+                    storage=storage,
+                    study_name=f"{name}-{strategy}-s{seed}",
+                    seed=seed,
+                    pruner=pruner,
+                    pruner_kwargs=pruner_kwargs,
+                    sampler_kwargs=sampler_kwargs.get(strategy),
+                    direction=direction,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    trial_callbacks_factory=trial_callbacks_factory,
+                    progress=progress,
+                )
+                if overall is not None:
+                    overall.set_postfix({"study": study.study_name}, refresh=True)
+                if on_study_start is not None:
+                    on_study_start(study)
+                if workers > 1:
+                    run_workers(
+                        study, workers, progress=progress, trial_callbacks_factory=trial_callbacks_factory
+                    )
+                else:
+                    study.optimize()
+                if on_study_end is not None:
+                    on_study_end(study)
+                desc = study.user_attrs["snopt"]
+                settings["samplers"][strategy] = desc["sampler"]
+                settings["pruner"] = desc["pruner"]
+                settings["config"] = desc["config"]
+                settings["space"] = desc["space"]
+                metric_name = study.metric_name
+                study_direction = study.direction.name.lower()
+                results.append(
+                    study_result(
+                        strategy, seed, study.study_name, study.get_trials(), study_direction == "maximize"
+                    )
+                )
+                if overall is not None:
+                    overall.update(1)
+    finally:
+        if overall is not None:
+            overall.close()
+    report = ComparisonReport.build(
+        name=name,
+        metric_name=metric_name,
+        direction=study_direction,
+        budget=budget.to_dict(),
+        epsilon=epsilon,
+        studies=results,
+        storage=storage_url(storage),
+        settings=settings,
+    )
+    if output_dir is not None:
+        report.write(os.fspath(output_dir))
+    if on_report is not None:
+        on_report(report)
+    return report
+
+
+def _warm_up(task: str | RunConfig) -> None:
+    from snopt._run import run_training
+
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    data = config.to_dict()
+    data.update(
+        lr=config.lr,
+        control="fixed",
+        max_steps=1,
+        epochs=None,
+        eval_every=None,
+        checkpoint=None,
+        resume=False,
+    )
+    run_training(RunConfig.from_dict(data), progress=False)
+
+
+def report_from_storage(
+    name: str,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    storage: str | BaseStorage = DEFAULT_STORAGE,
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+) -> ComparisonReport:
+    """Rebuild a comparison's report from its studies in ``storage`` (no training)."""
+    import optuna
+
+    strategies = _check_strategies(strategies)
+    seeds = _check_seeds(seeds)
+    results = []
+    settings: dict[str, Any] = {"samplers": {}}
+    metric_name, direction = "value", "minimize"
+    budget: dict[str, Any] = {}
+    for seed in seeds:
+        for strategy in strategies:
+            study = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=storage)
+            desc = study.user_attrs.get("snopt", {})
+            metric_name = desc.get("metric_name", metric_name)
+            budget = desc.get("budget", budget)
+            settings["samplers"][strategy] = desc.get("sampler")
+            settings["pruner"] = desc.get("pruner")
+            direction = study.direction.name.lower()
+            results.append(
+                study_result(strategy, seed, study.study_name, study.get_trials(), direction == "maximize")
+            )
+    return ComparisonReport.build(
+        name=name,
+        metric_name=metric_name,
+        direction=direction,
+        budget=budget,
+        epsilon=epsilon,
+        studies=results,
+        storage=storage_url(storage),
+        settings=settings,
+    )
+
+
+# ------------------------------------------------------------------ workers
+def _worker_main(
+    study_name: str,
+    storage: str,
+    worker: int,
+    threads: int,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    n_trials: int | None,
+    timeout: float | None,
+    trial_callbacks_factory: TrialCallbacksFactory | None,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    study = load_study(
+        study_name,
+        storage,
+        worker=worker,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        trial_callbacks_factory=trial_callbacks_factory,
+    )
+    study.optimize(n_trials=n_trials, timeout=timeout)
+
+
+def run_workers(
+    study: Study,
+    workers: int,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = False,
+    trial_callbacks_factory: TrialCallbacksFactory | None = None,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+) -> None:
+    """Optimize ``study`` with ``workers`` processes on this machine sharing it through its storage.
+
+    This process is worker 0; ``workers - 1`` more are spawned, each loading the study by
+    name and running until the study's budget (or their own ``n_trials``/``timeout``) is
+    spent.  The CPU threads are split between them.
+
+    Raises:
+        ValueError: if the study has no storage URL.
+        RuntimeError: if a worker process exits with an error.
+    """
+    url = study.storage_url
+    workers = _check_workers(workers, url)
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(
+                study.study_name,
+                url,
+                i,
+                threads,
+                heartbeat_interval,
+                grace_period,
+                n_trials,
+                timeout,
+                trial_callbacks_factory,
+            ),
+            name=f"snopt-worker-{i}",
+        )
+        for i in range(1, workers)
+    ]
+    for p in procs:
+        p.start()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
+    finally:
+        torch.set_num_threads(old_threads)
+        for p in procs:
+            p.join()
+    bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"Worker processes failed: {bad}; see their output above.")

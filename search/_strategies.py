@@ -1,0 +1,224 @@
+"""Search strategies: which parameters a sampler picks and who sets the horizon T.
+
+* ``feedback`` / ``gradient``: in-training.  Each trial is one training run in which
+  the controller (the second-order feedback policy, or the first-order gradient
+  baseline) moves T inside the declared ``t1`` range.  The first trial starts from the
+  default T; later trials restart from a T drawn at random.  The other parameters keep
+  their defaults.
+* ``tpe``, ``gp``, ``cmaes``, ``random``, ``grid``: black-box.  An Optuna sampler picks
+  every parameter of the space, T included, which stays fixed during training.
+* ``hybrid``: TPE picks the parameters that cannot be controlled (learning rate, width,
+  tolerance, ...) while the feedback policy controls T, from its default, inside each trial.
+
+Every sampler's arguments are written out here and stored with the study, because their
+defaults move between Optuna releases (Optuna 5 changed TPE's).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+
+from ._space import HORIZON, SearchSpace
+
+#: Every strategy name.
+STRATEGIES = ("feedback", "gradient", "tpe", "gp", "cmaes", "random", "grid", "hybrid")
+#: Strategies in which a controller moves T during training.
+IN_TRAINING = ("feedback", "gradient", "hybrid")
+#: Pruner names accepted by :func:`make_pruner`.
+PRUNERS = ("none", "median", "hyperband")
+
+# The sampler class behind each strategy and its explicit arguments (seed excluded).
+_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "feedback": ("RandomSampler", {}),
+    "gradient": ("RandomSampler", {}),
+    "random": ("RandomSampler", {}),
+    "tpe": (
+        "TPESampler",
+        {
+            "n_startup_trials": 4,
+            "n_ei_candidates": 24,
+            "multivariate": True,
+            "group": False,
+            "constant_liar": True,
+        },
+    ),
+    "hybrid": (
+        "TPESampler",
+        {
+            "n_startup_trials": 4,
+            "n_ei_candidates": 24,
+            "multivariate": True,
+            "group": False,
+            "constant_liar": True,
+        },
+    ),
+    "gp": (
+        "GPSampler",
+        {"n_startup_trials": 4, "deterministic_objective": False, "warn_independent_sampling": False},
+    ),
+    "cmaes": (
+        "CmaEsSampler",
+        {
+            "n_startup_trials": 1,
+            "sigma0": None,
+            "popsize": None,
+            "use_separable_cma": False,
+            "with_margin": False,
+            "lr_adapt": False,
+            "consider_pruned_trials": False,
+            "warn_independent_sampling": False,
+        },
+    ),
+    "grid": ("GridSampler", {"grid_size": 3}),
+}
+
+_PRUNERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("NopPruner", {}),
+    "median": ("MedianPruner", {"n_startup_trials": 2, "n_warmup_steps": 0, "interval_steps": 1}),
+    "hyperband": ("HyperbandPruner", {"min_resource": 1, "max_resource": "auto", "reduction_factor": 3}),
+}
+
+
+def check_strategy(strategy: str) -> str:
+    """Return ``strategy`` or raise a ``ValueError`` listing the valid names."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}, but got strategy={strategy!r}.")
+    return strategy
+
+
+def control_of(strategy: str) -> str:
+    """The RunConfig ``control`` of a strategy: ``feedback``, ``gradient`` or ``fixed``."""
+    check_strategy(strategy)
+    if strategy in ("feedback", "hybrid"):
+        return "feedback"
+    if strategy == "gradient":
+        return "gradient"
+    return "fixed"
+
+
+def sampled_names(strategy: str, space: SearchSpace) -> list[str]:
+    """The parameters the strategy's sampler picks; the others keep their defaults."""
+    check_strategy(strategy)
+    if strategy in ("feedback", "gradient"):
+        return [HORIZON] if HORIZON in space else []
+    if strategy == "hybrid":
+        return [n for n in space.names if n != HORIZON]
+    return space.names
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """An Optuna sampler class and the arguments it is built with (recorded per study)."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description."""
+        return {"class": self.name, "kwargs": dict(self.kwargs)}
+
+
+def sampler_spec(strategy: str, overrides: Mapping[str, Any] | None = None) -> SamplerSpec:
+    """The sampler of ``strategy`` with its default arguments updated by ``overrides``.
+
+    Raises:
+        ValueError: on an unknown strategy or an argument the sampler does not take.
+    """
+    name, kwargs = _SAMPLERS[check_strategy(strategy)]
+    kwargs = dict(kwargs)
+    if overrides:
+        overrides = dict(overrides)
+        if "seed" in overrides:
+            raise ValueError("Set the sampler seed through `seed`, not `sampler_kwargs['seed']`.")
+        valid = set(kwargs) | _extra_args(name)
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(
+                f"Unknown arguments {unknown} for {name} ({strategy}); valid ones are {sorted(valid)}."
+            )
+        kwargs.update(overrides)
+    return SamplerSpec(name, kwargs)
+
+
+def _extra_args(name: str) -> set[str]:
+    import inspect
+
+    if name == "GridSampler":
+        return {"grid_size"}
+    cls = getattr(optuna.samplers, name)
+    return {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")}
+
+
+def derive_seed(seed: int, strategy: str, worker: int = 0, n_existing: int = 0) -> int:
+    """The sampler seed of one process working on one study; deterministic in all its inputs.
+
+    Strategies get independent streams (otherwise TPE, GP and random search would share
+    their random start-up trials and look alike on small budgets); workers and resumed
+    sessions get streams of their own so that they do not replay parameters already in
+    the study.
+    """
+    key = zlib.crc32(check_strategy(strategy).encode())
+    return int(np.random.SeedSequence([int(seed), key, int(worker), int(n_existing)]).generate_state(1)[0])
+
+
+def make_sampler(
+    spec: SamplerSpec, space: SearchSpace, names: list[str], seed: int
+) -> optuna.samplers.BaseSampler:
+    """Build the sampler described by ``spec`` over the parameters ``names`` of ``space``."""
+    kwargs = dict(spec.kwargs)
+    if spec.name == "GridSampler":
+        grid = space.grid(kwargs.pop("grid_size"), names)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if spec.name == "CmaEsSampler":
+        kwargs.setdefault("independent_sampler", optuna.samplers.RandomSampler(seed=seed))
+    cls = getattr(optuna.samplers, spec.name)
+    return cls(seed=seed, **kwargs)
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """An Optuna pruner class and its arguments (recorded per study)."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description."""
+        return {"class": self.name, "kwargs": dict(self.kwargs)}
+
+
+def pruner_spec(pruner: str | None, overrides: Mapping[str, Any] | None = None) -> PrunerSpec:
+    """The pruner called ``pruner`` (None: ``"none"``) with explicit arguments.
+
+    Raises:
+        ValueError: on an unknown pruner name or argument.
+    """
+    key = "none" if pruner is None else pruner
+    if key not in _PRUNERS:
+        raise ValueError(f"`pruner` must be one of {list(PRUNERS)}, but got pruner={pruner!r}.")
+    name, kwargs = _PRUNERS[key]
+    kwargs = dict(kwargs)
+    if overrides:
+        unknown = sorted(set(overrides) - set(kwargs) - _pruner_args(name))
+        if unknown:
+            raise ValueError(f"Unknown arguments {unknown} for {name}; valid ones are {sorted(kwargs)}.")
+        kwargs.update(overrides)
+    return PrunerSpec(name, kwargs)
+
+
+def _pruner_args(name: str) -> set[str]:
+    import inspect
+
+    cls = getattr(optuna.pruners, name)
+    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+
+
+def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    """Build the pruner described by ``spec``."""
+    return getattr(optuna.pruners, spec.name)(**spec.kwargs)

@@ -1,0 +1,622 @@
+"""``create_study`` / ``load_study``: an ``optuna.Study`` plus a search space, a strategy and a budget.
+
+The :class:`Study` wraps an ``optuna.Study`` (available as ``.study``), so Optuna's
+samplers, pruners, storages and optuna-dashboard all work on it.  What a worker on
+another machine needs to rebuild the objective (base run, space, strategy, budget,
+sampler and pruner arguments, seed) is stored with the study as the user attribute
+``snopt``; ``load_study`` reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from snopt._run import RunConfig
+
+from ._budget import Budget, Spent, spent, trial_nfe
+from ._objective import CustomObjective, TrainingObjective, TrialCallbacksFactory, TrialFailed
+from ._space import HORIZON, SearchSpace, default_space
+from ._storage import (
+    DEFAULT_STORAGE,
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    fail_interrupted_trials,
+    resolve_storage,
+    storage_url,
+)
+from ._strategies import (
+    IN_TRAINING,
+    check_strategy,
+    derive_seed,
+    make_pruner,
+    make_sampler,
+    pruner_spec,
+    sampled_names,
+    sampler_spec,
+)
+
+#: Study user attribute that holds the snopt description of a study.
+STUDY_ATTR = "snopt"
+_FORMAT = 1
+
+Objective = Callable[[optuna.trial.BaseTrial], float]
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, but got seed={seed!r}.")
+    return seed
+
+
+def _as_budget(budget: Budget | Mapping[str, Any] | None) -> Budget:
+    if budget is None:
+        return Budget()
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, Mapping):
+        unknown = sorted(set(budget) - {"n_trials", "timeout", "nfe"})
+        if unknown:
+            raise ValueError(f"Unknown budget keys {unknown}; valid keys are ['n_trials', 'nfe', 'timeout'].")
+        return Budget(**budget)
+    raise TypeError(f"`budget` must be a Budget, a dict or None, but got {type(budget).__name__}.")
+
+
+class Study:
+    """A study of one strategy over one search space, wrapping an ``optuna.Study``.
+
+    Build one with :func:`create_study` or :func:`load_study`.  Attributes that Optuna's
+    study has and this class does not define (``ask``, ``tell``, ``enqueue_trial``,
+    ``trials_dataframe``, ...) are forwarded to it.
+
+    Attributes:
+        study: the underlying ``optuna.Study``.
+        strategy: the strategy name.
+        space: the :class:`SearchSpace`.
+        config: the base :class:`snopt.RunConfig` (None for a custom objective).
+        budget: the study's :class:`Budget` (shared by every process working on it).
+        seed: the study seed (sampler and training runs).
+        objective: the objective used by :meth:`optimize` when none is passed.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        *,
+        strategy: str,
+        space: SearchSpace,
+        config: RunConfig | None,
+        budget: Budget,
+        seed: int,
+        objective: Objective | None,
+        storage: str | BaseStorage | None,
+        metric_name: str = "value",
+        progress: bool = False,
+    ) -> None:
+        self.study = study
+        self.strategy = strategy
+        self.space = space
+        self.config = config
+        self.budget = budget
+        self.seed = seed
+        self.objective = objective
+        self.metric_name = metric_name
+        self.progress = progress
+        self._storage = storage
+
+    # ----------------------------------------------------------- Optuna's surface
+    @property
+    def study_name(self) -> str:
+        """The study's name in its storage."""
+        return self.study.study_name
+
+    @property
+    def storage_url(self) -> str | None:
+        """The storage URL (None for in-memory storage)."""
+        return storage_url(self._storage)
+
+    @property
+    def direction(self) -> optuna.study.StudyDirection:
+        """``StudyDirection.MAXIMIZE`` or ``MINIMIZE``."""
+        return self.study.direction
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        """Every trial of the study, in creation order."""
+        return self.study.trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        """Trials, optionally only those in ``states`` (as ``optuna.Study.get_trials``)."""
+        return self.study.get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        """The best complete trial (``ValueError`` if none completed)."""
+        return self.study.best_trial
+
+    @property
+    def best_value(self) -> float:
+        """Value of :attr:`best_trial`."""
+        return self.study.best_value
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        """Parameters of :attr:`best_trial` (sampled ones; see ``user_attrs['hyperparams']``)."""
+        return self.study.best_params
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        """The study's user attributes (``snopt`` holds its description)."""
+        return self.study.user_attrs
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "study":  # not yet set during unpickling
+            raise AttributeError(name)
+        return getattr(self.study, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"Study(name={self.study_name!r}, strategy={self.strategy!r}, storage={self.storage_url!r}, "
+            f"budget={self.budget.describe()!r}, trials={len(self.study.trials)})"
+        )
+
+    # ----------------------------------------------------------- budget
+    def spent(self) -> Spent:
+        """What the study has spent so far, over every process that worked on it."""
+        return spent(self.study.get_trials(deepcopy=False))
+
+    def exhausted(self) -> bool:
+        """Whether the budget is spent."""
+        return self.budget.limited and self.budget.exhausted(self.spent())
+
+    # ----------------------------------------------------------- optimize
+    def optimize(
+        self,
+        objective: Objective | None = None,
+        n_trials: int | None = None,
+        timeout: float | None = None,
+        callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+        catch: Iterable[type[Exception]] | type[Exception] = (),
+        gc_after_trial: bool = False,
+        show_progress_bar: bool | None = None,
+    ) -> None:
+        """Run trials until ``n_trials``/``timeout`` of this call or the study's budget is reached.
+
+        Interrupted trials left by killed processes are marked failed first (after their
+        heartbeat's grace period); finished trials are kept, so calling ``optimize`` on a
+        study loaded from its storage resumes it.
+
+        Args:
+            objective: ``f(trial) -> float``; default: the study's training objective.
+            n_trials: at most this many trials in this call (Optuna's meaning).
+            timeout: stop starting trials after this many seconds of this call.
+            callbacks: Optuna callbacks ``f(study, frozen_trial)`` after each trial.
+            catch: further exception types that fail a trial without stopping the study
+                (training errors always do).
+            gc_after_trial: run the garbage collector after each trial.
+            show_progress_bar: an overall bar over the budget (default: the study's ``progress``).
+
+        Raises:
+            ValueError: on ``n_trials``/``timeout`` <= 0, or no objective for a study
+                created from a custom objective and loaded without it.
+        """
+        if n_trials is not None and (
+            isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0
+        ):
+            raise ValueError(f"`n_trials` must be a positive integer or None, but got n_trials={n_trials!r}.")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(
+                f"`timeout` must be a positive number of seconds or None, but got timeout={timeout!r}."
+            )
+        if objective is not None:
+            func: Objective = CustomObjective(objective, self.strategy)
+        elif self.objective is not None:
+            func = self.objective
+        else:
+            raise ValueError(
+                f"Study {self.study_name!r} was created with a custom objective; "
+                "pass it: study.optimize(objective)."
+            )
+        catch = (catch,) if isinstance(catch, type) else tuple(catch)
+        fail_interrupted_trials(self.study)
+        before = self.spent()
+        if self.budget.limited and self.budget.exhausted(before):
+            return
+        if self.budget.n_trials is not None:
+            left = self.budget.n_trials - before.trials
+            n_trials = left if n_trials is None else min(n_trials, left)
+        if self.budget.timeout is not None:
+            left_s = self.budget.timeout - before.wall_time
+            timeout = left_s if timeout is None else min(timeout, left_s)
+        show = self.progress if show_progress_bar is None else show_progress_bar
+        bar = _BudgetBar(self, before) if show else None
+        all_callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [self._after_trial]
+        if bar is not None:
+            all_callbacks.append(bar)
+        all_callbacks.extend(callbacks or ())
+        try:
+            self.study.optimize(
+                func,
+                n_trials=n_trials,
+                timeout=timeout,
+                callbacks=all_callbacks,
+                catch=(TrialFailed, *catch),
+                gc_after_trial=gc_after_trial,
+                show_progress_bar=False,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        fail_interrupted_trials(self.study)
+
+    def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.budget.limited and self.budget.exhausted(self.spent()):
+            study.stop()
+
+
+class _BudgetBar:
+    """Overall progress bar over the study's budget (NFE, trials or seconds)."""
+
+    def __init__(self, study: Study, before: Spent) -> None:
+        from tqdm.auto import tqdm
+
+        b = study.budget
+        total: float | None
+        initial: float
+        if b.nfe is not None:
+            self.unit, total, initial = "NFE", b.nfe, before.nfe
+        elif b.n_trials is not None:
+            self.unit, total, initial = "trial", b.n_trials, before.trials
+        elif b.timeout is not None:
+            self.unit, total, initial = "s", b.timeout, before.wall_time
+        else:
+            self.unit, total, initial = "trial", None, before.trials
+        self.study = study
+        self.bar = tqdm(
+            total=total, initial=initial, desc=study.study_name, unit=self.unit, dynamic_ncols=True
+        )
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        now = self.study.spent()
+        value = {"NFE": now.nfe, "trial": now.trials, "s": now.wall_time}[self.unit]
+        if self.bar.total is not None:
+            value = min(value, self.bar.total)
+        self.bar.n = value
+        post = {"trial": trial.number, "state": trial.state.name.lower()}
+        try:
+            post["best"] = f"{study.best_value:.4g}"
+        except ValueError:
+            pass
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _description(
+    *,
+    strategy: str,
+    space: SearchSpace,
+    config: RunConfig | None,
+    budget: Budget,
+    seed: int,
+    sampler: dict[str, Any],
+    pruner: dict[str, Any],
+    metric_name: str,
+) -> dict[str, Any]:
+    from snopt import __version__
+
+    return {
+        "format": _FORMAT,
+        "snopt_version": __version__,
+        "optuna_version": optuna.__version__,
+        "strategy": strategy,
+        "space": space.to_dict(),
+        "config": config.to_dict() if config is not None else None,
+        "objective": "training" if config is not None else "custom",
+        "budget": budget.to_dict(),
+        "seed": seed,
+        "sampler": sampler,
+        "pruner": pruner,
+        "metric_name": metric_name,
+    }
+
+
+def _base_config(task: str | RunConfig, seed: int) -> RunConfig:
+    if isinstance(task, RunConfig):
+        return task
+    from snopt._tasks import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {list(TASKS)}, a RunConfig or a callable, but got {task!r}.")
+    return RunConfig(task=task, seed=seed)
+
+
+def create_study(
+    task: str | RunConfig | Objective = "digits",
+    *,
+    strategy: str = "tpe",
+    space: SearchSpace | None = None,
+    budget: Budget | Mapping[str, Any] | None = None,
+    storage: str | BaseStorage | None = DEFAULT_STORAGE,
+    study_name: str | None = None,
+    seed: int = 0,
+    pruner: str | None = "median",
+    pruner_kwargs: Mapping[str, Any] | None = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+    direction: str | None = None,
+    load_if_exists: bool = True,
+    worker: int = 0,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+    trial_callbacks_factory: TrialCallbacksFactory | None = None,
+    progress: bool = False,
+) -> Study:
+    """Create (or reopen) a study of one strategy over a search space.
+
+    Args:
+        task: a built-in task name, a base :class:`snopt.RunConfig`, or a custom
+            objective ``f(trial) -> float`` (black-box strategies only; it may record
+            ``trial.set_user_attr("nfe_total", n)`` for NFE budgets).
+        strategy: ``feedback``, ``gradient``, ``tpe``, ``gp``, ``cmaes``, ``random``,
+            ``grid`` or ``hybrid`` (see :data:`STRATEGIES`).
+        space: the :class:`SearchSpace` (default: :func:`default_space` of the task).
+        budget: a :class:`Budget` (or a dict of its fields) for the whole study.
+        storage: a database URL (default ``sqlite:///snopt.db``), an Optuna storage, or
+            None for in-memory.
+        study_name: default ``f"{task}-{strategy}-s{seed}"``.
+        seed: seeds the sampler and (for a task) the training runs.
+        pruner: ``"median"``, ``"hyperband"`` or ``"none"``/None.
+        pruner_kwargs: arguments overriding the pruner's recorded defaults.
+        sampler_kwargs: arguments overriding the strategy sampler's recorded defaults
+            (e.g. ``{"n_startup_trials": 10}`` for ``tpe``, ``{"grid_size": 4}`` for ``grid``).
+        direction: ``"maximize"``/``"minimize"``; default from the task's metric
+            (``"minimize"`` for a custom objective).
+        load_if_exists: reopen a study of that name (it must have the same strategy,
+            space and base run; a new ``budget`` replaces the stored one).
+        worker: index of this process among the workers of the study (decorrelates
+            their samplers).
+        heartbeat_interval: seconds between heartbeats of running trials (RDB storages).
+        grace_period: seconds without heartbeat after which a trial counts as interrupted.
+        trial_callbacks_factory: ``factory(trial, config) -> callbacks`` attached to each
+            training run, e.g. to log every trial to MLflow.
+        progress: progress bars (per trial and over the budget).
+
+    Returns:
+        The :class:`Study`.
+
+    Raises:
+        ValueError: on an unknown strategy, pruner, storage scheme or task; a bad space or
+            budget; an in-training strategy with a custom objective; or an existing study
+            of that name that differs.
+    """
+    strategy = check_strategy(strategy)
+    seed = _check_seed(seed)
+    budget = _as_budget(budget)
+    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+        raise ValueError(f"`worker` must be a non-negative integer, but got worker={worker!r}.")
+    if direction is not None and direction not in ("maximize", "minimize"):
+        raise ValueError(f"`direction` must be 'maximize' or 'minimize', but got direction={direction!r}.")
+    custom = callable(task) and not isinstance(task, (str, RunConfig))
+    if custom and strategy in IN_TRAINING:
+        raise ValueError(
+            f"Strategy {strategy!r} controls T inside training and needs a task or a RunConfig, "
+            f"not a custom objective; use one of the black-box strategies with it."
+        )
+    if space is None:
+        if custom:
+            raise ValueError("A custom objective needs an explicit `space`.")
+        space = default_space(_base_config(task, seed).task)  # type: ignore[arg-type]
+    if not isinstance(space, SearchSpace):
+        raise TypeError(f"`space` must be a SearchSpace, but got {type(space).__name__}.")
+    s_spec = sampler_spec(strategy, sampler_kwargs)
+    p_spec = pruner_spec(pruner, pruner_kwargs)
+    config = None if custom else _base_config(task, seed)  # type: ignore[arg-type]
+    if config is not None and config.seed != seed:
+        # One seed per study: it drives the sampler and every training run.
+        data = config.to_dict()
+        data["lr"] = config.lr
+        data["seed"] = seed
+        config = RunConfig.from_dict(data)
+    if config is not None:
+        space.validate_for(config)
+        task_obj = _task_of(config)
+        metric_name = str(task_obj.metric_name)
+        default_direction = "maximize" if task_obj.higher_is_better else "minimize"
+        label = config.task
+    else:
+        metric_name = "value"
+        default_direction = "minimize"
+        label = getattr(task, "__name__", "objective")
+    direction = direction or default_direction
+    study_name = study_name or f"{label}-{strategy}-s{seed}"
+    desc = _description(
+        strategy=strategy,
+        space=space,
+        config=config,
+        budget=budget,
+        seed=seed,
+        sampler=s_spec.to_dict(),
+        pruner=p_spec.to_dict(),
+        metric_name=metric_name,
+    )
+    resolved = resolve_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    existing = _existing(study_name, resolved)
+    if existing is not None and not load_if_exists:
+        raise ValueError(
+            f"Study {study_name!r} already exists in {storage_url(storage)!r}; use load_if_exists=True."
+        )
+    n_existing = 0
+    if existing is not None:
+        old = existing.user_attrs.get(STUDY_ATTR)
+        if old is None:
+            raise ValueError(
+                f"Study {study_name!r} exists but was not created by snopt; choose another study_name."
+            )
+        _check_compatible(study_name, old, desc)
+        n_existing = len(existing.get_trials(deepcopy=False))
+        if existing.direction.name.lower() != direction:
+            raise ValueError(
+                f"Study {study_name!r} exists with direction {existing.direction.name.lower()!r}."
+            )
+    names = sampled_names(strategy, space)
+    sampler = make_sampler(s_spec, space, names, derive_seed(seed, strategy, worker, n_existing))
+    study = optuna.create_study(
+        storage=resolved,
+        sampler=sampler,
+        pruner=make_pruner(p_spec),
+        study_name=study_name,
+        direction=direction,  # type: ignore[arg-type]
+        load_if_exists=True,
+    )
+    study.set_user_attr(STUDY_ATTR, desc)
+    if existing is None and strategy in ("feedback", "gradient") and HORIZON in names:
+        # The first in-training run starts from the default T; later ones restart at random.
+        study.enqueue_trial({HORIZON: space[HORIZON].default_value()})
+    wrapper = Study(
+        study,
+        strategy=strategy,
+        space=space,
+        config=config,
+        budget=budget,
+        seed=seed,
+        objective=None,
+        storage=storage if storage is not None else resolved,
+        metric_name=metric_name,
+        progress=progress,
+    )
+    if config is not None:
+        wrapper.objective = TrainingObjective(
+            config,
+            space,
+            strategy,
+            budget=budget if budget.limited else None,
+            spent_fn=wrapper.spent,
+            trial_callbacks_factory=trial_callbacks_factory,
+            progress=progress,
+        )
+    else:
+        wrapper.objective = CustomObjective(task, strategy)  # type: ignore[arg-type]
+    return wrapper
+
+
+def _task_of(config: RunConfig) -> Any:
+    from snopt._tasks import get_task
+
+    return get_task(config.task, **config.task_kwargs)
+
+
+def _existing(study_name: str, storage: BaseStorage) -> optuna.Study | None:
+    try:
+        return optuna.load_study(
+            study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler()
+        )
+    except KeyError:
+        return None
+
+
+def _check_compatible(study_name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    keys = ("strategy", "space", "config", "objective", "seed", "sampler", "pruner")
+    differ = [k for k in keys if _normalise(old.get(k)) != _normalise(new.get(k))]
+    if differ:
+        raise ValueError(
+            f"Study {study_name!r} already exists with a different {', '.join(differ)}; "
+            "resume it with the same settings (or load_study), or choose another study_name."
+        )
+
+
+def _normalise(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def load_study(
+    study_name: str,
+    storage: str | BaseStorage | None = DEFAULT_STORAGE,
+    *,
+    objective: Objective | None = None,
+    budget: Budget | Mapping[str, Any] | None = None,
+    worker: int = 0,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+    trial_callbacks_factory: TrialCallbacksFactory | None = None,
+    progress: bool = False,
+) -> Study:
+    """Reopen a study created by :func:`create_study` from its storage (to resume it or to add a worker).
+
+    Args:
+        study_name: the study's name.
+        storage: its storage URL or object.
+        objective: the custom objective, for a study created from one.
+        budget: replace the stored budget (default: keep it).
+        worker: index of this worker (decorrelates samplers of parallel workers).
+        heartbeat_interval, grace_period, trial_callbacks_factory, progress: as in
+            :func:`create_study`.
+
+    Returns:
+        The :class:`Study`.
+
+    Raises:
+        ValueError: if the study does not exist or was not created by snopt.
+    """
+    resolved = resolve_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    existing = _existing(study_name, resolved)
+    if existing is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(resolved)]
+        raise ValueError(
+            f"No study named {study_name!r} in {storage_url(storage)!r}; studies there: {names}."
+        )
+    desc = existing.user_attrs.get(STUDY_ATTR)
+    if desc is None:
+        raise ValueError(
+            f"Study {study_name!r} was not created by snopt (it has no {STUDY_ATTR!r} attribute)."
+        )
+    config = RunConfig.from_dict(desc["config"]) if desc.get("config") is not None else None
+    if config is None and objective is None:
+        raise ValueError(f"Study {study_name!r} runs a custom objective; pass it as `objective`.")
+    return create_study(
+        config if config is not None else objective,  # type: ignore[arg-type]
+        strategy=desc["strategy"],
+        space=SearchSpace.from_dict(desc["space"]),
+        budget=_as_budget(budget) if budget is not None else Budget.from_dict(desc["budget"]),
+        storage=storage if isinstance(storage, (str, type(None))) else resolved,
+        study_name=study_name,
+        seed=desc["seed"],
+        pruner=_pruner_name(desc["pruner"]["class"]),
+        pruner_kwargs=desc["pruner"]["kwargs"],
+        sampler_kwargs=_sampler_overrides(desc),
+        direction=existing.direction.name.lower(),
+        load_if_exists=True,
+        worker=worker,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        trial_callbacks_factory=trial_callbacks_factory,
+        progress=progress,
+    )
+
+
+def _pruner_name(cls_name: str) -> str:
+    return {"NopPruner": "none", "MedianPruner": "median", "HyperbandPruner": "hyperband"}[cls_name]
+
+
+def _sampler_overrides(desc: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(desc["sampler"]["kwargs"])
+
+
+def best_trial_summary(study: Study) -> dict[str, Any]:
+    """The best trial as a flat dict: number, value, final T, hyperparameters, NFE."""
+    trial = study.best_trial
+    row: dict[str, Any] = {"trial": trial.number, study.metric_name: trial.value}
+    row["T"] = trial.user_attrs.get("t1_final", trial.params.get(HORIZON))
+    row.update(trial.user_attrs.get("hyperparams", trial.params))
+    row["nfe"] = trial_nfe(trial)
+    return row

@@ -1,0 +1,501 @@
+"""Kronecker-factored curvature of Neural ODE layers, collected along the backward solve.
+
+For every ``nn.Linear`` and ``nn.Conv2d`` layer ``h = W z (+ b)`` of a model, SNOpt
+approximates the second-order matrix of the loss with respect to ``[W | b]`` by a
+Kronecker product ``A ⊗ B`` of an input factor ``A`` and an output-gradient factor ``B``.
+
+Layers inside the vector field of an :class:`~snopt._ode.ODEBlock` act at every time of
+the solve, so their factors are integrals over time.  The :class:`CurvatureCollector` is
+installed as the block's :class:`~snopt._ode.StateSampler`: on refresh steps the block
+hands it, once per cell of a time grid, the exact state ``x(t)`` and adjoint
+``a(t) = dL/dx(t)`` that its backward pass reconstructs (torchdiffeq's own step
+callbacks in adjoint mode, tensor hooks on the solver state in direct mode).  The
+collector then evaluates the field once, explicitly, on that state with forward hooks on
+the field's layers recording each layer's input ``z`` and output ``h``, and takes the
+vector-Jacobian product of the adjoint through the field down to every ``h``:
+``g = (dh f)^T a``.  The solver's own evaluations also run through the hooks (in
+adjoint mode even the no-grad forward solve does), but the hooks only count them: they
+record during the explicit evaluation alone, so neither the solver nor the inner
+autograd call of a CNF's trace contributes to the curvature.
+
+Layers outside the ODE blocks (a stem, a head) get the ordinary K-FAC statistics of their
+forward and backward pass on refresh steps.
+
+Normalisation (EKFAC's, per call of a layer with ``n`` samples and ``L`` locations, that
+is ``R = n L`` rows ``z_r`` (with a trailing 1 when the layer has a bias) and ``g_r``,
+and a loss averaged over the batch so that ``n g_r`` is a per-sample gradient)::
+
+    A_call = (1 / R) sum_r z_r z_r^T
+    B_call = (1 / R) sum_r (n g_r)(n g_r)^T
+
+Field layers: ``A = (t1 - t0) * sum_j w_j A_j / sum_j w_j`` over the samples ``j`` of the
+step, ``w_j`` the weight the block hands over (the grid spacing), and the same for
+``B``: the time average of the per-time factors times the horizon.  When the samples
+cover every grid cell (a fixed-grid solver whose step equals the spacing) this is the
+plain quadrature ``sum_j spacing * A_j``; with an adaptive solver that steps over cells
+it still integrates over the whole horizon.  Both factors carry the horizon because
+the gradient of a field layer is the time integral ``int_0^T g z^T dt``, whose per-sample
+second moment is ``≈ (T mean A_j) ⊗ (T mean B_j)``.
+Outer layers: ``A`` and ``B`` are the averages of ``A_call`` and ``B_call`` over the
+calls of the step.  A conv layer's factors are per location (``L`` = output pixels); the
+optimizer multiplies the second moment by ``L`` when it initialises it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._ode import ODEBlock, State, ode_blocks
+
+
+# --------------------------------------------------------------------- layer adapters
+class LayerAdapter(ABC):
+    """How one kind of layer turns its inputs, output gradients and parameter gradients into matrices.
+
+    Subclasses handle one module type; :data:`LAYER_ADAPTERS` maps module types to
+    adapters and :func:`adapter_for` is the single place where a module is accepted or
+    skipped.
+    """
+
+    @abstractmethod
+    def unsupported(self, module: Any) -> str | None:
+        """Why ``module`` cannot be handled (a short reason), or None when it can."""
+
+    @abstractmethod
+    def input_rows(self, module: Any, z: Tensor) -> tuple[Tensor, int]:
+        """The layer input as rows ``[n * L, in (+1)]`` (a ones column with a bias) and ``L``."""
+
+    @abstractmethod
+    def output_rows(self, module: Any, g: Tensor) -> Tensor:
+        """A gradient at the layer output as rows ``[n * L, out]``, in the order of :meth:`input_rows`."""
+
+    def grad_matrix(self, module: Any) -> Tensor:
+        """The parameter gradient as one matrix ``[out, in (+1)]``: ``[dW | db]``."""
+        weight = module.weight
+        grad = weight.grad.reshape(weight.shape[0], -1)
+        bias = module.bias
+        if bias is None:
+            return grad
+        db = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return torch.cat([grad, db.reshape(-1, 1)], dim=1)
+
+    def split(self, module: Any, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`grad_matrix`: ``(dW shaped like W, db or None)``."""
+        weight = module.weight
+        cols = weight[0].numel()
+        dw = matrix[:, :cols].reshape(weight.shape)
+        db = matrix[:, cols] if module.bias is not None else None
+        return dw, db
+
+    @staticmethod
+    def _with_ones(module: Any, rows: Tensor) -> Tensor:
+        if module.bias is None:
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear``; inputs ``[n, *, in]`` count the middle dimensions as locations."""
+
+    def unsupported(self, module: Any) -> str | None:
+        return None
+
+    def input_rows(self, module: Any, z: Tensor) -> tuple[Tensor, int]:
+        rows = z.reshape(-1, z.shape[-1])
+        n = z.shape[0] if z.dim() >= 2 else 1
+        return self._with_ones(module, rows), max(rows.shape[0] // max(n, 1), 1)
+
+    def output_rows(self, module: Any, g: Tensor) -> Tensor:
+        return g.reshape(-1, g.shape[-1])
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` with zero padding and one group; input patches unfolded as in K-FAC for convolutions."""
+
+    def unsupported(self, module: Any) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return f"padding={module.padding!r}"
+        return None
+
+    def input_rows(self, module: Any, z: Tensor) -> tuple[Tensor, int]:
+        if z.dim() == 3:
+            z = z.unsqueeze(0)
+        padding = 0 if module.padding == "valid" else module.padding
+        patches = F.unfold(
+            z, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )  # [n, C*kh*kw, L]
+        locations = patches.shape[2]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return self._with_ones(module, rows), locations
+
+    def output_rows(self, module: Any, g: Tensor) -> Tensor:
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+
+#: Module type -> adapter.  Add an entry to support another layer type.
+LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {nn.Linear: LinearAdapter(), nn.Conv2d: Conv2dAdapter()}
+
+
+def adapter_for(module: nn.Module) -> tuple[LayerAdapter | None, str | None]:
+    """The adapter of ``module`` and, when there is none, why it is skipped.
+
+    The one place that decides which modules get curvature: a module whose exact type is
+    in :data:`LAYER_ADAPTERS` and that the adapter accepts.  Modules without parameters of
+    their own return ``(None, None)``; other modules with parameters (norm layers, RNN
+    cells, ...) return ``(None, reason)`` and their parameters get plain SGD-momentum.
+    """
+    own = [p for p in module.parameters(recurse=False)]
+    if not own:
+        return None, None
+    adapter = LAYER_ADAPTERS.get(type(module))
+    if adapter is None:
+        return None, f"no curvature adapter for {type(module).__name__}"
+    reason = adapter.unsupported(module)
+    if reason is not None:
+        return None, reason
+    if not module.weight.requires_grad:
+        return None, "weight does not require grad"
+    return adapter, None
+
+
+# ------------------------------------------------------------------------- layers
+@dataclass(eq=False)
+class TrackedLayer:
+    """One layer whose curvature is collected, with its running sums for the current step.
+
+    Attributes:
+        name: qualified name of the module in the model.
+        module: the ``nn.Linear`` / ``nn.Conv2d``.
+        adapter: its :class:`LayerAdapter`.
+        block: the ODE block whose field holds it, or None for a layer outside the blocks.
+        calls: forward calls of the module seen by its hook (solver evaluations included).
+        sample_calls: calls recorded during the collector's explicit sampling evaluations.
+        batch_size: leading dimension of the input at the last call.
+    """
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    block: ODEBlock | None
+    calls: int = 0
+    sample_calls: int = 0
+    batch_size: int = 1
+    a_sum: Tensor | None = None
+    b_sum: Tensor | None = None
+    weight_sum: float = 0.0
+    span: float = 1.0
+    locations: int = 1
+    count: int = 0
+    captures: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @property
+    def weight(self) -> Tensor:
+        """The layer's weight parameter."""
+        weight: Tensor = self.module.weight  # type: ignore[assignment]
+        return weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The layer's bias parameter, if any."""
+        bias: Tensor | None = self.module.bias  # type: ignore[assignment]
+        return bias
+
+    def accumulate(self, z: Tensor, g: Tensor, weight: float) -> None:
+        """Add ``weight * (A_call, B_call)`` of one call with input ``z`` and output gradient ``g``."""
+        z = z.detach()
+        g = g.detach()
+        n = z.shape[0] if z.dim() >= 2 else 1
+        rows_z, locations = self.adapter.input_rows(self.module, z)
+        rows_g = self.adapter.output_rows(self.module, g)
+        r = rows_z.shape[0]
+        a = rows_z.T @ rows_z
+        a.mul_(weight / r)
+        b = rows_g.T @ rows_g
+        b.mul_(weight * n * n / r)
+        if self.a_sum is None or self.b_sum is None:
+            self.a_sum, self.b_sum = a, b
+        else:
+            self.a_sum.add_(a)
+            self.b_sum.add_(b)
+        self.weight_sum += weight
+        self.locations = locations
+        self.count += 1
+
+    def factors(self) -> tuple[Tensor, Tensor, int] | None:
+        """``(A, B, L)`` of the statistics gathered since the last reset, or None without any."""
+        if self.a_sum is None or self.b_sum is None or self.weight_sum <= 0:
+            return None
+        scale = self.span / self.weight_sum
+        return self.a_sum * scale, self.b_sum * scale, self.locations
+
+    def reset(self) -> None:
+        """Forget the gathered statistics."""
+        self.a_sum = self.b_sum = None
+        self.weight_sum = 0.0
+        self.count = 0
+        self.captures.clear()
+
+
+class _LayerHook:
+    """The forward hook of one tracked layer (a callable object, so the model stays copyable)."""
+
+    def __init__(self, collector: CurvatureCollector, layer: TrackedLayer) -> None:
+        self._collector = weakref.ref(collector)
+        self._layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        layer = self._layer
+        collector = self._collector()
+        if collector is None or module is not layer.module or not args:
+            return
+        layer.calls += 1
+        z = args[0]
+        if not isinstance(z, Tensor):
+            return
+        layer.batch_size = int(z.shape[0]) if z.dim() >= 2 else 1
+        if layer.block is not None:
+            if collector._recording:
+                layer.sample_calls += 1
+                layer.captures.append((z, output))
+        elif (
+            collector._armed
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
+            output.register_hook(_OuterBackward(collector, layer, z.detach()))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _LayerHook:
+        # A copied model keeps a hook that ignores it (its modules are not ours).
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a pickled :class:`_LayerHook` becomes: a hook that does nothing."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        return None
+
+
+class _OuterBackward:
+    """Tensor hook on an outer layer's output: the backward half of its K-FAC statistics."""
+
+    def __init__(self, collector: CurvatureCollector, layer: TrackedLayer, z: Tensor) -> None:
+        self.collector = collector
+        self.layer = layer
+        self.z = z
+
+    def __call__(self, grad: Tensor) -> None:
+        start = time.perf_counter()
+        self.layer.accumulate(self.z, grad, 1.0)
+        self.collector.collect_time += time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- collector
+class CurvatureCollector:
+    """Collects the Kronecker factors of every Linear/Conv2d layer of a model.
+
+    It installs itself as ``block.sampler`` of every :class:`~snopt._ode.ODEBlock` of the
+    model and a forward hook on every supported layer.  Collection happens only while it
+    is armed (:meth:`arm` with ``refresh=True``, which the optimizer does before a
+    refresh step); otherwise the hooks only count calls.  See the module docstring for
+    the normalisation of the factors.
+
+    Args:
+        model: the model.
+        sample_step: grid spacing of the samples along each block's backward solve, as a
+            fraction of the horizon ``t1 - t0``, in (0, 1].
+        full_precond: also collect the layers outside the ODE blocks.
+        params: if given, only layers whose weight is among these parameters are tracked.
+
+    Attributes:
+        layers: the :class:`TrackedLayer` records, field layers first.
+        skipped: qualified name -> reason for every module with parameters that is not tracked.
+        samples: samples taken since construction.
+        collect_time: seconds spent computing statistics since construction.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sample_step: float = 0.01,
+        full_precond: bool = True,
+        params: Iterable[Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
+        self.sample_step = _check_sample_step(sample_step)
+        self.full_precond = bool(full_precond)
+        wanted = None if params is None else {id(p) for p in params}
+        self.layers: list[TrackedLayer] = []
+        self.skipped: dict[str, str] = {}
+        self.samples = 0
+        self.collect_time = 0.0
+        self._armed = False
+        self._recording = False
+        self._blocks: dict[int, list[TrackedLayer]] = {}
+        self._block_refs: list[ODEBlock] = []
+        self._handles: list[Any] = []
+
+        field_owner: dict[int, ODEBlock] = {}
+        for _, ode_block in ode_blocks(model):
+            self._blocks[id(ode_block)] = []
+            self._block_refs.append(ode_block)
+            for module in ode_block.func.modules():
+                field_owner.setdefault(id(module), ode_block)
+        outer: list[TrackedLayer] = []
+        for name, module in model.named_modules():
+            if isinstance(module, ODEBlock):
+                continue
+            adapter, reason = adapter_for(module)
+            block = field_owner.get(id(module))
+            if adapter is None:
+                if reason is not None:
+                    self.skipped[name] = reason
+                continue
+            if wanted is not None and id(module.weight) not in wanted:
+                self.skipped[name] = "weight is not among the optimizer's parameters"
+                continue
+            if block is None and not self.full_precond:
+                self.skipped[name] = "outside the ODE blocks and full_precond=False"
+                continue
+            layer = TrackedLayer(name, module, adapter, block)
+            if block is None:
+                outer.append(layer)
+            else:
+                self._blocks[id(block)].append(layer)
+                self.layers.append(layer)
+            self._handles.append(module.register_forward_hook(_LayerHook(self, layer)))
+        self.layers.extend(outer)
+        for block in self._block_refs:
+            block.sampler = self
+
+    # ------------------------------------------------------------ StateSampler
+    def sampling(self, block: ODEBlock) -> bool:
+        """True on refresh steps for a block with tracked layers."""
+        return self._armed and bool(self._blocks.get(id(block)))
+
+    def sample_spacing(self, block: ODEBlock) -> float:
+        """``sample_step * (t1 - t0)``."""
+        return self.sample_step * (block.t1 - block.t0)
+
+    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, weight: float) -> None:
+        """Add one sample: evaluate the field at ``(t, state)``, pull ``adjoint`` back to each layer."""
+        layers = self._blocks.get(id(block))
+        if not layers:
+            return
+        start = time.perf_counter()
+        is_tuple = isinstance(state, tuple)
+        states: tuple[Tensor, ...] = state if isinstance(state, tuple) else (state,)
+        adjoints = adjoint if isinstance(adjoint, tuple) else (adjoint,)
+        span = block.t1 - block.t0
+        for layer in layers:
+            layer.captures.clear()
+        try:
+            with torch.enable_grad():
+                # Fields that differentiate inside (a CNF's trace) need a state that requires grad.
+                x = tuple(s.detach().requires_grad_(s.is_floating_point()) for s in states)
+                t_tensor = torch.as_tensor(t, dtype=x[0].dtype, device=x[0].device)
+                self._recording = True
+                try:
+                    out = block.func(t_tensor, x if is_tuple else x[0])
+                finally:
+                    self._recording = False
+                outs = out if isinstance(out, tuple) else (out,)
+                pairs = [(o, a) for o, a in zip(outs, adjoints) if isinstance(o, Tensor) and o.requires_grad]
+                captured = [(layer, z, h) for layer in layers for z, h in layer.captures if h.requires_grad]
+                if pairs and captured:
+                    grads = torch.autograd.grad(
+                        [o for o, _ in pairs],
+                        [h for _, _, h in captured],
+                        grad_outputs=[a.to(o.dtype) for o, a in pairs],
+                        allow_unused=True,
+                    )
+                else:
+                    grads = ()
+            for (layer, z, _), g in zip(captured, grads):
+                if g is not None:
+                    layer.span = span
+                    layer.accumulate(z, g, weight)
+        finally:
+            for layer in layers:
+                layer.captures.clear()
+            self.samples += 1
+            self.collect_time += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ control
+    @property
+    def armed(self) -> bool:
+        """Whether the next forward/backward pass collects statistics."""
+        return self._armed
+
+    def arm(self, refresh: bool, *, sample_step: float | None = None) -> None:
+        """Collect (``refresh=True``) or not during the next forward/backward passes.
+
+        Args:
+            refresh: whether to collect.
+            sample_step: a new grid spacing (fraction of the horizon), if given.
+        """
+        if sample_step is not None:
+            self.sample_step = _check_sample_step(sample_step)
+        self._armed = bool(refresh)
+
+    def reset(self) -> None:
+        """Forget the statistics of every layer."""
+        for layer in self.layers:
+            layer.reset()
+
+    def remove(self) -> None:
+        """Remove the hooks and uninstall the collector from the blocks it sampled."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for block in self._block_refs:
+            if block.sampler is self:
+                block.sampler = None
+        self._armed = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        # A deep-copied model is not tracked: its blocks get no sampler.
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_none, ())
+
+
+def _none() -> None:
+    return None
+
+
+def _check_sample_step(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise ValueError(
+            "`sample_step` must be a number in (0, 1] (a fraction of the horizon), "
+            f"but got sample_step={value!r}."
+        )
+    return float(value)

@@ -1,0 +1,110 @@
+"""``snopt search``, ``snopt compare`` and ``snopt worker``, run as the installed command in a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+TINY = [
+    "--task",
+    "digits",
+    "--task-kwargs",
+    "val_fraction=0.05",
+    "--model-kwargs",
+    "width=4",
+    "--method",
+    "rk4",
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "32",
+    "--eval-every",
+    "1",
+    "--space",
+    "t1=0.5:2:log,lr=1e-3:1e-1:log",
+    "--no-progress",
+]
+
+
+def _snopt(*args, cwd):
+    exe = shutil.which("snopt")
+    # Without an installed entry point, call main() the way the console script does (`-m` would load
+    # snopt.cli twice, as __main__ and as snopt.cli).
+    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from snopt.cli import main; sys.exit(main())"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
+
+
+def test_compare_writes_the_report_and_prints_where(tmp_path):
+    res = _snopt(
+        "compare",
+        *TINY,
+        "--strategies",
+        "random,tpe",
+        "--n-trials",
+        "2",
+        "--storage",
+        "sqlite:///cmp.db",
+        "--output-dir",
+        "out",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = tmp_path / "out" / "report.md"
+    assert f"report written to {report}" in res.stdout
+    assert "strategy" in res.stdout and "random" in res.stdout and "tpe" in res.stdout
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["strategies"] == ["random", "tpe"] and data["budget"]["n_trials"] == 2
+    for name in ("digits-random-s0", "digits-tpe-s0"):
+        assert len(optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'cmp.db'}").trials) == 2
+
+
+def test_search_then_worker_on_the_same_study(tmp_path):
+    res = _snopt(
+        "search",
+        *TINY,
+        "--strategy",
+        "random",
+        "--n-trials",
+        "2",
+        "--storage",
+        "sqlite:///s.db",
+        "--study-name",
+        "mine",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "best: trial" in res.stdout and "study mine (random)" in res.stdout
+    # The study's budget (2 trials) is stored with it and caps every worker that joins later.
+    res = _snopt("worker", "--storage", "sqlite:///s.db", "--study", "mine", "--no-progress", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path / 's.db'}").trials) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--strategies", "tpe,bayes"], "unknown strategies ['bayes']"),
+        (["compare", "--n-trials", "0"], "expected a positive integer"),
+        (["compare", "--budget-nfe", "-5"], "expected a positive integer"),
+        (
+            ["compare", "--storage", "redis://localhost:6379"],
+            "one of the schemes ['sqlite', 'postgresql', 'mysql']",
+        ),
+        (["search", "--space", "t1=4:1"], "`low <= high` must hold"),
+        (["search", "--space", "depth=1:3:int"], "Unknown search parameters ['depth']"),
+        (["worker", "--storage", "sqlite:///none.db", "--study", "nope"], "No study named 'nope'"),
+    ],
+)
+def test_bad_input_is_a_usage_error(tmp_path, args, message):
+    res = _snopt(*args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr
+    assert "usage: snopt" in res.stderr
+    assert not Path(tmp_path / "compare_report").exists()

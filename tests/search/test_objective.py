@@ -1,0 +1,170 @@
+"""The training objective, tested with ``optuna.trial.FixedTrial`` against direct training runs."""
+
+import math
+
+import optuna
+import pytest
+from snopt.search import Float, Int, PruningCallback, SearchSpace, TrainingObjective, TrialFailed
+
+from snopt import RunConfig, run_training
+from snopt._training import Callback
+
+SPACE = SearchSpace(
+    {"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True), "width": Int(2, 6)}
+)
+
+
+def test_value_equals_an_independent_training_run(tiny_config):
+    base = tiny_config()
+    objective = TrainingObjective(base, SPACE, "tpe")
+    trial = optuna.trial.FixedTrial({"t1": 1.5, "lr": 0.02, "width": 3})
+    value = objective(trial)
+    # The same run built by hand, without the study machinery.
+    direct = run_training(
+        RunConfig(**{**base.__dict__, "t1": 1.5, "lr": 0.02, "model_kwargs": {"width": 3}}), progress=False
+    )
+    assert value == direct.final["metric"]
+    attrs = trial.user_attrs
+    assert attrs["nfe_total"] == direct.stats["nfe_total"]
+    assert attrs["nfe_forward"] + attrs["nfe_backward"] == attrs["nfe_total"]
+    assert attrs["steps"] == 3
+    assert attrs["t1_initial"] == attrs["t1_final"] == 1.5
+    assert attrs["hyperparams"] == {"t1": 1.5, "lr": 0.02, "width": 3}
+    assert attrs["snopt_status"] == "completed"
+    assert objective.direction == "maximize" and objective.metric_name == "accuracy"
+
+
+def test_unsampled_parameters_keep_defaults_and_strategy_sets_control(tiny_config):
+    objective = TrainingObjective(tiny_config(), SPACE, "hybrid")
+    assert objective.sampled_names() == ["lr", "width"]
+    values = objective.hyperparams(optuna.trial.FixedTrial({"lr": 0.01, "width": 5}))
+    assert values["t1"] == 1.0
+    config = objective.config_for(values)
+    assert config.control == "feedback" and config.t1_bounds == (0.5, 2.0) and config.t1 == 1.0
+    black_box = TrainingObjective(tiny_config(), SPACE, "random").config_for(values)
+    assert black_box.control == "fixed" and black_box.t1_bounds is None
+    gradient = TrainingObjective(tiny_config(), SPACE, "gradient")
+    assert gradient.sampled_names() == ["t1"]
+    assert gradient.config_for(SPACE.defaults()).control == "gradient"
+
+
+def test_a_solver_failure_fails_the_trial_with_its_reason(tiny_config):
+    # SGD with an absurd learning rate: the loss overflows within the three steps.
+    config = tiny_config(optimizer="sgd", momentum=0.0)
+    space = SearchSpace({"lr": Float(1e-3, 1e12, log=True)})
+    objective = TrainingObjective(config, space, "random")
+    trial = optuna.trial.FixedTrial({"lr": 1e12})
+    with pytest.raises(TrialFailed, match="NonFiniteLossError"):
+        objective(trial)
+    assert trial.user_attrs["snopt_status"] == "failed"
+    assert "loss became" in trial.user_attrs["fail_reason"]
+    assert trial.user_attrs["nfe_total"] > 0  # the work done before the failure is counted
+
+
+def test_failed_trials_do_not_stop_the_study(tiny_config):
+    from snopt.search import Budget, create_study
+
+    config = tiny_config(optimizer="sgd", momentum=0.0)
+    study = create_study(
+        config,
+        strategy="random",
+        space=SearchSpace({"lr": Float(1e10, 1e12, log=True)}),
+        budget=Budget(n_trials=2),
+        storage=None,
+        pruner="none",
+    )
+    study.optimize()
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL] * 2
+    assert all("NonFiniteLossError" in t.user_attrs["fail_reason"] for t in study.trials)
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_pruning_through_intermediate_reports(tiny_config):
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    objective = TrainingObjective(tiny_config(), SPACE, "random")
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.intermediate_values == {1: trial.user_attrs["curve"]["metric"][0]}
+    assert trial.user_attrs["snopt_status"] == "pruned"
+    assert trial.user_attrs["steps"] == 1
+
+
+def test_pruning_callback_never_prunes_the_last_evaluation(tiny_config):
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    trial = study.ask()
+    config = tiny_config(max_steps=2, eval_every=5)  # a single evaluation, at the end
+    result = run_training(config, callbacks=[PruningCallback(trial)], progress=False)
+    assert result.status == "completed"
+    assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [2]
+
+
+def test_trial_callbacks_factory_gets_each_trial_and_config(tiny_config):
+    seen = []
+
+    class Spy(Callback):
+        def __init__(self, trial, config):
+            self.trial, self.config = trial, config
+
+        def on_fit_end(self, trainer, result):
+            seen.append((self.trial.params["t1"], self.config.t1, result.status))
+
+    objective = TrainingObjective(
+        tiny_config(), SPACE, "tpe", trial_callbacks_factory=lambda t, c: [Spy(t, c)]
+    )
+    objective(optuna.trial.FixedTrial({"t1": 0.7, "lr": 0.01, "width": 2}))
+    assert seen == [(0.7, 0.7, "completed")]
+
+
+def test_nan_metric_is_a_failure(tiny_config, monkeypatch):
+    from snopt._tasks import DigitsTask
+
+    monkeypatch.setattr(
+        DigitsTask, "evaluate", lambda self, model, loader: {"val_loss": math.nan, "metric": math.nan}
+    )
+    objective = TrainingObjective(tiny_config(), SPACE, "random")
+    trial = optuna.trial.FixedTrial({"t1": 1.0, "lr": 0.01, "width": 2})
+    with pytest.raises(TrialFailed, match="validation metric is nan"):
+        objective(trial)
+    assert trial.user_attrs["snopt_status"] == "failed"
+
+
+@pytest.mark.parametrize("strategy", ["feedback", "tpe"])
+def test_every_strategy_is_prunable(tiny_config, strategy):
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    study.optimize(TrainingObjective(tiny_config(), SPACE, strategy), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["snopt_status"] == "pruned" and trial.user_attrs["nfe_total"] > 0
+    assert len(trial.user_attrs["t1_trajectory"]["t1"]) == 2  # T0 and T after the one step
+
+
+@pytest.mark.parametrize(
+    "pruner, cls, kwargs",
+    [
+        (
+            "median",
+            optuna.pruners.MedianPruner,
+            {"n_startup_trials": 2, "n_warmup_steps": 0, "interval_steps": 1},
+        ),
+        (
+            "hyperband",
+            optuna.pruners.HyperbandPruner,
+            {"min_resource": 1, "max_resource": "auto", "reduction_factor": 3},
+        ),
+        ("none", optuna.pruners.NopPruner, {}),
+    ],
+)
+def test_pruners_are_built_and_recorded(tiny_config, pruner, cls, kwargs):
+    from snopt.search import create_study
+
+    study = create_study(tiny_config(), strategy="gp", space=SPACE, storage=None, pruner=pruner)
+    assert isinstance(study.pruner, cls)
+    assert study.user_attrs["snopt"]["pruner"] == {"class": cls.__name__, "kwargs": kwargs}
+    gp = study.user_attrs["snopt"]["sampler"]
+    assert gp["class"] == "GPSampler" and gp["kwargs"]["n_startup_trials"] == 4

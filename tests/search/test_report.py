@@ -1,0 +1,200 @@
+"""``compare`` and its report: every number recomputed independently from the Optuna storage."""
+
+import json
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from snopt.search import Budget, ComparisonReport, Float, SearchSpace, compare, report_from_storage
+
+SPACE = SearchSpace({"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True)})
+
+
+def _independent(url, name, strategies, seeds, epsilon):
+    """Recompute the report's figures from the raw trials, with no code from snopt.search."""
+    per = {}
+    for strategy in strategies:
+        for seed in seeds:
+            trials = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=url).trials
+            done = [
+                t
+                for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                or (t.state == TrialState.FAIL and "snopt_status" in t.user_attrs)
+            ]
+            done.sort(key=lambda t: (t.datetime_complete, t.number))
+            secs = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+            nfes = [t.user_attrs["nfe_total"] for t in done]
+            values = [t.value for t in done if t.state == TrialState.COMPLETE]
+            cum_t = [sum(secs[: i + 1]) for i in range(len(done))]
+            cum_n = [sum(nfes[: i + 1]) for i in range(len(done))]
+            best_so_far, b = [], None
+            for t in done:
+                if t.state == TrialState.COMPLETE and (b is None or t.value > b):
+                    b = t.value
+                best_so_far.append(b)
+            per[strategy, seed] = {
+                "n": len(done),
+                "pruned": sum(t.state == TrialState.PRUNED for t in done),
+                "wall": sum(secs),
+                "nfe": sum(nfes),
+                "best": max(values) if values else None,
+                "best_so_far": best_so_far,
+                "cum_t": cum_t,
+                "cum_n": cum_n,
+            }
+    target = max(p["best"] for p in per.values() if p["best"] is not None)
+    for p in per.values():
+        hit = [i for i, b in enumerate(p["best_so_far"]) if b is not None and b >= target - epsilon]
+        p["nfe_to_target"] = p["cum_n"][hit[0]] if hit else None
+        p["time_to_target"] = p["cum_t"][hit[0]] if hit else None
+    return target, per
+
+
+def test_report_numbers_match_the_storage(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 'cmp.db'}"
+    strategies, seeds, eps = ["random", "tpe"], [0, 1], 0.02
+    out = tmp_path / "report"
+    hooks = []
+    report = compare(
+        tiny_config(),
+        strategies=strategies,
+        budget=Budget(nfe=50),
+        seeds=seeds,
+        space=SPACE,
+        storage=url,
+        output_dir=out,
+        epsilon=eps,
+        progress=False,
+        pruner="median",
+        on_study_start=lambda s: hooks.append(("start", s.study_name)),
+        on_study_end=lambda s: hooks.append(("end", s.study_name)),
+        on_report=lambda r: hooks.append(("report", r.name)),
+    )
+    assert hooks[0] == ("start", "digits-random-s0") and hooks[-1] == ("report", "digits")
+    assert len(hooks) == 2 * 4 + 1
+    target, per = _independent(url, "digits", strategies, seeds, eps)
+    assert report.target == target
+    for s in report.studies:
+        p = per[s.strategy, s.seed]
+        assert s.study_name == f"digits-{s.strategy}-s{s.seed}"
+        assert (s.n_trials, s.n_pruned, s.nfe) == (p["n"], p["pruned"], p["nfe"])
+        assert s.wall_time == pytest.approx(p["wall"])
+        assert s.best_value == p["best"]
+        assert s.nfe_to_target == p["nfe_to_target"]
+        assert (
+            s.time_to_target == pytest.approx(p["time_to_target"])
+            if p["time_to_target"]
+            else s.time_to_target is None
+        )
+        assert [c["best"] for c in s.curve] == p["best_so_far"]
+        # Equal budget: no study spent more than its NFE budget plus the last step of one trial.
+        assert 50 <= s.nfe < 50 + 2 * 8
+    rows = {r["strategy"]: r for r in report.summary()}
+    for strategy in strategies:
+        bests = [per[strategy, seed]["best"] for seed in seeds]
+        assert rows[strategy]["best"] == max(bests)
+        assert rows[strategy]["best_mean"] == pytest.approx(statistics.fmean(bests))
+        assert rows[strategy]["trials"] == sum(per[strategy, seed]["n"] for seed in seeds)
+        assert rows[strategy]["nfe"] == pytest.approx(
+            statistics.fmean(per[strategy, seed]["nfe"] for seed in seeds)
+        )
+        reached = [
+            per[strategy, seed]["nfe_to_target"] for seed in seeds if per[strategy, seed]["nfe_to_target"]
+        ]
+        assert rows[strategy]["reached"] == f"{len(reached)}/2"
+        assert rows[strategy]["nfe_to_target"] == (statistics.median(reached) if reached else None)
+    # Files: Markdown, JSON (the same numbers), four figures.
+    files = {k: Path(v) for k, v in report.files.items()}
+    assert set(files) == {
+        "markdown",
+        "json",
+        "best_vs_wallclock",
+        "best_vs_nfe",
+        "t1_trajectories",
+        "final_t1_vs_metric",
+    }
+    assert all(f.exists() and f.stat().st_size > 0 for f in files.values())
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for k, f in files.items() if k not in ("markdown", "json"))
+    data = json.loads(files["json"].read_text())
+    assert data["target"] == target and data["budget"] == {"n_trials": None, "timeout": None, "nfe": 50}
+    assert [s["nfe"] for s in data["studies"]] == [s.nfe for s in report.studies]
+    md = files["markdown"].read_text()
+    assert (
+        "| random |" in md
+        and "TPESampler(n_startup_trials=4" in md
+        and "![best_vs_nfe](best_vs_nfe.png)" in md
+    )
+    # The report can be rebuilt from the storage alone.
+    again = report_from_storage("digits", strategies, seeds, url, epsilon=eps)
+    assert again.summary() == report.summary()
+    # Running the comparison again resumes: the budget is spent, no new trial runs.
+    n_before = sum(
+        len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies
+    )
+    compare(
+        tiny_config(),
+        strategies=strategies,
+        budget=Budget(nfe=50),
+        seeds=seeds,
+        space=SPACE,
+        storage=url,
+        output_dir=None,
+        epsilon=eps,
+        progress=False,
+        warm_up=False,
+    )
+    n_after = sum(len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies)
+    assert n_after == n_before
+
+
+def test_reach_and_target_on_hand_made_curves():
+    from snopt.search._report import StudyResult
+
+    def study(strategy, bests, nfes, times):
+        s = StudyResult(strategy, 0, f"x-{strategy}-s0")
+        cum_n = cum_t = 0
+        for b, n, t in zip(bests, nfes, times):
+            cum_n += n
+            cum_t += t
+            s.curve.append(
+                {
+                    "trial": len(s.curve),
+                    "state": "COMPLETE",
+                    "value": b,
+                    "cum_time": cum_t,
+                    "cum_nfe": cum_n,
+                    "best": b,
+                }
+            )
+        s.best_value = bests[-1]  # the curves below are already best-so-far
+        return s
+
+    a = study("feedback", [0.90, 0.95], [100, 100], [1.0, 1.0])
+    b = study("tpe", [0.80, 0.93, 0.955], [50, 50, 50], [2.0, 2.0, 2.0])
+    r = ComparisonReport.build(
+        name="x",
+        metric_name="accuracy",
+        direction="maximize",
+        budget={"nfe": 300},
+        epsilon=0.01,
+        studies=[a, b],
+        storage=None,
+    )
+    assert r.target == 0.955
+    assert (a.nfe_to_target, a.time_to_target) == (200, 2.0)  # 0.95 >= 0.955 - 0.01
+    assert (b.nfe_to_target, b.time_to_target) == (150, 6.0)
+    low = ComparisonReport.build(
+        name="x",
+        metric_name="mse",
+        direction="minimize",
+        budget={"nfe": 300},
+        epsilon=0.0,
+        studies=[study("a", [0.3, 0.2], [1, 1], [1, 1])],
+        storage=None,
+    )
+    assert low.target == 0.2 and low.studies[0].nfe_to_target == 2
+    with pytest.raises(KeyError, match="No study for strategy='gp'"):
+        r.study("gp", 0)

@@ -1,0 +1,193 @@
+"""Studies: Optuna's surface, budgets, resuming from the storage, and bad input."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from snopt.search import Budget, Float, SearchSpace, Study, compare, create_study, load_study
+
+SPACE = SearchSpace({"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True)})
+
+
+def _study(config, **kwargs):
+    kwargs.setdefault("strategy", "random")
+    kwargs.setdefault("space", SPACE)
+    kwargs.setdefault("pruner", "none")
+    kwargs.setdefault("storage", None)
+    return create_study(config, **kwargs)
+
+
+def test_optuna_surface(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = _study(tiny_config(), storage=url, budget=Budget(n_trials=2), seed=5)
+    assert isinstance(study, Study) and isinstance(study.study, optuna.Study)
+    assert study.study_name == "digits-random-s5"
+    assert study.storage_url == url
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    study.optimize()
+    assert len(study.trials) == 2
+    best = max(study.trials, key=lambda t: t.value)
+    assert study.best_trial.number == best.number and study.best_value == best.value
+    assert study.best_params == best.params
+    # Forwarded to the Optuna study, and visible to plain Optuna (and optuna-dashboard).
+    assert len(study.trials_dataframe()) == 2
+    plain = optuna.load_study(study_name="digits-random-s5", storage=url)
+    assert [t.value for t in plain.trials] == [t.value for t in study.trials]
+    desc = plain.user_attrs["snopt"]
+    assert desc["strategy"] == "random" and desc["budget"]["n_trials"] == 2
+    assert desc["sampler"] == {"class": "RandomSampler", "kwargs": {}}
+    assert desc["space"] == SPACE.to_dict()
+
+
+def test_optimize_n_trials_is_per_call_and_budget_per_study(tiny_config):
+    study = _study(tiny_config(), budget=Budget(n_trials=3))
+    study.optimize(n_trials=2)
+    assert len(study.trials) == 2
+    study.optimize(n_trials=5)  # the study's budget allows one more
+    assert len(study.trials) == 3
+    study.optimize()
+    assert len(study.trials) == 3 and study.exhausted()
+
+
+def test_nfe_budget_stops_the_last_trial_where_it_runs_out(tiny_config):
+    # Each tiny trial spends 3 steps of RK4 (8 NFE a step): 24 NFE; a budget of 60 allows
+    # two whole trials and cuts the third after its first step.
+    study = _study(tiny_config(), budget=Budget(nfe=60))
+    study.optimize()
+    trials = study.trials
+    per_step = trials[0].user_attrs["nfe_total"] // 3
+    assert [t.user_attrs["snopt_status"] for t in trials] == ["completed", "completed", "budget"]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[2].user_attrs["steps"] == -(-(60 - 2 * 3 * per_step) // per_step)
+    assert 60 <= study.spent().nfe < 60 + per_step
+    assert trials[2].value is not None and "budget" in trials[2].user_attrs["stop_reason"]
+
+
+def test_resume_tops_up_to_the_budget_and_keeps_finished_trials(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    study = _study(tiny_config(), storage=url, budget=Budget(n_trials=3), seed=1)
+    study.optimize(n_trials=2)
+    before = [(t.number, t.params, t.value) for t in study.trials]
+    again = load_study("digits-random-s1", url)
+    assert again.strategy == "random" and again.budget == Budget(n_trials=3) and again.space == SPACE
+    again.optimize()
+    after = [(t.number, t.params, t.value) for t in again.trials]
+    assert after[:2] == before and len(after) == 3
+    # The resumed sampler does not replay the parameters already tried.
+    assert after[2][1] not in [b[1] for b in before]
+
+
+def test_reopening_with_other_settings_is_an_error(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    _study(tiny_config(), storage=url, budget=Budget(n_trials=1))
+    with pytest.raises(ValueError, match="already exists with a different space"):
+        _study(tiny_config(), storage=url, space=SearchSpace({"t1": Float(0.5, 3.0)}))
+    with pytest.raises(ValueError, match="already exists with a different config"):
+        _study(tiny_config(max_steps=4), storage=url)
+    with pytest.raises(ValueError, match="already exists"):
+        _study(tiny_config(), storage=url, load_if_exists=False)
+    with pytest.raises(ValueError, match=r"No study named 'nope'.*studies there: \['digits-random-s0'\]"):
+        load_study("nope", url)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            {"strategy": "bayes"},
+            ValueError,
+            r"`strategy` must be one of \['feedback', 'gradient', 'tpe', 'gp'",
+        ),
+        ({"pruner": "asha"}, ValueError, r"`pruner` must be one of \['none', 'median', 'hyperband'\]"),
+        ({"storage": "redis://h:1"}, ValueError, r"one of the schemes \['sqlite', 'postgresql', 'mysql'\]"),
+        ({"budget": {"nfe": 0}}, ValueError, r"Budget `nfe` must be a positive integer"),
+        ({"budget": {"trials": 3}}, ValueError, r"Unknown budget keys \['trials'\]"),
+        ({"seed": -1}, ValueError, r"`seed` must be a non-negative integer"),
+        (
+            {"space": SearchSpace({"depth": Float(1, 2)})},
+            ValueError,
+            r"Unknown search parameters \['depth'\]",
+        ),
+        (
+            {"sampler_kwargs": {"n_startup": 3}},
+            ValueError,
+            r"Unknown arguments \['n_startup'\] for RandomSampler",
+        ),
+        ({"direction": "up"}, ValueError, r"`direction` must be 'maximize' or 'minimize'"),
+    ],
+)
+def test_bad_input_raises_clear_errors(tiny_config, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _study(tiny_config(), **kwargs)
+
+
+def test_bad_task_and_custom_objective_rules():
+    with pytest.raises(ValueError, match=r"`task` must be one of \['digits', 'toy2d', 'timeseries'\]"):
+        create_study("mnist", storage=None)
+    with pytest.raises(ValueError, match="needs a task or a RunConfig"):
+        create_study(lambda t: 0.0, strategy="feedback", space=SPACE, storage=None)
+    with pytest.raises(ValueError, match="custom objective needs an explicit `space`"):
+        create_study(lambda t: 0.0, strategy="tpe", storage=None)
+
+
+def test_optimize_arguments_are_checked(tiny_config):
+    study = _study(tiny_config())
+    with pytest.raises(ValueError, match="`n_trials` must be a positive integer or None, but got n_trials=0"):
+        study.optimize(n_trials=0)
+    with pytest.raises(ValueError, match="`timeout` must be a positive number"):
+        study.optimize(timeout=-1)
+
+
+def test_custom_objective_black_box(tmp_path):
+    def quadratic(trial):
+        x = trial.suggest_float("t1", 0.5, 2.0, log=True)
+        trial.set_user_attr("nfe_total", 10)
+        return (x - 1.3) ** 2
+
+    study = create_study(
+        quadratic,
+        strategy="tpe",
+        space=SPACE,
+        budget=Budget(nfe=50),
+        storage=f"sqlite:///{tmp_path / 'q.db'}",
+    )
+    study.optimize()
+    assert len(study.trials) == 5 and study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert all(t.user_attrs["t1_final"] == t.params["t1"] for t in study.trials)
+    with pytest.raises(ValueError, match="runs a custom objective; pass it"):
+        load_study("quadratic-tpe-s0", f"sqlite:///{tmp_path / 'q.db'}")
+    resumed = load_study(
+        "quadratic-tpe-s0", f"sqlite:///{tmp_path / 'q.db'}", objective=quadratic, budget=Budget(nfe=70)
+    )
+    resumed.optimize()
+    assert len(resumed.trials) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strategies": []}, r"`strategies` must name at least one of"),
+        ({"strategies": ["tpe", "bo"]}, r"`strategy` must be one of"),
+        ({"strategies": ["tpe", "tpe"]}, r"`strategies` must be distinct"),
+        ({"seeds": []}, r"`seeds` must name at least one seed"),
+        ({"seeds": [0, -1]}, r"`seeds` must be non-negative integers"),
+        ({"budget": None}, r"`budget` must set at least one of n_trials, nfe or timeout"),
+        ({"budget": Budget()}, r"`budget` must set at least one"),
+        ({"workers": 0}, r"`workers` must be a positive integer"),
+        ({"workers": 2, "storage": None}, r"`workers > 1` needs a storage URL"),
+        ({"epsilon": -0.1}, r"`epsilon` must be a finite number >= 0"),
+        ({"sampler_kwargs": {"gp": {}}}, r"`sampler_kwargs` names strategies \['gp'\] that are not compared"),
+    ],
+)
+def test_compare_bad_input(tiny_config, tmp_path, kwargs, message):
+    args = {
+        "strategies": ["random"],
+        "budget": Budget(n_trials=1),
+        "storage": None,
+        "output_dir": None,
+        "progress": False,
+        "space": SPACE,
+        "warm_up": False,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        compare(tiny_config(), **args)

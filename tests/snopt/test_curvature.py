@@ -1,0 +1,378 @@
+"""Curvature collection against brute-force sums of outer products on the sampled grid.
+
+References are independent of the collector: states and adjoints come from closed forms
+(``torch.linalg.matrix_exp``) or a tight separate solve, layer inputs and output
+gradients from explicit formulas (no hooks), conv patches from explicit loops.
+"""
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torchdiffeq import odeint
+
+from snopt._curvature import CurvatureCollector, adapter_for
+from snopt._models import CNF, ODEClassifier
+from snopt._ode import ODEBlock
+
+DT = torch.float64
+
+
+class AffineField(nn.Module):
+    """dx/dt = W x + b: one nn.Linear, so z = [x, 1] and g = a."""
+
+    def __init__(self, dim, generator):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim).to(DT)
+        with torch.no_grad():
+            self.lin.weight.copy_(0.6 * torch.randn(dim, dim, generator=generator, dtype=DT))
+            self.lin.bias.copy_(torch.randn(dim, generator=generator, dtype=DT))
+
+    def forward(self, t, x):
+        return self.lin(x)
+
+
+class TanhField(nn.Module):
+    """dx/dt = W2 tanh(W1 x + b1): layer 1 sees g = (a W2) * tanh'(.), layer 2 sees g = a."""
+
+    def __init__(self, dim, hidden, generator):
+        super().__init__()
+        self.l1 = nn.Linear(dim, hidden).to(DT)
+        self.l2 = nn.Linear(hidden, dim, bias=False).to(DT)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.7 * torch.randn(p.shape, generator=generator, dtype=DT))
+
+    def forward(self, t, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def _closed_form_affine(field, x0, w, T):
+    """x(t) and a(t) = dL/dx(t) for L = mean_i w_i . x_i(T) under dx/dt = W x + b."""
+    W, b = field.lin.weight.detach(), field.lin.bias.detach()
+    d = W.shape[0]
+    M = torch.zeros(d + 1, d + 1, dtype=DT)
+    M[:d, :d], M[:d, d] = W, b
+    x0_aug = torch.cat([x0, torch.ones(len(x0), 1, dtype=DT)], 1)
+    n = len(x0)
+
+    def state(t):
+        return (x0_aug @ torch.linalg.matrix_exp(M * t).T)[:, :d]
+
+    def adjoint(t):
+        return (w / n) @ torch.linalg.matrix_exp(W * (T - t))
+
+    return state, adjoint
+
+
+def _grid_times(T, h, adjoint):
+    k = round(T / h)
+    # Step starts of the backward solve: T, T - h, ..., h (adjoint) or 0, ..., T - h (direct).
+    return [h * j for j in (range(1, k + 1) if adjoint else range(0, k))]
+
+
+def _armed_collector(model, sample_step):
+    collector = CurvatureCollector(model, sample_step=sample_step)
+    collector.arm(True)
+    return collector
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_affine_field_factors_equal_brute_force_on_the_grid(adjoint):
+    g = torch.Generator().manual_seed(0)
+    T, h, n = 1.5, 0.05, 5
+    field = AffineField(3, g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=h / T)
+    x0 = torch.randn(n, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+
+    times = _grid_times(T, h, adjoint)
+    assert block.stats.samples == len(times) == collector.samples == 30
+    state, adj = _closed_form_affine(field, x0, w, T)
+    a_ref = torch.zeros(4, 4, dtype=DT)
+    b_ref = torch.zeros(3, 3, dtype=DT)
+    for t in times:
+        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        a = adj(t)  # f = h, so g = a
+        a_ref += h * z.T @ z / n
+        b_ref += h * n * a.T @ a
+    (layer,) = collector.layers
+    A, B, locations = layer.factors()
+    assert locations == 1
+    torch.testing.assert_close(A, a_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(B, b_ref, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_nonlinear_field_factors_equal_explicit_jacobian_products(adjoint):
+    """Two layers; g of the inner layer needs the chain rule through tanh and W2."""
+    g = torch.Generator().manual_seed(1)
+    T, h, n = 1.0, 0.1, 4
+    field = TanhField(2, 5, g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=h / T)
+    x0 = torch.randn(n, 2, generator=g, dtype=DT)
+    w = torch.randn(n, 2, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+
+    W1, b1, W2 = field.l1.weight.detach(), field.l1.bias.detach(), field.l2.weight.detach()
+
+    def f(t, x):
+        return torch.tanh(x @ W1.T + b1) @ W2.T
+
+    times = _grid_times(T, h, adjoint)
+    assert block.stats.samples == len(times)
+    # Reference states by a tight dopri5 solve; adjoints by differentiating the loss of a
+    # tight solve started at x(t).  Both independent of the rk4 grid and of any hook.
+    grid = torch.tensor(sorted({0.0, *times}), dtype=DT)
+    with torch.no_grad():
+        xs = dict(zip(grid.tolist(), odeint(f, x0, grid, rtol=1e-12, atol=1e-12)))
+    refs = {
+        1: [torch.zeros(3, 3, dtype=DT), torch.zeros(2, 2, dtype=DT)],
+        2: [torch.zeros(5, 5, dtype=DT), None],
+    }
+    refs[1][1] = torch.zeros(5, 5, dtype=DT)
+    refs[2][1] = torch.zeros(2, 2, dtype=DT)
+    for t in times:
+        x = xs[t].clone().requires_grad_()
+        xT = odeint(f, x, torch.tensor([t, T], dtype=DT), rtol=1e-12, atol=1e-12)[-1] if t < T - 1e-12 else x
+        (a,) = torch.autograd.grad((w * xT).sum(1).mean(), x)
+        x = x.detach()
+        pre = x @ W1.T + b1
+        z1 = torch.cat([x, torch.ones(n, 1, dtype=DT)], 1)
+        g1 = (a @ W2) * (1 - torch.tanh(pre) ** 2)
+        z2, g2 = torch.tanh(pre), a
+        refs[1][0] += h * z1.T @ z1 / n
+        refs[1][1] += h * n * g1.T @ g1
+        refs[2][0] += h * z2.T @ z2 / n
+        refs[2][1] += h * n * g2.T @ g2
+    layers = {layer.name: layer for layer in collector.layers}
+    for key, name in ((1, "field.func.l1"), (2, "field.func.l2")):
+        A, B, _ = layers[name].factors()
+        # rk4 with h = 0.1 against a tight solve: agreement to the rk4 error, relative to the
+        # largest entry (direct mode differentiates the discrete rk4 solution).
+        for got, ref in ((A, refs[key][0]), (B, refs[key][1])):
+            torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+def test_adaptive_solver_factors_are_the_time_average_times_the_horizon():
+    """With dopri5 the samples skip grid cells; A = T * mean_j A_j over the sampled times."""
+    g = torch.Generator().manual_seed(2)
+    T, n = 2.0, 3
+    field = AffineField(3, g)
+    block = ODEBlock(field, 0.0, T, rtol=1e-10, atol=1e-10)
+    collector = _armed_collector(block, sample_step=0.01)
+    seen = []
+    original = collector.sample
+
+    def spy(blk, t, state, adjoint, weight):
+        seen.append((t, weight))
+        original(blk, t, state, adjoint, weight)
+
+    collector.sample = spy
+    x0 = torch.randn(n, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+    assert 0 < len(seen) < 200 and all(wt == pytest.approx(0.02) for _, wt in seen)
+    state, adj = _closed_form_affine(field, x0, w, T)
+    a_ref = torch.zeros(4, 4, dtype=DT)
+    b_ref = torch.zeros(3, 3, dtype=DT)
+    for t, _ in seen:
+        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        a_ref += z.T @ z / n
+        b_ref += n * adj(t).T @ adj(t)
+    A, B, _ = collector.layers[0].factors()
+    torch.testing.assert_close(A, T * a_ref / len(seen), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(B, T * b_ref / len(seen), rtol=1e-7, atol=1e-12)
+
+
+def _unfold_by_loops(x, k, pad):
+    """Patches [n * H * W, C * k * k] of a stride-1 convolution, by explicit loops."""
+    n, c, hgt, wid = x.shape
+    xp = torch.zeros(n, c, hgt + 2 * pad, wid + 2 * pad, dtype=x.dtype)
+    xp[:, :, pad : pad + hgt, pad : pad + wid] = x
+    rows = []
+    for i in range(n):
+        for r in range(hgt):
+            for s in range(wid):
+                rows.append(xp[i, :, r : r + k, s : s + k].reshape(-1))
+    return torch.stack(rows)
+
+
+class ConvField(nn.Module):
+    def __init__(self, generator):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1).to(DT)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator, dtype=DT))
+
+    def forward(self, t, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_conv_factors_use_unfolded_patches_and_count_locations(adjoint):
+    g = torch.Generator().manual_seed(3)
+    T, h, n = 0.6, 0.1, 2
+    field = ConvField(g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=h / T)
+    x0 = torch.randn(n, 2, 3, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 2, 3, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum((1, 2, 3)).mean().backward()
+
+    # The conv as a dense affine operator on the flattened state, for a closed-form flow.
+    d = 18
+    with torch.no_grad():
+        bias_part = field.conv(torch.zeros(1, 2, 3, 3, dtype=DT)).reshape(-1)
+        eye = torch.eye(d, dtype=DT).reshape(d, 2, 3, 3)
+        M_lin = (field.conv(eye).reshape(d, d) - bias_part).T
+    M = torch.zeros(d + 1, d + 1, dtype=DT)
+    M[:d, :d], M[:d, d] = M_lin, bias_part
+    x0_aug = torch.cat([x0.reshape(n, d), torch.ones(n, 1, dtype=DT)], 1)
+    L = 9
+    a_ref = torch.zeros(19, 19, dtype=DT)
+    b_ref = torch.zeros(2, 2, dtype=DT)
+    for t in _grid_times(T, h, adjoint):
+        x = (x0_aug @ torch.linalg.matrix_exp(M * t).T)[:, :d].reshape(n, 2, 3, 3)
+        a = ((w.reshape(n, d) / n) @ torch.linalg.matrix_exp(M_lin * (T - t))).reshape(n, 2, 3, 3)
+        z = torch.cat([_unfold_by_loops(x, 3, 1), torch.ones(n * L, 1, dtype=DT)], 1)
+        grows = a.permute(0, 2, 3, 1).reshape(-1, 2)
+        a_ref += h * z.T @ z / (n * L)
+        b_ref += h * (n * grows).T @ (n * grows) / (n * L)
+    A, B, locations = collector.layers[0].factors()
+    assert locations == L
+    # Agreement to the rk4 error, relative to the largest entry.
+    torch.testing.assert_close(A, a_ref, rtol=0, atol=1e-5 * a_ref.abs().max().item())
+    torch.testing.assert_close(B, b_ref, rtol=0, atol=1e-5 * b_ref.abs().max().item())
+
+
+def test_outer_layers_get_ordinary_kfac_statistics():
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(4)
+    stem, head = nn.Linear(4, 3).to(DT), nn.Linear(3, 2).to(DT)
+    block = ODEBlock(TanhField(3, 4, g), 0.0, 0.5, method="rk4", options={"step_size": 0.25})
+    model = nn.Sequential(stem, block, head)
+    collector = _armed_collector(model, sample_step=0.5)
+    x = torch.randn(6, 4, dtype=DT)
+    y = torch.randint(0, 2, (6,))
+    hidden = block(stem(x))
+    hidden.retain_grad()
+    logits = head(hidden)
+    logits.retain_grad()
+    nn.functional.cross_entropy(logits, y).backward()
+    layers = {layer.name: layer for layer in collector.layers}
+    A, B, _ = layers["2"].factors()
+    z = torch.cat([hidden.detach(), torch.ones(6, 1, dtype=DT)], 1)
+    torch.testing.assert_close(A, z.T @ z / 6)
+    torch.testing.assert_close(B, 6 * logits.grad.T @ logits.grad)
+    A, B, _ = layers["0"].factors()
+    z = torch.cat([x, torch.ones(6, 1, dtype=DT)], 1)
+    torch.testing.assert_close(A, z.T @ z / 6)
+    # The stem's output is the block's input: its gradient is the adjoint at t0.
+    assert B.shape == (3, 3) and torch.linalg.eigvalsh(B).min() > -1e-12
+    assert [name for name in layers] == ["1.field.func.l1", "1.field.func.l2", "0", "2"]
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1}), ("dopri5", None)])
+@pytest.mark.parametrize("horizon_grad", [True, False])
+def test_hook_calls_match_nfe_plus_samples(adjoint, method, options, horizon_grad):
+    g = torch.Generator().manual_seed(5)
+    block = ODEBlock(TanhField(2, 4, g), 0.0, 1.0, method=method, options=options, adjoint=adjoint)
+    block.horizon_grad = horizon_grad
+    collector = _armed_collector(block, sample_step=0.05)
+    x0 = torch.randn(3, 2, generator=g, dtype=DT)
+    for refresh in (True, False):
+        collector.arm(refresh)
+        before = {layer.name: (layer.calls, layer.sample_calls) for layer in collector.layers}
+        (block(x0) ** 2).sum().backward()
+        s = block.stats
+        assert (s.samples > 0) == refresh
+        # The horizon gradient evaluates the field once more, outside the solver's count.
+        expected = s.nfe_forward + s.nfe_backward + s.samples + int(horizon_grad)
+        for layer in collector.layers:
+            calls, sample_calls = before[layer.name]
+            assert layer.calls - calls == expected
+            assert layer.sample_calls - sample_calls == s.samples
+        if adjoint:
+            assert s.nfe_backward > 0
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_cnf_inner_trace_gradient_adds_no_hook_calls_or_samples(trace):
+    torch.manual_seed(6)
+    model = CNF(2, hidden=4, depth=1, trace=trace, method="rk4", options={"step_size": 0.25}).to(DT)
+    block = model.blocks[0]
+    collector = _armed_collector(model, sample_step=0.25)
+    x = torch.randn(5, 2, dtype=DT)
+    (-model.log_prob(x).mean()).backward()
+    s = block.stats
+    assert s.samples == 4
+    assert len(collector.layers) == 2
+    for layer in collector.layers:
+        assert layer.calls == s.nfe_forward + s.nfe_backward + s.samples + 1
+        assert layer.sample_calls == s.samples == layer.count
+        A, B, _ = layer.factors()
+        assert torch.isfinite(A).all() and torch.isfinite(B).all() and B.abs().sum() > 0
+
+
+def test_unarmed_collector_collects_nothing_and_no_grad_never_samples():
+    g = torch.Generator().manual_seed(7)
+    block = ODEBlock(TanhField(2, 3, g), 0.0, 1.0, method="rk4", options={"step_size": 0.5})
+    collector = CurvatureCollector(block, sample_step=0.5)
+    x0 = torch.randn(3, 2, dtype=DT)
+    (block(x0) ** 2).sum().backward()
+    assert collector.samples == 0 and all(layer.factors() is None for layer in collector.layers)
+    collector.arm(True)
+    with torch.no_grad():
+        block(x0)
+    assert collector.samples == 0 and all(layer.factors() is None for layer in collector.layers)
+
+
+def test_multi_block_factors_carry_each_blocks_horizon():
+    torch.manual_seed(8)
+    model = ODEClassifier.for_vectors(
+        3, 2, width=2, n_blocks=2, depth=1, method="rk4", options={"step_size": 0.25}
+    ).to(DT)
+    model.blocks[1].set_t1(2.0)
+    collector = _armed_collector(model, sample_step=0.25)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, dtype=DT)), torch.tensor([0, 1, 0, 1])).backward()
+    spans = {
+        layer.name.split(".field")[0]: layer.span for layer in collector.layers if layer.block is not None
+    }
+    assert spans == {"blocks.0": 1.0, "blocks.1": 2.0}
+    assert model.blocks[0].stats.samples > 0 and model.blocks[1].stats.samples > 0
+    for layer in collector.layers:
+        assert layer.factors() is not None
+
+
+def test_unsupported_modules_are_listed_and_copies_are_not_tracked():
+    model = ODEClassifier.for_images(1, 3, width=2, method="rk4", options={"step_size": 0.5})
+    collector = CurvatureCollector(model)
+    assert collector.skipped["stem.1"] == "no curvature adapter for GroupNorm"
+    assert adapter_for(nn.Conv2d(2, 2, 3, groups=2))[1] == "grouped convolution (groups=2)"
+    assert adapter_for(nn.ReLU()) == (None, None)
+    assert all(block.sampler is collector for block in model.blocks)
+    clone = copy.deepcopy(model)
+    assert clone.blocks[0].sampler is None
+    calls = [layer.calls for layer in collector.layers]
+    clone(torch.randn(2, 1, 8, 8))
+    assert [layer.calls for layer in collector.layers] == calls
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.blocks[0].sampler is None
+    restored(torch.randn(2, 1, 8, 8))
+    collector.remove()
+    assert model.blocks[0].sampler is None
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, math.nan, True, "0.1"])
+def test_invalid_sample_step_is_rejected(bad):
+    with pytest.raises(ValueError, match=r"`sample_step` must be a number in \(0, 1\]"):
+        CurvatureCollector(nn.Linear(2, 2), sample_step=bad)

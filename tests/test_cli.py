@@ -1,0 +1,69 @@
+"""The installed ``snopt`` command, run in a subprocess."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def snopt_command() -> list[str]:
+    exe = Path(sys.executable).parent / "snopt"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("snopt")
+    if found is None:
+        pytest.fail("the `snopt` console script is not installed (pip install the package first)")
+    return [found]
+
+
+def run(*args, timeout=300):
+    return subprocess.run([*snopt_command(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_command():
+    out = run("--help")
+    assert out.returncode == 0
+    for name in ("train", "search", "compare", "worker", "ui"):
+        assert name in out.stdout
+
+
+def test_train_help_describes_flags():
+    out = run("train", "--help")
+    assert out.returncode == 0
+    for flag in ("--task", "--optimizer", "--epochs", "--t1", "--method", "--no-adjoint", "--control",
+                 "--output-json", "--snopt-update-freq", "--t1-bounds", "--no-tracking"):
+        assert flag in out.stdout, flag
+
+
+def test_train_writes_a_json_summary(tmp_path):
+    path = tmp_path / "summary.json"
+    out = run("train", "--task", "digits", "--optimizer", "adam", "--max-steps", "6", "--eval-every", "3",
+              "--method", "rk4", "--model-kwargs", "width=8", "--no-tracking", "--no-progress",
+              "--output-json", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "snopt train: completed" in out.stdout and "metric" in out.stdout
+    data = json.loads(path.read_text())
+    assert data["status"] == "completed"
+    assert data["config"]["optimizer"] == "adam" and data["config"]["lr"] == 0.01
+    assert len(data["history"]) == 6 and data["stats"]["steps"] == 6
+    assert 0.0 <= data["final"]["metric"] <= 1.0 and "t1/blocks.0" in data["final"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--t1", "-1"], "expected a positive number"),
+        (["--task", "mnist"], "invalid choice: 'mnist'"),
+        (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+        (["--epochs", "0"], "expected a positive integer"),
+        (["--method", "rk5"], "`method` must be one of"),
+    ],
+)
+def test_bad_input_is_reported_without_a_traceback(args, message):
+    out = run("train", "--no-tracking", "--no-progress", *args)
+    assert out.returncode in (1, 2)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
