@@ -143,7 +143,9 @@ def aggregate(runs: list[dict[str, Any]], higher_is_better: dict[str, bool]) -> 
     for r in runs:
         groups.setdefault((r["task"], r["mode"], r["t0"]), []).append(r)
     rows = []
-    for (task, mode, t0), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fixed", kv[0][1], kv[0][2])):
+    for (task, mode, t0), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fixed", kv[0][1], kv[0][2])
+    ):
         row: dict[str, Any] = {"task": task, "mode": mode, "t0": t0, "seeds": len(rs)}
         for field in ("metric", "final_t1", "nfe_per_iter_end", "wall_time", "settle_step"):
             mean, std = _mean_std([r[field] for r in rs])
@@ -188,7 +190,9 @@ def aggregate(runs: list[dict[str, Any]], higher_is_better: dict[str, bool]) -> 
     return {"rows": rows, "goals": goals}
 
 
-def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path, suffix: str, metric_names: dict[str, str]) -> list[str]:
+def plot(
+    runs: list[dict[str, Any]], summary: dict[str, Any], out: Path, suffix: str, metric_names: dict[str, str]
+) -> list[str]:
     """T against step for the policies, and metric against T for the grid; returns the file names."""
     import matplotlib
 
@@ -206,7 +210,9 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path, suffix:
                     continue
                 steps = range(1, len(r["t1_trajectory"]) + 1)
                 label = f"T0={r['t0']}" if r["seed"] == min(x["seed"] for x in runs) else None
-                ax.plot(steps, r["t1_trajectory"], color=colors.get(r["t0"], "k"), alpha=0.8, lw=1.2, label=label)
+                ax.plot(
+                    steps, r["t1_trajectory"], color=colors.get(r["t0"], "k"), alpha=0.8, lw=1.2, label=label
+                )
             if fixed:
                 higher = summary["higher_is_better"][task]
                 best = max(fixed, key=lambda r: r["metric"] if higher else -r["metric"])
@@ -224,15 +230,30 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path, suffix:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         if fixed:
-            ax.errorbar([r["t0"] for r in fixed], [r["metric"] for r in fixed], yerr=[r["metric_std"] for r in fixed],
-                        color="k", marker="o", capsize=3, label="fixed T (mean +- std)")
+            ax.errorbar(
+                [r["t0"] for r in fixed],
+                [r["metric"] for r in fixed],
+                yerr=[r["metric_std"] for r in fixed],
+                color="k",
+                marker="o",
+                capsize=3,
+                label="fixed T (mean +- std)",
+            )
         markers = {"gradient": "s", "feedback": "*"}
         for r in summary["rows"]:
             if r["task"] == task and r["mode"] in markers:
-                ax.errorbar(r["final_t1"], r["metric"], xerr=r["final_t1_std"], yerr=r["metric_std"],
-                            marker=markers[r["mode"]], ms=9 if r["mode"] == "feedback" else 6,
-                            color=colors.get(r["t0"], "k"), ls="none", capsize=2,
-                            label=f"{r['mode']} from T0={r['t0']}")
+                ax.errorbar(
+                    r["final_t1"],
+                    r["metric"],
+                    xerr=r["final_t1_std"],
+                    yerr=r["metric_std"],
+                    marker=markers[r["mode"]],
+                    ms=9 if r["mode"] == "feedback" else 6,
+                    color=colors.get(r["t0"], "k"),
+                    ls="none",
+                    capsize=2,
+                    label=f"{r['mode']} from T0={r['t0']}",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("final horizon T")
         ax.set_ylabel(metric_names[task])
@@ -265,7 +286,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Seeds {report['seeds']}; Adam with the task's default learning rate, batch size 64; every run takes the "
         f"same number of steps per task ({', '.join(f'{t}: {s}' for t, s in report['steps'].items())}). "
-        f"Models: {', '.join(f'{t} {TASKS[t]['model_kwargs']}' for t in report['steps'])}; dopri5, rtol = atol = 1e-3, adjoint.",
+        "Models: "
+        + ", ".join(f"{t} {TASKS[t]['model_kwargs']}" for t in report["steps"])
+        + "; dopri5, rtol = atol = 1e-3, adjoint mode.",
         "",
         "Controller settings (RunConfig fields):",
         "",
@@ -295,8 +318,12 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(r['final_t1'], r['final_t1_std'], 3)} | {_fmt(r['nfe_per_iter_end'], r['nfe_per_iter_end_std'], 3)} | "
                 f"{_fmt(r['wall_time'], r['wall_time_std'], 3)} | {_fmt(r['settle_step'], r['settle_step_std'], 3)} |"
             )
-        lines += ["", f"![T against step](horizon_{task}_t1{report['suffix']}.png)",
-                  f"![metric against T](horizon_{task}_metric{report['suffix']}.png)", ""]
+        lines += [
+            "",
+            f"![T against step](horizon_{task}_t1{report['suffix']}.png)",
+            f"![metric against T](horizon_{task}_metric{report['suffix']}.png)",
+            "",
+        ]
     lines += [
         "## Goals",
         "",
@@ -328,8 +355,12 @@ def _load() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, starts 0.05 and 4, grid 0.1/1/4")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 40 steps, starts 0.05 and 4, grid 0.1/1/4"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per task)")
@@ -372,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         for i, run in enumerate(pool.map(run_job, jobs), 1):
             runs.append(run)
-            print(f"[{i}/{len(jobs)}] {_job_key(run)}: metric={run['metric']:.4f} T={run['final_t1']:.3g} "
-                  f"wall={run['wall_time']:.1f}s", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] {_job_key(run)}: metric={run['metric']:.4f} T={run['final_t1']:.3g} "
+                f"wall={run['wall_time']:.1f}s",
+                flush=True,
+            )
     env["load_end"] = _load()
     higher = {t: get_task(t).higher_is_better for t in args.tasks}
     metric_names = {t: get_task(t).metric_name for t in args.tasks}

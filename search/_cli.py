@@ -9,10 +9,12 @@ controller, black-box ones a fixed T.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Any
 
 from snopt._run import RunConfig
+from snopt._tracking import add_tracking_arguments, study_tracker
 from snopt.cli import Command, UsageError, add_run_arguments, config_from_args, print_table
 
 from ._budget import Budget
@@ -206,6 +208,7 @@ class SearchCommand(Command):
         )
         _add_budget_arguments(parser, SEARCH_BUDGET)
         _add_study_arguments(parser)
+        add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         config = _task_config(args)
@@ -214,10 +217,18 @@ class SearchCommand(Command):
             budget = _budget(args, SEARCH_BUDGET)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        tracker = study_tracker(
+            args,
+            kind="study",
+            name=args.study_name or f"{config.task}-{args.strategy}",
+            tags={"task": config.task, "strategy": args.strategy, "optimizer": config.optimizer},
+            params={"strategy": args.strategy, "budget": budget.describe(), "config": config.to_dict()},
+        )
         try:
             study = create_study(
                 config,
                 strategy=args.strategy,
+                trial_callbacks_factory=tracker,
                 space=space,
                 budget=budget,
                 storage=args.storage,
@@ -231,10 +242,17 @@ class SearchCommand(Command):
         print(
             f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) in {study.storage_url}"
         )
-        if args.workers > 1:
-            run_workers(study, args.workers, progress=not args.no_progress)
-        else:
-            study.optimize()
+        with tracker or contextlib.nullcontext():
+            if tracker is not None:
+                tracker.start(study)
+            if args.workers > 1:
+                run_workers(
+                    study, args.workers, progress=not args.no_progress, trial_callbacks_factory=tracker
+                )
+            else:
+                study.optimize()
+            if tracker is not None:
+                tracker.on_study_end(study)
         _print_study(study)
         return 0
 
@@ -275,6 +293,7 @@ class CompareCommand(Command):
         )
         _add_budget_arguments(parser, COMPARE_BUDGET)
         _add_study_arguments(parser)
+        add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         config = _task_config(args)
@@ -288,7 +307,24 @@ class CompareCommand(Command):
             f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
             f"budget {budget.describe()} per strategy and seed; studies in {args.storage}"
         )
-        report = compare(
+        tracker = study_tracker(
+            args,
+            kind="comparison",
+            name=args.study_name or config.task,
+            tags={"task": config.task, "optimizer": config.optimizer},
+            params={
+                "strategies": ",".join(args.strategies),
+                "seeds": ",".join(map(str, seeds)),
+                "budget": budget.describe(),
+                "config": config.to_dict(),
+            },
+        )
+        with tracker or contextlib.nullcontext():
+            report = self._compare(args, config, space, budget, seeds, tracker)
+        return self._print(args, report)
+
+    def _compare(self, args, config, space, budget, seeds, tracker):  # type: ignore[no-untyped-def]
+        return compare(
             config,
             strategies=args.strategies,
             budget=budget,
@@ -301,7 +337,10 @@ class CompareCommand(Command):
             pruner=args.pruner,
             workers=args.workers,
             progress=not args.no_progress,
+            **(tracker.hooks() if tracker is not None else {}),
         )
+
+    def _print(self, args: argparse.Namespace, report: Any) -> int:
         rows = []
         for r in report.summary():
             row = {k: v for k, v in r.items() if k != "hyperparams"}
@@ -346,12 +385,19 @@ class WorkerCommand(Command):
             help="decorrelates this worker's sampler from the others (default: from the process id)",
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         _quiet_optuna()
         worker = args.worker_index if args.worker_index is not None else os.getpid()
         try:
-            study = load_study(args.study, args.storage, worker=worker, progress=not args.no_progress)
+            study = load_study(
+                args.study,
+                args.storage,
+                worker=worker,
+                progress=not args.no_progress,
+                trial_callbacks_factory=study_tracker(args, kind="study"),
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         study.optimize(n_trials=args.n_trials, timeout=args.timeout)

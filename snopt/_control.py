@@ -48,6 +48,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar, NamedTuple, Union, final
 
 import torch
@@ -68,6 +69,10 @@ POLICIES = ("fixed", "gradient", "feedback")
 COSTS = ("quadratic", "linear")
 #: Without bounds a horizon stays at least this far above its block's ``t0``.
 MIN_HORIZON = 1e-3
+#: Step size ``eta`` of each policy when none is given (tuned on the built-in tasks; see
+#: ``benchmarks/horizon.py``).  The gradient policy's step is in units of T per unit of
+#: ``Q_phi``, the feedback policy's is a fraction of a Gauss-Newton step.
+DEFAULT_LR = {"gradient": 10.0, "feedback": 0.5}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -88,7 +93,11 @@ def _schedule(name: str, value: Any) -> Schedule:
     """A positive finite constant, or a callable checked each time it is used."""
     if callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
         raise ValueError(
             f"`{name}` must be a positive number or a callable of the update index, but got {name}={value!r}."
         )
@@ -100,7 +109,9 @@ def _eta(name: str, schedule: Schedule, count: int) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"The `{name}` schedule must return a positive number, but returned {value!r}.") from None
+        raise ValueError(
+            f"The `{name}` schedule must return a positive number, but returned {value!r}."
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(
             f"The `{name}` schedule must return a positive number, but returned {value!r} at update {count}."
@@ -218,7 +229,7 @@ def make_cost(cost: str | BaseCost, penalty: float = 0.0) -> BaseCost:
 class PolicyState(NamedTuple):
     """The state of a policy: the number of updates made so far (the schedule's index)."""
 
-    count: int = 0
+    updates: int = 0
 
 
 class BasePolicy(ABC):
@@ -272,7 +283,7 @@ class FixedPolicy(BasePolicy):
         self, grad: float, state: PolicyState, *, curvature: float | None = None, dtheta: float | None = None
     ) -> tuple[float, PolicyState]:
         """Returns a zero change."""
-        return 0.0, PolicyState(state.count + 1)
+        return 0.0, PolicyState(state.updates + 1)
 
     def __repr__(self) -> str:
         return "FixedPolicy()"
@@ -288,15 +299,15 @@ class GradientPolicy(BasePolicy):
 
     name = "gradient"
 
-    def __init__(self, lr: Schedule = 0.1) -> None:
+    def __init__(self, lr: Schedule = DEFAULT_LR["gradient"]) -> None:
         self.lr = _schedule("lr", lr)
 
     def update(
         self, grad: float, state: PolicyState, *, curvature: float | None = None, dtheta: float | None = None
     ) -> tuple[float, PolicyState]:
         """``-eta * grad``; ``curvature`` and ``dtheta`` are ignored."""
-        eta = _eta("lr", self.lr, state.count)
-        return -eta * float(grad), PolicyState(state.count + 1)
+        eta = _eta("lr", self.lr, state.updates)
+        return -eta * float(grad), PolicyState(state.updates + 1)
 
     def __repr__(self) -> str:
         return f"GradientPolicy(lr={self.lr!r})"
@@ -320,7 +331,7 @@ class FeedbackPolicy(BasePolicy):
     uses_curvature = True
     uses_feedback = True
 
-    def __init__(self, lr: Schedule = 0.1, eps: float = 1e-8) -> None:
+    def __init__(self, lr: Schedule = DEFAULT_LR["feedback"], eps: float = 1e-8) -> None:
         self.lr = _schedule("lr", lr)
         eps = _real("eps", eps)
         if eps <= 0:
@@ -334,21 +345,23 @@ class FeedbackPolicy(BasePolicy):
         if curvature is None:
             raise ValueError("FeedbackPolicy.update needs `curvature` (Q_phiphi), but got None.")
         if not curvature >= 0:
-            raise ValueError(f"`curvature` must be >= 0 (a Gauss-Newton estimate), but got curvature={curvature}.")
-        eta = _eta("lr", self.lr, state.count)
+            raise ValueError(
+                f"`curvature` must be >= 0 (a Gauss-Newton estimate), but got curvature={curvature}."
+            )
+        eta = _eta("lr", self.lr, state.updates)
         feedback = 0.0 if dtheta is None else float(dtheta)
-        return -eta * (float(grad) + feedback) / (float(curvature) + self.eps), PolicyState(state.count + 1)
+        return -eta * (float(grad) + feedback) / (float(curvature) + self.eps), PolicyState(state.updates + 1)
 
     def __repr__(self) -> str:
         return f"FeedbackPolicy(lr={self.lr!r}, eps={self.eps})"
 
 
-def make_policy(policy: str | BasePolicy, lr: Schedule = 0.1) -> BasePolicy:
+def make_policy(policy: str | BasePolicy, lr: Schedule | None = None) -> BasePolicy:
     """A policy from its name (``"fixed"``, ``"gradient"``, ``"feedback"``) and step size.
 
     Args:
         policy: a name from :data:`POLICIES`, or a :class:`BasePolicy` (returned as is).
-        lr: the step size of a named policy.
+        lr: the step size of a named policy; None for its :data:`DEFAULT_LR`.
 
     Returns:
         The :class:`BasePolicy`.
@@ -358,9 +371,9 @@ def make_policy(policy: str | BasePolicy, lr: Schedule = 0.1) -> BasePolicy:
     if policy == "fixed":
         return FixedPolicy()
     if policy == "gradient":
-        return GradientPolicy(lr)
+        return GradientPolicy(DEFAULT_LR["gradient"] if lr is None else lr)
     if policy == "feedback":
-        return FeedbackPolicy(lr)
+        return FeedbackPolicy(DEFAULT_LR["feedback"] if lr is None else lr)
     raise ValueError(f"`policy` must be one of {list(POLICIES)} or a BasePolicy, but got policy={policy!r}.")
 
 
@@ -408,6 +421,8 @@ class ControlParameter(nn.Module):
         lr: this parameter's step size; None uses the controller's ``lr``.
         name: the key in :attr:`Controller.values`; None uses the qualified module name.
     """
+
+    value: Tensor
 
     def __init__(
         self,
@@ -608,7 +623,8 @@ class Controller:
         model: the model; its ODE blocks and :class:`ControlParameter` modules are found.
         policy: ``"fixed"``, ``"gradient"`` (first order, ``-eta Q_phi``), ``"feedback"``
             (SNOpt's second-order policy), or a :class:`BasePolicy`.
-        lr: the step size ``eta`` (> 0), or a callable of the update index.
+        lr: the step size ``eta`` (> 0), or a callable of the update index; None for the
+            policy's :data:`DEFAULT_LR`.
         penalty: weight of the cost on the horizons (>= 0).
         cost: ``"quadratic"`` (``penalty / 2 * T^2``) or ``"linear"`` (``penalty * T``), or
             a :class:`BaseCost`; applies to horizons (a :class:`ControlParameter` has its own).
@@ -625,6 +641,8 @@ class Controller:
             ``1 + max_step`` either way (1: doubles or halves), a :class:`ControlParameter`
             by at most ``max_step * max(|value|, 1)``; None for no limit.  Changes cut by
             it are counted in :attr:`stats`.
+        warmup: steps before the first estimate is kept (integer >= 0); the first update
+            comes ``every`` steps after them.
         horizons: control the horizons of all blocks (True), of none (False), or of the
             blocks named in a sequence.
 
@@ -644,7 +662,7 @@ class Controller:
         self,
         model: nn.Module,
         policy: str | BasePolicy = "feedback",
-        lr: Schedule = 0.1,
+        lr: Schedule | None = None,
         penalty: float = 1e-3,
         cost: str | BaseCost = "quadratic",
         every: int = 50,
@@ -653,16 +671,20 @@ class Controller:
         optimizer: torch.optim.Optimizer | None = None,
         momentum: float = 0.9,
         max_step: float | None = 1.0,
+        warmup: int = 0,
         horizons: bool | Sequence[str] = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
         if isinstance(policy, str) and policy not in POLICIES:
-            raise ValueError(f"`policy` must be one of {list(POLICIES)} or a BasePolicy, but got policy={policy!r}.")
+            raise ValueError(
+                f"`policy` must be one of {list(POLICIES)} or a BasePolicy, but got policy={policy!r}."
+            )
         if not isinstance(policy, (str, BasePolicy)):
-            raise ValueError(f"`policy` must be one of {list(POLICIES)} or a BasePolicy, but got policy={policy!r}.")
-        self.lr = _schedule("lr", lr)
-        self.policy = make_policy(policy, self.lr)
+            raise ValueError(
+                f"`policy` must be one of {list(POLICIES)} or a BasePolicy, but got policy={policy!r}."
+            )
+        self.policy = make_policy(policy, None if lr is None else _schedule("lr", lr))
         self.cost = make_cost(cost, penalty)
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"`every` must be a positive integer, but got every={every!r}.")
@@ -674,10 +696,17 @@ class Controller:
         if max_step is not None:
             max_step = _real("max_step", max_step)
             if max_step <= 0:
-                raise ValueError(f"`max_step` must be a positive number or None, but got max_step={max_step}.")
+                raise ValueError(
+                    f"`max_step` must be a positive number or None, but got max_step={max_step}."
+                )
         self.max_step = max_step
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"`warmup` must be an integer >= 0, but got warmup={warmup!r}.")
+        self.warmup = warmup
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}.")
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}."
+            )
         self.model = model
         self.optimizer = optimizer
         self.steps = 0
@@ -715,7 +744,9 @@ class Controller:
         keys += [p.name or name for name, p in params]
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
-            raise ValueError(f"Control variable names must be unique, but {duplicates} appear more than once.")
+            raise ValueError(
+                f"Control variable names must be unique, but {duplicates} appear more than once."
+            )
         if not keys:
             raise ValueError(
                 "The model has no control variable: no ODEBlock horizon is selected (`horizons`) "
@@ -732,8 +763,8 @@ class Controller:
             block.horizon_grad = True
             variables[key] = _Variable(
                 key,
-                (lambda b=block: b.t1),
-                (lambda v, b=block: b.set_t1(v)),
+                partial(_get_t1, block),
+                block.set_t1,
                 _horizon_reader(block),
                 cost=self.cost,
                 bounds=box,
@@ -753,8 +784,8 @@ class Controller:
             policy = self._policy_with_lr(param.lr)
             variables[key] = _Variable(
                 key,
-                (lambda p=param: float(p)),
-                (lambda v, p=param: p.set(v)),
+                partial(float, param),
+                param.set,
                 _parameter_reader(param, _enclosing_block(param, blocks)),
                 cost=param.cost,
                 bounds=box,
@@ -822,10 +853,11 @@ class Controller:
         an update, ``<name>/Q_phi``, ``<name>/Q_phiphi``, ``<name>/feedback`` (the term
         ``Q_phitheta . dtheta``), ``<name>/delta`` and ``<name>/lr``.
         """
-        out: dict[str, float] = {"steps": self.steps, "updates": self.steps // self.every}
+        updates = max(self.steps - self.warmup, 0) // self.every
+        out: dict[str, float] = {"steps": float(self.steps), "updates": float(updates)}
         for name, var in self._variables.items():
-            for key, value in var.counts.items():
-                out[f"{name}/{key}"] = value
+            for key, count in var.counts.items():
+                out[f"{name}/{key}"] = float(count)
             for key, value in var.last.items():
                 out[f"{name}/{key}"] = value
         return out
@@ -836,6 +868,10 @@ class Controller:
         Call after ``loss.backward()`` and ``optimizer.step()``.
         """
         self.steps += 1
+        if self.steps <= self.warmup:
+            # The estimates of an untrained network say little about its architecture.
+            self._discard()
+            return
         feedback = self._tracks_feedback
         theta_grad = dtheta = None
         if feedback:
@@ -854,7 +890,7 @@ class Controller:
                 theta_grad if use_feedback else None,
                 dtheta if use_feedback else None,
             )
-        if self.steps % self.every == 0:
+        if (self.steps - self.warmup) % self.every == 0:
             self._update()
 
     # ------------------------------------------------------------ internals
@@ -866,8 +902,11 @@ class Controller:
         parts = []
         for p in self._params:
             g = p.grad
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None
-                         else g.detach().reshape(-1).to(torch.float64))
+            parts.append(
+                torch.zeros(p.numel(), dtype=torch.float64, device=p.device)
+                if g is None
+                else g.detach().reshape(-1).to(torch.float64)
+            )
         return torch.cat(parts)
 
     def _theta_terms(self) -> tuple[Tensor, Tensor]:
@@ -900,7 +939,7 @@ class Controller:
                 est.reset()
                 continue
             schedule = getattr(var.policy, "lr", None)
-            eta = _eta("lr", schedule, var.state.count) if schedule is not None else math.nan
+            eta = _eta("lr", schedule, var.state.updates) if schedule is not None else math.nan
             delta, var.state = var.policy.update(
                 q_phi,
                 var.state,
@@ -930,6 +969,13 @@ class Controller:
                 "lr": eta,
             }
             est.reset()
+
+    def _discard(self) -> None:
+        """Skip this step's estimates, keeping the parameter snapshot and gradients current."""
+        if self._tracks_feedback:
+            self._theta_terms()
+        for var in self._variables.values():
+            var.read()
 
     def _warn_missing(self, var: _Variable) -> None:
         if var.warned:
@@ -986,6 +1032,10 @@ class Controller:
 
     def __repr__(self) -> str:
         return f"Controller(policy={self.policy!r}, every={self.every}, variables={self.names})"
+
+
+def _get_t1(block: ODEBlock) -> float:
+    return block.t1
 
 
 def _trust_region(value: float, delta: float, max_step: float, positive: bool) -> float:

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from snopt._control import (
     MIN_HORIZON,
-    ControlParameter,
     Controller,
+    ControlParameter,
     FeedbackPolicy,
     FixedPolicy,
     GradientPolicy,
@@ -43,9 +43,9 @@ def test_policy_contract_state_and_types(policy):
     state = policy.init(2.0)
     assert state == PolicyState(0)
     delta, state = policy.update(0.3, state, curvature=2.0, dtheta=0.1)
-    assert isinstance(delta, float) and state.count == 1
+    assert isinstance(delta, float) and state.updates == 1
     _, state = policy.update(0.3, state, curvature=2.0, dtheta=0.1)
-    assert state.count == 2
+    assert state.updates == 2
 
 
 @pytest.mark.parametrize("policy", [GradientPolicy(0.25), FeedbackPolicy(1.0)], ids=lambda p: p.name)
@@ -231,6 +231,22 @@ def test_bounds_hold_and_clipping_is_counted(float64):
     assert trajectory[1] == pytest.approx(0.03) and ctl.stats["t1/limited"] >= 1
 
 
+def test_warmup_discards_the_first_estimates(float64):
+    x0, y = decay_data()
+    block = ODEBlock(GaussianDecay(A), 0.0, 0.5, method="rk4", options={"step_size": 0.05}, adjoint=False)
+    ctl = Controller(block, policy="gradient", lr=1.0, every=2, warmup=3, momentum=1.0, max_step=None)
+    seen = []
+    for step in range(1, 6):
+        block.zero_t1_grad()
+        ((block(x0) - y) ** 2).mean().backward()
+        seen.append(float(block.t1_grad))
+        ctl.step()
+        assert block.t1 == 0.5 or step == 5
+    # One update, at step 3 + 2, from the mean of steps 4 and 5 only.
+    assert ctl.stats["updates"] == 1
+    assert ctl.stats["t1/Q_phi"] == pytest.approx((seen[3] + seen[4]) / 2 + 1e-3 * 0.5)
+
+
 def test_without_bounds_the_horizon_stays_above_t0(float64):
     x0, y = decay_data()
     block = ODEBlock(GaussianDecay(A), 0.0, 0.5, method="rk4", options={"step_size": 0.05})
@@ -284,8 +300,16 @@ def test_feedback_term_matches_a_brute_force_sum(float64):
     model = nn.Sequential(block, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
     beta, every = 0.6, 3
-    ctl = Controller(model, policy="feedback", lr=0.2, penalty=0.0, every=every, momentum=beta, optimizer=opt,
-                     max_step=None)
+    ctl = Controller(
+        model,
+        policy="feedback",
+        lr=0.2,
+        penalty=0.0,
+        every=every,
+        momentum=beta,
+        optimizer=opt,
+        max_step=None,
+    )
     params = list(model.parameters())
     flat = lambda ts: torch.cat([t.detach().reshape(-1).clone() for t in ts])  # noqa: E731
     x, y = torch.randn(16, 2), torch.randn(16, 1)
@@ -308,7 +332,9 @@ def test_feedback_term_matches_a_brute_force_sum(float64):
     assert expected != 0.0 and stats["t1/0/limited"] == 0
     assert stats["t1/0/feedback"] == pytest.approx(expected, rel=1e-9)
     assert stats["t1/0/Q_phi"] == pytest.approx(grad_avg, rel=1e-9)
-    assert stats["t1/0/delta"] == pytest.approx(-0.2 * (grad_avg + expected) / (stats["t1/0/Q_phiphi"] + 1e-8))
+    assert stats["t1/0/delta"] == pytest.approx(
+        -0.2 * (grad_avg + expected) / (stats["t1/0/Q_phiphi"] + 1e-8)
+    )
 
 
 # ---------------------------------------------------- declared (non-horizon) parameters
@@ -356,7 +382,9 @@ def control_damping(adjoint, k0, updates=20):
     block = ODEBlock(DampedField(k0), 0.0, 1.0, method="dopri5", rtol=1e-8, atol=1e-8, adjoint=adjoint)
     ctl = Controller(block, policy="feedback", lr=0.5, every=4, momentum=1.0, horizons=False)
     assert ctl.names == ["field.func.damping"]
-    loader = DataLoader(TensorDataset(x0, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(x0, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     trajectory = [k0]
     for _ in range(updates):
         for xb, yb in loader:  # one update per epoch: 4 batches of 64
@@ -428,8 +456,9 @@ def make_loaders():
     g = torch.Generator().manual_seed(123)
     x = torch.randn(96, 4, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
+    train = DataLoader(
+        TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
     return train, val
 
@@ -444,12 +473,23 @@ def train(optimizer="sgd", max_steps=10, checkpoint=None, resume=False, policy="
         from snopt._optimizer import SNOpt
 
         opt = SNOpt(model, lr=0.1, update_freq=3)
-    ctl = Controller(model, policy=policy, lr=0.3, penalty=1e-3, every=2, bounds={"t1/1": (0.1, 2.0)},
-                     optimizer=opt)
+    ctl = Controller(
+        model, policy=policy, lr=0.3, penalty=1e-3, every=2, bounds={"t1/1": (0.1, 2.0)}, optimizer=opt
+    )
     train_loader, val_loader = make_loaders()
-    result = fit(model, train_loader, val_loader, optimizer=opt, loss_fn=nn.functional.cross_entropy,
-                 max_steps=max_steps, controller=ctl, checkpoint=checkpoint, resume=resume, seed=7,
-                 progress=False)
+    result = fit(
+        model,
+        train_loader,
+        val_loader,
+        optimizer=opt,
+        loss_fn=nn.functional.cross_entropy,
+        max_steps=max_steps,
+        controller=ctl,
+        checkpoint=checkpoint,
+        resume=resume,
+        seed=7,
+        progress=False,
+    )
     return result, ctl
 
 
@@ -509,6 +549,7 @@ def small_model():
         (dict(every=2.5), "`every` must be a positive integer"),
         (dict(momentum=1.5), r"`momentum` must be in \[0, 1\]"),
         (dict(max_step=0.0), "`max_step` must be a positive number or None"),
+        (dict(warmup=-1), "`warmup` must be an integer >= 0, but got warmup=-1"),
         (dict(horizons=["nope"]), r"Unknown `horizons` names \['nope'\]; the model's ODE blocks are \['1'\]"),
         (dict(horizons=False), "The model has no control variable"),
     ],
