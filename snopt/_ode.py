@@ -344,7 +344,10 @@ class ODEBlock(nn.Module):
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         try:
             if self.adjoint and torch.is_grad_enabled():
-                params = tuple(p for p in self.field.parameters() if p.requires_grad)
+                # Buffers that require grad (e.g. a ControlParameter in the field) are
+                # inputs of the adjoint solve too, or they would get no gradient.
+                tensors = [*self.field.parameters(), *self.field.buffers()]
+                params = tuple(p for p in tensors if p.requires_grad)
                 ys = odeint_adjoint(self.field, y0, t, adjoint_params=params, **kwargs)
             else:
                 ys = odeint(self.field, y0, t, **kwargs)

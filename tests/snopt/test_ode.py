@@ -259,3 +259,24 @@ def test_every_method_runs():
         block = ODEBlock(Linear(a), 0.0, 1.0, method=method, options=options, rtol=1e-6, atol=1e-6)
         _loss(block, x0, w).backward()
         assert block.stats.nfe_forward > 0 and block.stats.nfe_backward > 0, method
+
+
+class _Scaled(nn.Module):
+    """dx/dt = -k x with k a buffer that requires grad (how a ControlParameter is stored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", torch.tensor(0.7, dtype=DT, requires_grad=True))
+
+    def forward(self, t, x):
+        return -self.k * x
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_buffers_that_require_grad_get_gradients(adjoint):
+    """x(T) = exp(-k T) x0, so d sum x(T) / dk = -T exp(-k T) sum x0."""
+    field = _Scaled()
+    x0 = torch.tensor([[1.0, 2.0]], dtype=DT)
+    block = ODEBlock(field, 0.0, 1.5, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    block(x0).sum().backward()
+    assert field.k.grad.item() == pytest.approx(-1.5 * math.exp(-0.7 * 1.5) * 3.0, rel=1e-7)
