@@ -23,7 +23,7 @@ def main() -> None:
         model = task.build_model(t1=1.0, method="dopri5")
         train, val = task.loaders(batch_size=64, seed=args.seed)
         if name == "snopt":
-            optimizer = snopt.SNOpt(model, lr=0.1, update_freq=50)
+            optimizer = snopt.SNOpt(model, lr=0.01, update_freq=50)
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         result = snopt.fit(model, train, val, task=task, optimizer=optimizer, epochs=args.epochs, seed=args.seed)

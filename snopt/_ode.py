@@ -359,9 +359,20 @@ class ODEBlock(nn.Module):
         finally:
             run.backward_phase = True
         out = ys[-1]
+        if self.adjoint and out.requires_grad and run.sampler is not None:
+            # A block called several times in one forward (an ODE-RNN) must sample each
+            # adjoint solve with that call's own grid record and shapes.
+            out.register_hook(self._restore_run_hook(run, self._shapes))
         if self.horizon_grad and out.requires_grad:
             out.register_hook(self._horizon_hook(t[-1], out.detach()))
         return _unflatten(out, self._shapes) if self._shapes is not None else out
+
+    def _restore_run_hook(self, run: _Run, shapes: list[torch.Size] | None) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self._run = run
+            self._shapes = shapes
+
+        return hook
 
     def _horizon_hook(self, t1: Tensor, y1: Tensor) -> Callable[[Tensor], None]:
         """dL/dt1 = dL/dx(t1) . f(t1, x(t1)), kept per sample (rows of the batch)."""

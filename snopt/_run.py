@@ -20,7 +20,7 @@ OPTIMIZERS = ("adam", "sgd", "snopt")
 CONTROL_POLICIES = ("fixed", "gradient", "feedback")
 COSTS = ("quadratic", "linear")
 #: Learning rates used when ``RunConfig.lr`` is None.
-DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1, "snopt": 0.1}
+DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2}
 
 
 @dataclass

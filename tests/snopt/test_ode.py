@@ -280,3 +280,14 @@ def test_buffers_that_require_grad_get_gradients(adjoint):
     block = ODEBlock(field, 0.0, 1.5, rtol=1e-10, atol=1e-10, adjoint=adjoint)
     block(x0).sum().backward()
     assert field.k.grad.item() == pytest.approx(-1.5 * math.exp(-0.7 * 1.5) * 3.0, rel=1e-7)
+
+
+def test_each_call_of_a_block_is_sampled_in_its_own_adjoint_solve():
+    """A block used twice in one forward: both backward solves take their samples."""
+    a, x0, w = _problem(4)
+    block = ODEBlock(Linear(a), 0.0, 1.0, method="rk4", options={"step_size": 0.1})
+    rec = _Recorder(0.1)
+    block.sampler = rec
+    loss = (w * block(block(x0))).sum()
+    loss.backward()
+    assert len(rec.samples) == 20  # 10 step starts in each of the two adjoint solves
