@@ -856,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_end": _load(),
     }
     name = "optimizers_quick" if args.quick else "optimizers"
-    (out_dir / f"{name}.json").write_text(json.dumps(_clean(report), indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps(_clean(report), separators=(",", ":")) + "\n")
     write_markdown(report, out_dir / f"{name}.md")
     print("\n".join(report["goals"]))
     print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.md')}")
@@ -870,13 +870,13 @@ def _higher(task: str) -> bool:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become the strings "inf", "-inf" or "nan"."""
+    """JSON-safe copy: floats rounded to 6 significant digits, non-finite ones as "inf", "-inf", "nan"."""
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else str(value)
     if torch.is_tensor(value):
         return _clean(value.tolist())
     return value

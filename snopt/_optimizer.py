@@ -354,9 +354,6 @@ def _grads_finite(grads: list[Tensor]) -> bool:
     return bool(torch.isfinite(norms).all())
 
 
-_CURVATURE_KEYS = ("basis_a", "basis_b", "eigenvalues_a", "eigenvalues_b", "moment")
-
-
 # ---------------------------------------------------------------------- SNOpt
 class SNOpt(torch.optim.Optimizer):
     """The Second-order Neural ODE Optimizer (Liu, Chen & Theodorou, NeurIPS 2021).
@@ -375,8 +372,13 @@ class SNOpt(torch.optim.Optimizer):
     averaged over the batch (torch's default reductions).
 
     Every hyperparameter except ``full_precond`` may be a constant or a schedule: a
-    callable of the 0-based step index returning the value.  LR schedulers work on a
-    constant ``lr`` as with any torch optimizer.
+    callable of the 0-based step index returning the value (validated at step 0 and at
+    every use; to save a state with ``torch.save``, use picklable module-level functions).
+    LR schedulers work on a constant ``lr`` as with any torch optimizer; a scheduler may
+    anneal it to 0.  Parameters added later with :meth:`add_param_group` get plain
+    SGD-momentum (their layers have no collector hooks).  A second SNOpt or
+    :class:`SNOptPreconditioner` built on the same model takes over its ODE blocks; call
+    ``collector.remove()`` on the old one.
 
     Args:
         model: the model whose layers are preconditioned; its ODE blocks get the collector
@@ -428,10 +430,6 @@ class SNOpt(torch.optim.Optimizer):
         sample_step = _check_hyper("sample_step", sample_step)
         full_precond = _check_bool("full_precond", full_precond)
         super().__init__(model.parameters() if params is None else params, defaults)
-        for group in self.param_groups:
-            for name in defaults:
-                if group[name] is not defaults[name]:  # a param group's own value
-                    group[name] = _check_hyper(name, group[name])
         optimized = [p for group in self.param_groups for p in group["params"]]
         self.update_freq = update_freq
         self.sample_step = sample_step
@@ -444,6 +442,14 @@ class SNOpt(torch.optim.Optimizer):
             params=optimized,
         )
         self.collector = self._engine.collector
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its own hyperparameters are validated like the constructor's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, default in self.defaults.items():
+            if group[name] is not default:  # a value of the group's own (defaults are checked)
+                group[name] = _check_hyper(name, group[name])
 
     @property
     def stats(self) -> dict[str, float]:

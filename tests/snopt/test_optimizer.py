@@ -17,6 +17,15 @@ from snopt._training import fit
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ helpers
 class Field(nn.Module):
     def __init__(self, dim, hidden):
@@ -518,6 +527,9 @@ def test_snopt_rejects_a_bad_param_group_and_a_non_module():
     model = make_model()
     with pytest.raises(ValueError, match=r"`eps` must be a positive number, but got eps=-2"):
         SNOpt(model, lr=0.1, params=[{"params": model.parameters(), "eps": -2}])
+    opt = SNOpt(model, lr=0.1)
+    with pytest.raises(ValueError, match=r"`alpha` must be a number in \[0, 1\], but got alpha=2"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "alpha": 2})
     with pytest.raises(TypeError, match=r"`model` must be an nn.Module, but got list"):
         SNOpt([torch.zeros(1, requires_grad=True)], lr=0.1)
 
