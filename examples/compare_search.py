@@ -12,12 +12,19 @@ from snopt.search import Budget, compare
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nfe", type=int, default=20_000, help="function-evaluation budget per strategy")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    report = compare("digits", strategies=["feedback", "tpe", "gp", "random"], budget=Budget(nfe=args.nfe),
-                     seeds=args.seeds, output_dir="compare_report")
+    report = compare(
+        "digits",
+        strategies=["feedback", "tpe", "gp", "random"],
+        budget=Budget(nfe=args.nfe),
+        seeds=args.seeds,
+        output_dir="compare_report",
+    )
     print(report.to_markdown())
 
 

@@ -44,8 +44,17 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     precond = snopt.SNOptPreconditioner(model, update_freq=20)
     controller = snopt.Controller(model, policy="feedback", lr=0.2, penalty=1e-3, every=10)
-    result = snopt.fit(model, train, val, optimizer=optimizer, preconditioner=precond, controller=controller,
-                       loss_fn=nn.functional.mse_loss, metric_fn=nn.functional.mse_loss, epochs=5)
+    result = snopt.fit(
+        model,
+        train,
+        val,
+        optimizer=optimizer,
+        preconditioner=precond,
+        controller=controller,
+        loss_fn=nn.functional.mse_loss,
+        metric_fn=nn.functional.mse_loss,
+        epochs=5,
+    )
     print("validation MSE", result.final["metric"])
     print("controlled values", controller.values)
 

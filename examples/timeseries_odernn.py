@@ -1,6 +1,6 @@
 """An ODE-RNN on irregularly sampled series, with the horizon scale controlled in training.
 
-    python examples/timeseries_odernn.py --epochs 6
+python examples/timeseries_odernn.py --epochs 6
 """
 
 import argparse
@@ -9,7 +9,9 @@ import snopt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--control", default="feedback", choices=["fixed", "gradient", "feedback"])
     args = parser.parse_args()

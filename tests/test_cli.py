@@ -33,16 +33,43 @@ def test_help_lists_every_command():
 def test_train_help_describes_flags():
     out = run("train", "--help")
     assert out.returncode == 0
-    for flag in ("--task", "--optimizer", "--epochs", "--t1", "--method", "--no-adjoint", "--control",
-                 "--output-json", "--snopt-update-freq", "--t1-bounds", "--no-tracking"):
+    for flag in (
+        "--task",
+        "--optimizer",
+        "--epochs",
+        "--t1",
+        "--method",
+        "--no-adjoint",
+        "--control",
+        "--output-json",
+        "--snopt-update-freq",
+        "--t1-bounds",
+        "--no-tracking",
+    ):
         assert flag in out.stdout, flag
 
 
 def test_train_writes_a_json_summary(tmp_path):
     path = tmp_path / "summary.json"
-    out = run("train", "--task", "digits", "--optimizer", "adam", "--max-steps", "6", "--eval-every", "3",
-              "--method", "rk4", "--model-kwargs", "width=8", "--no-tracking", "--no-progress",
-              "--output-json", str(path))
+    out = run(
+        "train",
+        "--task",
+        "digits",
+        "--optimizer",
+        "adam",
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--method",
+        "rk4",
+        "--model-kwargs",
+        "width=8",
+        "--no-tracking",
+        "--no-progress",
+        "--output-json",
+        str(path),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "snopt train: completed" in out.stdout and "metric" in out.stdout
     data = json.loads(path.read_text())
