@@ -17,7 +17,7 @@ Writes ``benchmarks/results/search.json``, ``search.md`` and ``search_<task>_*.p
 
 Usage::
 
-    python benchmarks/search.py            # 2 tasks x 4 strategies x 3 seeds (about 20 min on 2 cores)
+    python benchmarks/search.py            # 2 tasks x 4 strategies x 3 seeds (about 25 min on 2 idle cores)
     python benchmarks/search.py --quick    # 1 seed, half the budget
 """
 
@@ -56,17 +56,18 @@ TASKS: dict[str, dict[str, Any]] = {
             batch_size=128,
             rtol=1e-2,
             atol=1e-2,
-            eval_every=4,
+            eval_every=6,
             t1_every=1,
             t1_lr=1.0,
         ),
-        "nfe": 3000,
+        "nfe": 2400,
     },
     "timeseries": {
         "config": RunConfig(
             task="timeseries",
             model_kwargs={"hidden_dim": 16},
-            epochs=2,
+            epochs=None,
+            max_steps=6,
             batch_size=128,
             rtol=1e-2,
             atol=1e-2,
@@ -74,7 +75,7 @@ TASKS: dict[str, dict[str, Any]] = {
             t1_every=1,
             t1_lr=1.0,
         ),
-        "nfe": 3000,
+        "nfe": 2400,
     },
 }
 # The horizon is what is searched: the question is who finds a good T, at what cost.

@@ -262,6 +262,12 @@ class TrainingObjective:
         except (TrainingError, SolverError) as exc:
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
             raise TrialFailed(reason) from None
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except Exception as exc:  # a bug or bad input, not solver trouble: record it, then stop the study
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             if status != "interrupted":
                 self._record(trial, status, reason, monitor, final, config)
