@@ -72,7 +72,7 @@ MIN_HORIZON = 1e-3
 #: Step size ``eta`` of each policy when none is given (tuned on the built-in tasks; see
 #: ``benchmarks/horizon.py``).  The gradient policy's step is in units of T per unit of
 #: ``Q_phi``, the feedback policy's is a fraction of a Gauss-Newton step.
-DEFAULT_LR = {"gradient": 3.0, "feedback": 0.5}
+DEFAULT_LR = {"gradient": 10.0, "feedback": 0.5}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -616,8 +616,8 @@ class Controller:
     :meth:`step` once per training step, after ``loss.backward()`` and the optimizer's
     step (:func:`snopt.fit` does): it reads ``dL/dphi`` of that step, keeps running
     estimates, and every ``every`` steps changes each variable by its policy (see
-    :mod:`snopt._control` for the math), limits the change to the trust region
-    ``max_step``, and projects it onto the bounds.
+    :mod:`snopt._control` for the math), limits the change to ``max_step`` of the
+    current value, and projects it onto the bounds.
 
     Args:
         model: the model; its ODE blocks and :class:`ControlParameter` modules are found.
@@ -625,14 +625,10 @@ class Controller:
             (SNOpt's second-order policy), or a :class:`BasePolicy`.
         lr: the step size ``eta`` (> 0), or a callable of the update index; None for the
             policy's :data:`DEFAULT_LR`.
-        penalty: weight of the cost on the horizons (>= 0).  The default 0.1 is of the
-            order of the per-sample Gauss-Newton term of the built-in tasks, so that the
-            cost pulls a too long horizon down within a few updates; the paper's 1e-3
-            barely moves T there.
+        penalty: weight of the cost on the horizons (>= 0).
         cost: ``"quadratic"`` (``penalty / 2 * T^2``) or ``"linear"`` (``penalty * T``), or
             a :class:`BaseCost`; applies to horizons (a :class:`ControlParameter` has its own).
-        every: steps between control updates (positive integer); 20 to 30 updates over a
-            run work well on the built-in tasks.
+        every: steps between control updates (positive integer).
         bounds: ``(low, high)`` for every horizon, a dict from variable name to
             ``(low, high)``, or None.  Horizon bounds must satisfy ``t0 < low < high``
             and hold the current ``t1``.  Without bounds a horizon stays at least
@@ -667,9 +663,9 @@ class Controller:
         model: nn.Module,
         policy: str | BasePolicy = "feedback",
         lr: Schedule | None = None,
-        penalty: float = 0.1,
+        penalty: float = 1e-3,
         cost: str | BaseCost = "quadratic",
-        every: int = 10,
+        every: int = 50,
         bounds: Bounds | Mapping[str, Bounds] | None = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
@@ -991,7 +987,7 @@ class Controller:
             "not updated. Check that it is used in the loss; a ControlParameter inside an adjoint-mode "
             "ODEBlock needs the block to pass its buffers to the adjoint solve.",
             RuntimeWarning,
-            stacklevel=4,  # the caller of Controller.step
+            stacklevel=3,
         )
 
     # --------------------------------------------------------- state dict
