@@ -64,8 +64,9 @@ SEEDS = (0, 1, 2)
 METRIC_TOLERANCE = 0.005
 #: Goal: one feedback run costs at most this fraction of the whole grid's wall-clock.
 WALL_FRACTION = 0.25
-#: Band around the final horizon used for the settling step.
-SETTLE_BAND = 0.10
+#: Settling: T stays within this factor of its final level (the median of the last SETTLE_TAIL steps).
+SETTLE_FACTOR = 1.25
+SETTLE_TAIL = 20
 
 
 def _job_key(job: dict[str, Any]) -> str:
@@ -119,12 +120,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def settle_step(trajectory: list[float], band: float = SETTLE_BAND) -> int:
-    """The first step (1-based) after which T stays within ``band`` of its final value."""
-    final = trajectory[-1]
+def settle_step(trajectory: list[float], factor: float = SETTLE_FACTOR, tail: int = SETTLE_TAIL) -> int:
+    """The first step (1-based) after which T stays within ``factor`` of its final level.
+
+    The final level is the median of the last ``tail`` steps, so that the noise of the last
+    update does not decide it.
+    """
+    level = statistics.median(trajectory[-tail:])
     step = len(trajectory)
     for i in range(len(trajectory) - 1, -1, -1):
-        if abs(trajectory[i] - final) > band * abs(final):
+        if not level / factor <= trajectory[i] <= level * factor:
             break
         step = i + 1
     return step
@@ -147,7 +152,7 @@ def aggregate(runs: list[dict[str, Any]], higher_is_better: dict[str, bool]) -> 
         groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fixed", kv[0][1], kv[0][2])
     ):
         row: dict[str, Any] = {"task": task, "mode": mode, "t0": t0, "seeds": len(rs)}
-        for field in ("metric", "final_t1", "nfe_per_iter_end", "wall_time", "settle_step"):
+        for field in ("metric", "final_t1", "nfe_per_iter_end", "wall_time", "settle_step", "limited"):
             mean, std = _mean_std([r[field] for r in rs])
             row[field] = mean
             row[field + "_std"] = std
@@ -300,15 +305,17 @@ def markdown(report: dict[str, Any]) -> str:
         "Metric: validation accuracy for digits (higher is better), validation MSE for timeseries "
         "(lower is better). NFE/iter: forward + backward function evaluations per iteration, mean of the "
         "last 10 steps. Wall: training wall-clock in seconds, evaluation excluded. Settling step: first "
-        f"step after which T stays within +-{int(100 * SETTLE_BAND)}% of its final value. Mean +- std over seeds.",
+        f"step after which T stays within a factor {SETTLE_FACTOR} of its final level (the median of the last "
+        f"{SETTLE_TAIL} steps). Updates cut by max_step: control updates (of steps / t1_every) limited by the trust region "
+        "(T at most doubles or halves per update), a sign of oscillation. Mean +- std over seeds.",
         "",
     ]
     for task in sorted({r["task"] for r in summary["rows"]}):
         lines += [
             f"## {task}",
             "",
-            "| run | T0 | final metric | final T | NFE/iter (end) | wall s | settling step |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| run | T0 | final metric | final T | NFE/iter (end) | wall s | settling step | updates cut by max_step |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in summary["rows"]:
             if r["task"] != task:
@@ -316,7 +323,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['mode']} | {r['t0']} | {_fmt(r['metric'], r['metric_std'])} | "
                 f"{_fmt(r['final_t1'], r['final_t1_std'], 3)} | {_fmt(r['nfe_per_iter_end'], r['nfe_per_iter_end_std'], 3)} | "
-                f"{_fmt(r['wall_time'], r['wall_time_std'], 3)} | {_fmt(r['settle_step'], r['settle_step_std'], 3)} |"
+                f"{_fmt(r['wall_time'], r['wall_time_std'], 3)} | {_fmt(r['settle_step'], r['settle_step_std'], 3)} | "
+                f"{_fmt(r['limited'], r['limited_std'], 3)} |"
             )
         lines += [
             "",
@@ -347,6 +355,36 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def finish(report: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None:
+    """Summarise ``runs`` into ``report`` and write the JSON, the Markdown and the plots."""
+    from snopt._tasks import get_task
+
+    tasks = sorted({r["task"] for r in runs})
+    higher = {t: get_task(t).higher_is_better for t in tasks}
+    metric_names = {t: get_task(t).metric_name for t in tasks}
+    for run in runs:
+        if run["mode"] != "fixed":
+            run["settle_step"] = settle_step(run["t1_trajectory"])
+        stats = run.get("controller") or {}
+        run["limited"] = sum(v for k, v in stats.items() if k.endswith("/limited")) if stats else None
+    summary = aggregate(runs, higher)
+    summary["higher_is_better"] = higher
+    out.mkdir(parents=True, exist_ok=True)
+    report["figures"] = plot(runs, summary, out, report["suffix"], metric_names)
+    report["summary"] = summary
+    report["runs"] = runs
+    (out / f"horizon{report['suffix']}.json").write_text(json.dumps(report, indent=1))
+    (out / f"horizon{report['suffix']}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def rebuild(path: Path, out: Path) -> int:
+    """Recompute the summary of a finished run (e.g. after changing a definition)."""
+    report = json.loads(path.read_text())
+    finish(report, report["runs"], out)
+    return 0
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -367,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--report-from", type=Path, default=None, help="rebuild the summary, plots and Markdown from a JSON"
+    )
     args = parser.parse_args(argv)
+    if args.report_from is not None:
+        return rebuild(args.report_from, args.out)
 
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else SEEDS)
     grid = (0.1, 1.0, 4.0) if args.quick else GRID
@@ -389,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from snopt._tasks import get_task
-
     env = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -409,12 +450,6 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     env["load_end"] = _load()
-    higher = {t: get_task(t).higher_is_better for t in args.tasks}
-    metric_names = {t: get_task(t).metric_name for t in args.tasks}
-    summary = aggregate(runs, higher)
-    summary["higher_is_better"] = higher
-    args.out.mkdir(parents=True, exist_ok=True)
-    figures = plot(runs, summary, args.out, suffix, metric_names)
     report = {
         "quick": args.quick,
         "suffix": suffix,
@@ -428,13 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": {t: TASKS[t] for t in args.tasks},
         "policy_settings": POLICY_SETTINGS,
         "total_minutes": (time.perf_counter() - started) / 60,
-        "summary": summary,
-        "figures": figures,
-        "runs": runs,
     }
-    (args.out / f"horizon{suffix}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"horizon{suffix}.md").write_text(markdown(report))
-    print(markdown(report))
+    finish(report, runs, args.out)
     return 0
 
 
