@@ -15,7 +15,15 @@ from typing import Any
 
 from snopt._run import RunConfig
 from snopt._tracking import add_tracking_arguments, study_tracker
-from snopt.cli import Command, UsageError, add_run_arguments, config_from_args, print_table
+from snopt.cli import (
+    Command,
+    UsageError,
+    _positive_float,
+    _positive_int,
+    add_run_arguments,
+    config_from_args,
+    print_table,
+)
 
 from ._budget import Budget
 from ._compare import DEFAULT_EPSILON, DEFAULT_STRATEGIES, compare, run_workers
@@ -66,26 +74,6 @@ def _space(text: str) -> SearchSpace:
         return SearchSpace.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:

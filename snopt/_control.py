@@ -72,7 +72,7 @@ MIN_HORIZON = 1e-3
 #: Step size ``eta`` of each policy when none is given (tuned on the built-in tasks; see
 #: ``benchmarks/horizon.py``).  The gradient policy's step is in units of T per unit of
 #: ``Q_phi``, the feedback policy's is a fraction of a Gauss-Newton step.
-DEFAULT_LR = {"gradient": 10.0, "feedback": 0.5}
+DEFAULT_LR = {"gradient": 3.0, "feedback": 0.5}
 
 
 # ---------------------------------------------------------------------------- checks

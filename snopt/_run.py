@@ -39,7 +39,11 @@ class RunConfig:
         snopt_eps, snopt_update_freq, snopt_alpha, snopt_sample_step, snopt_full_precond:
             SNOpt's hyperparameters.
         control: ``fixed``, ``gradient`` or ``feedback`` policy for the horizons.
-        t1_lr, t1_penalty, t1_cost, t1_every, t1_bounds: the controller's settings.
+        t1_lr, t1_penalty, t1_cost, t1_every, t1_bounds: the controller's settings
+            (``t1_lr`` None: the policy's own default, :data:`snopt._control.DEFAULT_LR`).
+        t1_momentum, t1_max_step, t1_warmup: the controller's running-average momentum, its
+            trust region (None: none) and the steps before its first estimate (see
+            :class:`snopt.Controller`).
         epochs, max_steps, batch_size, eval_every: the training budget.
         seed, device, checkpoint, resume, max_grad_norm: run settings.
     """
@@ -62,11 +66,14 @@ class RunConfig:
     snopt_sample_step: float = 0.01
     snopt_full_precond: bool = True
     control: str = "fixed"
-    t1_lr: float = 0.1
+    t1_lr: float | None = None
     t1_penalty: float = 1e-3
     t1_cost: str = "quadratic"
     t1_every: int = 50
     t1_bounds: tuple[float, float] | None = None
+    t1_momentum: float = 0.9
+    t1_max_step: float | None = 1.0
+    t1_warmup: int = 0
     epochs: int | None = 3
     max_steps: int | None = None
     batch_size: int = 64
@@ -84,6 +91,8 @@ class RunConfig:
             raise ValueError(f"`control` must be one of {list(CONTROL_POLICIES)}, but got {self.control!r}.")
         if self.t1_cost not in COSTS:
             raise ValueError(f"`t1_cost` must be one of {list(COSTS)}, but got {self.t1_cost!r}.")
+        if self.t1_lr is not None and not (math.isfinite(self.t1_lr) and self.t1_lr > 0):
+            raise ValueError(f"`t1_lr` must be a positive number or None, but got t1_lr={self.t1_lr}.")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`lr` must be a positive number, but got lr={self.lr}.")
         if not (math.isfinite(self.t1) and self.t1 > 0):
@@ -94,6 +103,14 @@ class RunConfig:
                 raise ValueError(f"`{name}` must be a positive integer, but got {name}={value!r}.")
         if self.t1_bounds is not None:
             self.t1_bounds = (float(self.t1_bounds[0]), float(self.t1_bounds[1]))
+        if not 0.0 <= self.t1_momentum <= 1.0:
+            raise ValueError(f"`t1_momentum` must be in [0, 1], but got t1_momentum={self.t1_momentum}.")
+        if self.t1_max_step is not None and not (math.isfinite(self.t1_max_step) and self.t1_max_step > 0):
+            raise ValueError(
+                f"`t1_max_step` must be a positive number or None, but got t1_max_step={self.t1_max_step}."
+            )
+        if isinstance(self.t1_warmup, bool) or not isinstance(self.t1_warmup, int) or self.t1_warmup < 0:
+            raise ValueError(f"`t1_warmup` must be an integer >= 0, but got t1_warmup={self.t1_warmup!r}.")
 
     @property
     def resolved_lr(self) -> float:
@@ -160,6 +177,9 @@ def build_controller(config: RunConfig, model: torch.nn.Module, optimizer: torch
         every=config.t1_every,
         bounds=config.t1_bounds,
         optimizer=optimizer,
+        momentum=config.t1_momentum,
+        max_step=config.t1_max_step,
+        warmup=config.t1_warmup,
     )
 
 

@@ -57,6 +57,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -144,7 +154,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | 
     g.add_argument(
         "--control", choices=CONTROL_POLICIES, default=d.control, help="policy that updates T in training"
     )
-    g.add_argument("--t1-lr", type=_positive_float, default=d.t1_lr, help="step size eta of the T policy")
+    g.add_argument(
+        "--t1-lr",
+        type=_positive_float,
+        default=d.t1_lr,
+        help="step size eta of the T policy; None: the policy's own (gradient 3, feedback 0.5)",
+    )
     g.add_argument("--t1-penalty", type=_nonneg_float, default=d.t1_penalty, help="weight of the cost on T")
     g.add_argument("--t1-cost", choices=COSTS, default=d.t1_cost, help="shape of the cost on T")
     g.add_argument("--t1-every", type=_positive_int, default=d.t1_every, help="steps between T updates")
@@ -155,6 +170,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | 
         default=d.t1_bounds,
         metavar=("LOW", "HIGH"),
         help="bounds on T (a projection; clipping is counted)",
+    )
+    g.add_argument(
+        "--t1-momentum",
+        type=_nonneg_float,
+        default=d.t1_momentum,
+        help="weight of older steps in the running estimates between T updates, in [0, 1]",
+    )
+    g.add_argument(
+        "--t1-max-step",
+        type=_positive_float,
+        default=d.t1_max_step,
+        help="trust region: one update multiplies or divides T by at most 1 + this",
+    )
+    g.add_argument(
+        "--t1-warmup",
+        type=_nonneg_int,
+        default=d.t1_warmup,
+        help="training steps before the controller's first estimate",
     )
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training data")

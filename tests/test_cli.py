@@ -87,6 +87,8 @@ def test_train_writes_a_json_summary(tmp_path):
         (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
         (["--epochs", "0"], "expected a positive integer"),
         (["--method", "rk5"], "`method` must be one of"),
+        (["--t1-warmup", "-2"], "expected a non-negative integer"),
+        (["--t1-momentum", "1.5"], "`t1_momentum` must be in [0, 1]"),
     ],
 )
 def test_bad_input_is_reported_without_a_traceback(args, message):

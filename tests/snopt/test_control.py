@@ -1,6 +1,7 @@
 """Control variables and their policies, checked against finite differences and closed-form optima."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snopt._control import (
+    DEFAULT_LR,
     MIN_HORIZON,
     Controller,
     ControlParameter,
@@ -574,3 +576,39 @@ def test_load_state_dict_rejects_another_controllers_state():
     other = Controller(ODEBlock(MLP(), 0.0, 1.0))
     with pytest.raises(ValueError, match=r"missing \['t1'\], unexpected \['t1/1'\]"):
         other.load_state_dict(state)
+
+
+def test_run_config_passes_every_controller_setting():
+    from snopt._run import RunConfig, build_run
+
+    config = RunConfig(
+        task="toy2d",
+        control="feedback",
+        t1_lr=0.3,
+        t1_every=4,
+        t1_momentum=0.5,
+        t1_max_step=0.25,
+        t1_warmup=7,
+        t1_bounds=(0.5, 2.0),
+        max_steps=1,
+    )
+    ctl = build_run(config).controller
+    assert (ctl.every, ctl.momentum, ctl.max_step, ctl.warmup) == (4, 0.5, 0.25, 7)
+    assert ctl.policy.lr == 0.3 and ctl._variables[ctl.names[0]].bounds == (0.5, 2.0)
+    unlimited = build_run(RunConfig(task="toy2d", control="gradient", t1_max_step=None)).controller
+    assert unlimited.max_step is None and unlimited.policy.lr == DEFAULT_LR["gradient"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"t1_momentum": 1.5}, "`t1_momentum` must be in [0, 1]"),
+        ({"t1_max_step": 0.0}, "`t1_max_step` must be a positive number or None"),
+        ({"t1_warmup": -1}, "`t1_warmup` must be an integer >= 0"),
+    ],
+)
+def test_run_config_rejects_bad_controller_settings(kwargs, message):
+    from snopt._run import RunConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig(**kwargs)

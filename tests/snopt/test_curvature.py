@@ -21,15 +21,6 @@ from snopt._ode import ODEBlock
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class AffineField(nn.Module):
     """dx/dt = W x + b: one nn.Linear, so z = [x, 1] and g = a."""
 

@@ -17,15 +17,6 @@ from snopt._training import fit
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ helpers
 class Field(nn.Module):
     def __init__(self, dim, hidden):
