@@ -80,7 +80,8 @@ class SolverStats:
 
     Attributes:
         nfe_forward: vector-field evaluations in the forward solve.
-        nfe_backward: evaluations in the backward pass (adjoint solve or backprop).
+        nfe_backward: evaluations in the backward pass (adjoint solve or backprop), plus
+            the one that dL/dt1 costs when the block computes it.
         steps_forward: solver steps attempted in the forward solve.
         steps_backward: solver steps attempted in the adjoint solve.
         rejected_forward: rejected adaptive steps in the forward solve.
@@ -136,9 +137,9 @@ class _Field(nn.Module):
         run = block._run
         if run is not None:
             if run.backward_phase:
-                block.stats.nfe_backward += 1
+                block._count("nfe_backward")
             else:
-                block.stats.nfe_forward += 1
+                block._count("nfe_forward")
         if block._shapes is None:
             return self.func(t, y)
         return _flatten(self.func(t, _unflatten(y, block._shapes)))
@@ -155,10 +156,10 @@ class _AdaptiveField(_Field):
     """A field for adaptive solvers, which also report rejected steps."""
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self._block.stats.rejected_forward += 1
+        self._block._count("rejected_forward")
 
     def callback_reject_step_adjoint(self, t0: Tensor, y_aug: Any, dt: Tensor) -> None:
-        self._block.stats.rejected_backward += 1
+        self._block._count("rejected_backward")
 
 
 class _Run:
@@ -285,6 +286,10 @@ class ODEBlock(nn.Module):
         self.horizon: Tensor
         self.register_buffer("horizon", torch.tensor(t1, dtype=torch.float64))
         self.stats = SolverStats(t1=t1)
+        #: Counts over every call since the block was built (or :meth:`reset_totals`); unlike
+        #: ``stats``, which a forward call starts afresh, they also cover a block called
+        #: several times per forward pass (an ODE-RNN calls its block once per observation).
+        self.totals = SolverStats(t1=t1)
         #: Whether backward computes dL/dt1 (one extra field evaluation at t1).
         self.horizon_grad = True
         self.t1_grad: Tensor | None = None
@@ -311,6 +316,14 @@ class ODEBlock(nn.Module):
         with torch.no_grad():
             self.horizon.fill_(value)
 
+    def reset_totals(self) -> None:
+        """Start the cumulative counts of :attr:`totals` afresh."""
+        self.totals = SolverStats(t1=self.t1)
+
+    def _count(self, name: str) -> None:
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
+        setattr(self.totals, name, getattr(self.totals, name) + 1)
+
     def zero_t1_grad(self) -> None:
         """Forget the accumulated horizon gradient."""
         self.t1_grad = None
@@ -329,6 +342,7 @@ class ODEBlock(nn.Module):
             y0 = x
         t1 = self.t1
         self.stats = SolverStats(t1=t1)
+        self.totals.t1 = t1
         sampler = self.sampler
         if sampler is None or not torch.is_grad_enabled() or not sampler.sampling(self):
             sampler = None
@@ -364,7 +378,7 @@ class ODEBlock(nn.Module):
             # adjoint solve with that call's own grid record and shapes.
             out.register_hook(self._restore_run_hook(run, self._shapes))
         if self.horizon_grad and out.requires_grad:
-            out.register_hook(self._horizon_hook(t[-1], out.detach()))
+            out.register_hook(self._horizon_hook(t[-1], out.detach(), self._shapes))
         return _unflatten(out, self._shapes) if self._shapes is not None else out
 
     def _restore_run_hook(self, run: _Run, shapes: list[torch.Size] | None) -> Callable[[Tensor], None]:
@@ -374,20 +388,27 @@ class ODEBlock(nn.Module):
 
         return hook
 
-    def _horizon_hook(self, t1: Tensor, y1: Tensor) -> Callable[[Tensor], None]:
-        """dL/dt1 = dL/dx(t1) . f(t1, x(t1)), kept per sample (rows of the batch)."""
+    def _horizon_hook(
+        self, t1: Tensor, y1: Tensor, shapes: list[torch.Size] | None
+    ) -> Callable[[Tensor], None]:
+        """dL/dt1 = dL/dx(t1) . f(t1, x(t1)), kept per sample (rows of the batch).
+
+        ``shapes`` are those of the call that made ``y1``: a block called several times in
+        one forward pass may see other shapes by the time the hook runs.
+        """
 
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
-                f1 = self.field.func(t1, y1 if self._shapes is None else _unflatten(y1, self._shapes))
-                if self._shapes is None:
+                f1 = self.field.func(t1, y1 if shapes is None else _unflatten(y1, shapes))
+                self._count("nfe_backward")  # the one extra evaluation dL/dt1 costs
+                if shapes is None:
                     terms = (
                         (grad * f1).reshape(grad.shape[0], -1).sum(1)
                         if grad.dim() > 0
                         else (grad * f1).reshape(1)
                     )
                 else:
-                    terms = self._per_sample_dot(_unflatten(grad, self._shapes), f1)
+                    terms = self._per_sample_dot(_unflatten(grad, shapes), f1)
                 terms = terms.to(torch.float64)
                 self.t1_grad_samples = terms if self.t1_grad_samples is None else self.t1_grad_samples + terms
                 total = terms.sum()
@@ -416,9 +437,9 @@ class ODEBlock(nn.Module):
         if adjoint_state is None:
             if run.backward_phase:  # a direct-mode solve never calls back in backward
                 return
-            self.stats.steps_forward += 1
+            self._count("steps_forward")
         else:
-            self.stats.steps_backward += 1
+            self._count("steps_backward")
         sampler = run.sampler
         if sampler is None:
             return
@@ -435,7 +456,7 @@ class ODEBlock(nn.Module):
             y0.register_hook(hook)
 
     def _take_sample(self, sampler: StateSampler, t: float, y: Tensor, adj: Tensor, weight: float) -> None:
-        self.stats.samples += 1
+        self._count("samples")
         if self._shapes is not None:
             sampler.sample(
                 self, t, _unflatten(y.detach(), self._shapes), _unflatten(adj.detach(), self._shapes), weight

@@ -369,8 +369,11 @@ class Trainer:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         blocks = ode_blocks(model)
+        counted = ("nfe_forward", "nfe_backward", "steps_forward", "steps_backward")
+        before = []
         for _, block in blocks:
             block.zero_t1_grad()
+            before.append({k: getattr(block.totals, k) for k in counted})
         loss = self.objective.loss(model, batch)
         if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
@@ -400,13 +403,12 @@ class Trainer:
             "train_loss": float(loss.detach()),
             "lr": lr,
         }
-        nfe = {"nfe_forward": 0, "nfe_backward": 0, "steps_forward": 0, "steps_backward": 0}
-        for _, block in blocks:
-            s = block.stats
-            nfe["nfe_forward"] += s.nfe_forward
-            nfe["nfe_backward"] += s.nfe_backward
-            nfe["steps_forward"] += s.steps_forward
-            nfe["steps_backward"] += s.steps_backward
+        # The blocks' cumulative counts over this step: every call of a block counts (an
+        # ODE-RNN calls its block once per observation; ``block.stats`` holds the last call).
+        nfe = dict.fromkeys(counted, 0)
+        for (_, block), start_counts in zip(blocks, before):
+            for key in counted:
+                nfe[key] += getattr(block.totals, key) - start_counts[key]
         for key, value in nfe.items():
             self.totals[key] += value
         record["nfe_forward"] = nfe["nfe_forward"]

@@ -139,6 +139,31 @@ def test_stats_count_forward_and_backward_evaluations():
     assert s.t1 == 1.0
 
 
+def test_totals_cover_every_call_of_a_block_used_twice():
+    a, x0, w = _problem()
+    calls = []
+
+    class Counting(Linear):
+        def forward(self, t, x):
+            calls.append(t)
+            return super().forward(t, x)
+
+    block = ODEBlock(Counting(a), 0.0, 1.0, method="dopri5", rtol=1e-6, atol=1e-8)
+    block.horizon_grad = False
+    first = block(x0)
+    first_stats = block.stats
+    second = block(first * 0.5)
+    assert block.stats is not first_stats  # `stats` is the last call's
+    forward_calls = len(calls)
+    (w * second).sum().backward()
+    t = block.totals
+    assert t.nfe_forward == first_stats.nfe_forward + block.stats.nfe_forward == forward_calls
+    assert t.nfe_backward == len(calls) - forward_calls > 0
+    assert t.steps_forward == first_stats.steps_forward + block.stats.steps_forward
+    block.reset_totals()
+    assert block.totals.nfe_forward == block.totals.nfe_backward == 0
+
+
 def test_set_t1_and_state_dict_round_trip():
     a, _, _ = _problem()
     block = ODEBlock(Linear(a), 0.0, 1.0)

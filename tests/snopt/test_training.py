@@ -78,9 +78,10 @@ def test_history_records_every_step_and_evaluations():
     rec = result.history[-1]
     for key in ("epoch", "wall_time", "train_loss", "lr", "nfe_forward", "nfe_backward", "nfe_total", "t1/1"):
         assert key in rec
-    assert rec["nfe_forward"] == 8 and rec["nfe_backward"] == 8  # rk4, 2 steps each way
-    assert rec["nfe_total"] == 8 * 16
-    assert result.stats["steps"] == 8 and result.stats["nfe_total"] == 128
+    # rk4, 2 steps each way, and one evaluation for dL/dt1 in the backward pass.
+    assert rec["nfe_forward"] == 8 and rec["nfe_backward"] == 9
+    assert rec["nfe_total"] == 8 * 17
+    assert result.stats["steps"] == 8 and result.stats["nfe_total"] == 136
     assert 0.0 <= result.final["metric"] <= 1.0 and result.final["t1/1"] == 0.5
     assert result.history[-1]["wall_time"] == pytest.approx(result.stats["wall_time"])
 
@@ -188,3 +189,49 @@ def test_scheduler_and_clipping_are_applied():
         progress=False,
     )
     assert [r["lr"] for r in result.history] == [0.1, 0.1, 0.05, 0.05]
+
+
+def test_nfe_of_a_block_called_twice_per_step_counts_every_call():
+    calls = []
+
+    class Counting(Field):
+        def forward(self, t, x):
+            calls.append(torch.is_grad_enabled())
+            return super().forward(t, x)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 3)
+            self.block = ODEBlock(Counting(), 0.0, 0.5, method="dopri5", rtol=1e-5, atol=1e-6)
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(self.block(self.block(self.inp(x))))
+
+    torch.manual_seed(0)
+    model = Twice()
+    train, _ = make_loaders()
+    seen = []
+
+    class Count(Callback):
+        def on_step_end(self, trainer, record):
+            seen.append((len(calls), record))
+
+    result = fit(
+        model,
+        train,
+        None,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.functional.cross_entropy,
+        max_steps=3,
+        callbacks=[Count()],
+        seed=7,
+        progress=False,
+    )
+    previous = 0
+    for total_calls, record in seen:
+        assert record["nfe_forward"] + record["nfe_backward"] == total_calls - previous
+        assert record["nfe_forward"] > model.block.stats.nfe_forward  # two calls, not the last one only
+        previous = total_calls
+    assert result.stats["nfe_forward"] + result.stats["nfe_backward"] == len(calls)
