@@ -26,7 +26,7 @@ Runs go to a pool of ``--workers`` processes with ``--threads`` torch threads ea
 
 Usage::
 
-    python benchmarks/horizon.py            # full run (about 15 min on 2 idle CPU cores)
+    python benchmarks/horizon.py            # full run (about 25 min on 2 idle CPU cores)
     python benchmarks/horizon.py --quick    # smoke run: 1 seed, fewer steps, 2 starts, 3 grid points
 """
 
@@ -57,11 +57,12 @@ POLICY_SETTINGS: dict[str, dict[str, Any]] = {
     "gradient": dict(t1_lr=3.0, t1_cost="quadratic", t1_every=5, t1_max_step=0.25, t1_warmup=20),
     "feedback": dict(t1_lr=0.5, t1_cost="quadratic", t1_every=5, t1_max_step=0.25, t1_warmup=20),
 }
-#: Task settings: small models so that the whole benchmark fits in ~15 minutes on 2 CPU cores.
+#: Task settings: small models, 240 steps (about 10 epochs of digits), so that the whole
+#: benchmark fits in ~25 minutes on 2 idle CPU cores.
 #: The cost weight ``t1_penalty`` is in the units of the task's loss (cross-entropy, MSE).
 TASKS: dict[str, dict[str, Any]] = {
-    "digits": dict(model_kwargs={"width": 8}, steps=120, t1_penalty=0.1),
-    "timeseries": dict(model_kwargs={"hidden_dim": 16}, steps=120, t1_penalty=0.01),
+    "digits": dict(model_kwargs={"width": 8}, steps=240, t1_penalty=0.1),
+    "timeseries": dict(model_kwargs={"hidden_dim": 16}, steps=240, t1_penalty=0.01),
 }
 SEEDS = (0, 1, 2)
 #: Goal: the feedback policy's metric within this of the best fixed horizon's ("0.5 points").

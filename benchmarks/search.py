@@ -76,7 +76,7 @@ TASKS: dict[str, dict[str, Any]] = {
             t1_penalty=0.01,
             **CONTROL,
         ),
-        "nfe": 80000,
+        "nfe": 160000,
     },
 }
 # The horizon is what is searched, over the range of horizon.py's grid: who finds a good T, at what cost.
