@@ -332,7 +332,8 @@ def markdown(report: dict[str, Any]) -> str:
         "last 10 steps. Wall: training wall-clock in seconds, evaluation excluded. Settling step: first "
         f"step after which T stays within a factor {SETTLE_FACTOR} of its final level (the median of the last "
         f"{SETTLE_TAIL} steps). Updates cut by max_step: control updates (of steps / t1_every) limited by the trust region "
-        "(T at most doubles or halves per update), a sign of oscillation. Mean +- std over seeds.",
+        "(one update changes T by at most the factor 1 + t1_max_step either way), a sign of oscillation. "
+        "Mean +- std over seeds.",
         "",
     ]
     for task in sorted({r["task"] for r in summary["rows"]}):

@@ -34,9 +34,9 @@ from ._study import Study, create_study, load_study
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
 #: digits, the settings of ``benchmarks/search.py``.  The controller waits 10 steps, then
-#: moves T every 5 steps by at most 0.25 (half the feedback policy's Newton step); the cost
-#: weight 0.1 is in the units of the loss.  Shorter runs leave the feedback policy no room to
-#: settle (one epoch of 12 steps cost it its place in the comparison).
+#: moves T every 5 steps by half the feedback policy's Newton step, at most by a factor 1.25;
+#: the cost weight 0.1 is in the units of the loss.  Shorter runs leave the feedback policy no
+#: room to settle (one epoch of 12 steps cost it its place in the comparison).
 COMPARE_DEFAULTS = RunConfig(
     task="digits",
     epochs=None,
