@@ -89,6 +89,31 @@ def _nonnegative(name: str, value: Any) -> float:
     return value
 
 
+def check_momentum(name: str, value: Any) -> float:
+    """The running-average momentum, in [0, 1]; ``name`` is the caller's argument."""
+    value = _real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], but got {name}={value}.")
+    return value
+
+
+def check_max_step(name: str, value: Any) -> float | None:
+    """The trust region of one update: a positive number, or None for no limit."""
+    if value is None:
+        return None
+    value = _real(name, value)
+    if value <= 0:
+        raise ValueError(f"`{name}` must be a positive number or None, but got {name}={value}.")
+    return value
+
+
+def check_warmup(name: str, value: Any) -> int:
+    """The steps before the first estimate: an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, but got {name}={value!r}.")
+    return value
+
+
 def _schedule(name: str, value: Any) -> Schedule:
     """A positive finite constant, or a callable checked each time it is used."""
     if callable(value):
@@ -689,20 +714,9 @@ class Controller:
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"`every` must be a positive integer, but got every={every!r}.")
         self.every = every
-        momentum = _real("momentum", momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1], but got momentum={momentum}.")
-        self.momentum = momentum
-        if max_step is not None:
-            max_step = _real("max_step", max_step)
-            if max_step <= 0:
-                raise ValueError(
-                    f"`max_step` must be a positive number or None, but got max_step={max_step}."
-                )
-        self.max_step = max_step
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"`warmup` must be an integer >= 0, but got warmup={warmup!r}.")
-        self.warmup = warmup
+        self.momentum = check_momentum("momentum", momentum)
+        self.max_step = check_max_step("max_step", max_step)
+        self.warmup = check_warmup("warmup", warmup)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"`optimizer` must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}."

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from ._control import COSTS, POLICIES, Controller, check_max_step, check_momentum, check_warmup
 from ._training import Callback, FitResult, fit
 
 OPTIMIZERS = ("adam", "sgd", "snopt")
-CONTROL_POLICIES = ("fixed", "gradient", "feedback")
-COSTS = ("quadratic", "linear")
+CONTROL_POLICIES = POLICIES
 #: Learning rates used when ``RunConfig.lr`` is None.
 DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2}
 
@@ -103,14 +103,11 @@ class RunConfig:
                 raise ValueError(f"`{name}` must be a positive integer, but got {name}={value!r}.")
         if self.t1_bounds is not None:
             self.t1_bounds = (float(self.t1_bounds[0]), float(self.t1_bounds[1]))
-        if not 0.0 <= self.t1_momentum <= 1.0:
-            raise ValueError(f"`t1_momentum` must be in [0, 1], but got t1_momentum={self.t1_momentum}.")
-        if self.t1_max_step is not None and not (math.isfinite(self.t1_max_step) and self.t1_max_step > 0):
-            raise ValueError(
-                f"`t1_max_step` must be a positive number or None, but got t1_max_step={self.t1_max_step}."
-            )
-        if isinstance(self.t1_warmup, bool) or not isinstance(self.t1_warmup, int) or self.t1_warmup < 0:
-            raise ValueError(f"`t1_warmup` must be an integer >= 0, but got t1_warmup={self.t1_warmup!r}.")
+        # The controller's own checks, under this config's names, so that a bad setting fails
+        # before any data is loaded.
+        self.t1_momentum = check_momentum("t1_momentum", self.t1_momentum)
+        self.t1_max_step = check_max_step("t1_max_step", self.t1_max_step)
+        self.t1_warmup = check_warmup("t1_warmup", self.t1_warmup)
 
     @property
     def resolved_lr(self) -> float:
@@ -166,8 +163,6 @@ def build_controller(config: RunConfig, model: torch.nn.Module, optimizer: torch
     """The horizon controller, or None for a fixed horizon."""
     if config.control == "fixed":
         return None
-    from ._control import Controller
-
     return Controller(
         model,
         policy=config.control,
