@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._control import DEFAULT_LR as CONTROL_DEFAULT_LR
 from ._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
 
 
@@ -47,24 +48,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "a non-negative integer")
 
 
 def _nonneg_float(text: str) -> float:
@@ -158,7 +157,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | 
         "--t1-lr",
         type=_positive_float,
         default=d.t1_lr,
-        help="step size eta of the T policy; None: the policy's own (gradient 3, feedback 0.5)",
+        help=f"step size eta of the T policy (default per policy: {CONTROL_DEFAULT_LR})",
     )
     g.add_argument("--t1-penalty", type=_nonneg_float, default=d.t1_penalty, help="weight of the cost on T")
     g.add_argument("--t1-cost", choices=COSTS, default=d.t1_cost, help="shape of the cost on T")
