@@ -51,33 +51,25 @@ EPSILON = 0.005  # 0.5 accuracy points; for the MSE of the time series, 0.005 in
 # a study holds about eight black-box trials.  The feedback policy has horizon.py's settings,
 # with the warm-up scaled to the shorter run; the cost weight is in the units of the loss.
 CONTROL: dict[str, Any] = dict(t1_lr=0.5, t1_cost="quadratic", t1_every=5, t1_max_step=0.25, t1_warmup=10)
+
+
+def _trial(task: str, model_kwargs: dict[str, Any], t1_penalty: float) -> RunConfig:
+    """One trial's training run: 60 steps of ``task``, evaluated every 20 for the pruner."""
+    return RunConfig(
+        task=task,
+        model_kwargs=model_kwargs,
+        epochs=None,
+        max_steps=60,
+        batch_size=64,
+        eval_every=20,
+        t1_penalty=t1_penalty,
+        **CONTROL,
+    )
+
+
 TASKS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "config": RunConfig(
-            task="digits",
-            model_kwargs={"width": 8},
-            epochs=None,
-            max_steps=60,
-            batch_size=64,
-            eval_every=20,
-            t1_penalty=0.1,
-            **CONTROL,
-        ),
-        "nfe": 24000,
-    },
-    "timeseries": {
-        "config": RunConfig(
-            task="timeseries",
-            model_kwargs={"hidden_dim": 16},
-            epochs=None,
-            max_steps=60,
-            batch_size=64,
-            eval_every=20,
-            t1_penalty=0.01,
-            **CONTROL,
-        ),
-        "nfe": 160000,
-    },
+    "digits": {"config": _trial("digits", {"width": 8}, t1_penalty=0.1), "nfe": 24000},
+    "timeseries": {"config": _trial("timeseries", {"hidden_dim": 16}, t1_penalty=0.01), "nfe": 160000},
 }
 # The horizon is what is searched, over the range of horizon.py's grid: who finds a good T, at what cost.
 SPACE = SearchSpace({"t1": Float(0.1, 4.0, log=True, default=1.0)})
