@@ -27,7 +27,7 @@ import optuna
 
 from snopt._ode import SolverError
 from snopt._run import RunConfig, build_run, run_training
-from snopt._training import Callback, FitResult, TrainingError
+from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError
 
 from ._budget import STATUS_ATTR, Budget, Spent
 from ._space import HORIZON, SearchSpace
@@ -44,14 +44,13 @@ class TrialFailed(RuntimeError):
     """A trial's training failed (solver error or non-finite loss); the study goes on."""
 
 
-class _BudgetStop(Exception):
-    """Raised inside training when the study's budget runs out mid-trial."""
-
-
 class PruningCallback(Callback):
     """Report each validation metric to an Optuna trial and prune when its pruner says so.
 
-    Usable on its own with :func:`snopt.fit`: ``fit(..., callbacks=[PruningCallback(trial)])``.
+    Usable on its own with :func:`snopt.fit`: ``result = fit(..., callbacks=[PruningCallback(trial)])``
+    ends with ``result.status == "pruned"`` when the pruner stops it (training raises its own
+    :class:`snopt.StopTraining`, not Optuna's exception); :meth:`raise_if_pruned` then raises
+    ``optuna.TrialPruned`` for Optuna.
 
     Args:
         trial: the Optuna trial (a ``FixedTrial`` never prunes).
@@ -63,7 +62,7 @@ class PruningCallback(Callback):
         self.key = key
 
     def on_evaluate(self, trainer: Any, record: dict[str, float]) -> None:
-        """Report ``record[key]`` at the current step; raise ``optuna.TrialPruned`` if pruned."""
+        """Report ``record[key]`` at the current step; stop training if the pruner says so."""
         value = record.get(self.key)
         if value is None or not math.isfinite(value):
             return
@@ -72,7 +71,14 @@ class PruningCallback(Callback):
         if total is not None and trainer.step >= total:
             return  # the run is over: pruning now would discard a finished result
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {trainer.step} with {self.key}={value:.6g}")
+            raise StopTraining(Status.PRUNED, f"pruned at step {trainer.step} with {self.key}={value:.6g}")
+
+    @staticmethod
+    def raise_if_pruned(result: FitResult) -> FitResult:
+        """Raise ``optuna.TrialPruned`` for a pruned ``result``; return any other result."""
+        if result.status == Status.PRUNED:
+            raise optuna.TrialPruned(result.message)
+        return result
 
 
 class _TrialMonitor(Callback):
@@ -107,7 +113,7 @@ class _TrialMonitor(Callback):
         seconds = self.spent.wall_time + (time.perf_counter() - self.start)
         if (b.nfe is not None and nfe >= b.nfe) or (b.timeout is not None and seconds >= b.timeout):
             self.stopped = True
-            raise _BudgetStop(f"budget ({b.describe()}) exhausted at step {record['step']}")
+            raise StopTraining(Status.BUDGET, f"budget ({b.describe()}) exhausted at step {record['step']}")
 
     def on_evaluate(self, trainer: Any, record: dict[str, float]) -> None:
         if "metric" in record:
@@ -242,15 +248,18 @@ class TrainingObjective:
         try:
             run = build_run(config)
             result = run_training(config, callbacks=callbacks, progress=self.progress, run=run)
-            if result.status == "interrupted":
+            if result.status == Status.INTERRUPTED:
                 status, reason = "interrupted", result.message
                 raise KeyboardInterrupt(result.message)
+            PruningCallback.raise_if_pruned(result)
+            if result.status == Status.BUDGET:
+                raise StopTraining(Status.BUDGET, result.message)
             final = dict(result.final)
         except optuna.TrialPruned:
             status = "pruned"
             raise
-        except _BudgetStop as exc:
-            status, reason = "budget", str(exc)
+        except StopTraining as exc:
+            status, reason = "budget", exc.message
             try:
                 final = _evaluate(run)
             except (SolverError, ValueError, RuntimeError) as err:

@@ -23,8 +23,17 @@ from ._ode import METHODS, ODEBlock, SolverError, SolverStats, ode_blocks
 from ._optimizer import SNOpt, SNOptPreconditioner
 from ._run import RunConfig, build_run, run_training
 from ._tasks import TASKS, TOY2D_DATASETS, DigitsTask, Task, TimeSeriesTask, Toy2DTask, get_task
-from ._tracking import MlflowCallback, StudyTracker, TrackingWarning, sync_fallback
-from ._training import Callback, FitResult, NonFiniteLossError, Trainer, TrainingError, fit
+from ._training import (
+    Callback,
+    FitResult,
+    NonFiniteLossError,
+    Status,
+    StopTraining,
+    Trainer,
+    TrainingError,
+    fit,
+)
+from .tracking import MlflowCallback, StudyTracker, TrackingWarning, sync_fallback
 
 try:
     __version__ = version("snopt")
@@ -64,6 +73,8 @@ __all__ = [
     "SNOptPreconditioner",
     "SolverError",
     "SolverStats",
+    "Status",
+    "StopTraining",
     "StudyTracker",
     "Task",
     "TimeSeriesTask",

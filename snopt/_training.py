@@ -9,16 +9,16 @@ optimizer, controller, scheduler, RNG states and the position in the data order)
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,65 @@ from torch import Tensor, nn
 
 from ._ode import SolverError, as_solver_error, ode_blocks
 
-STATUSES = ("completed", "interrupted", "failed", "pruned")
+
+class Status(str, enum.Enum):
+    """How a training run ended; :attr:`FitResult.status` holds one.
+
+    A ``str`` enum, so ``result.status == "completed"`` and JSON both work.  The MLflow and
+    Optuna callbacks map these in one place each.
+    """
+
+    COMPLETED = "completed"
+    """Every planned step ran."""
+    INTERRUPTED = "interrupted"
+    """Stopped by Ctrl-C or SIGTERM; a checkpoint was saved."""
+    FAILED = "failed"
+    """A solver failure, a non-finite loss or an exception in the loop."""
+    PRUNED = "pruned"
+    """A callback stopped it as not promising (an Optuna pruner, say)."""
+    BUDGET = "budget"
+    """A callback stopped it because a budget (work, NFE, time) ran out."""
+
+    @property
+    def description(self) -> str:
+        """One line on what the status means."""
+        return _STATUS_DESCRIPTIONS[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_STATUS_DESCRIPTIONS = {
+    Status.COMPLETED: "every planned step ran",
+    Status.INTERRUPTED: "stopped by Ctrl-C or SIGTERM; a checkpoint was saved",
+    Status.FAILED: "a solver failure, a non-finite loss or an error in the loop",
+    Status.PRUNED: "stopped by a callback as not promising",
+    Status.BUDGET: "stopped by a callback because a budget ran out",
+}
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training early, with a status and a reason.
+
+    The trainer catches it, ends the run with ``status`` (the result is returned, not
+    raised) and calls every callback's ``on_fit_end``.  Optuna's pruning callback raises it
+    with :attr:`Status.PRUNED` and turns the result into ``optuna.TrialPruned`` outside the
+    loop, so that training knows nothing of Optuna.
+
+    Args:
+        status: :attr:`Status.PRUNED` or :attr:`Status.BUDGET`.
+        message: why training stopped.
+    """
+
+    def __init__(self, status: Status | str, message: str = "") -> None:
+        status = Status(status)
+        if status not in (Status.PRUNED, Status.BUDGET):
+            raise ValueError(
+                f"`status` of StopTraining must be 'pruned' or 'budget', but got {status.value!r}."
+            )
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class TrainingError(RuntimeError):
@@ -46,7 +104,8 @@ class FitResult:
     """What a training run produced.
 
     Attributes:
-        status: one of ``"completed"``, ``"interrupted"``, ``"failed"``, ``"pruned"``.
+        status: how the run ended, a :class:`Status` (``"completed"``, ``"interrupted"``,
+            ``"failed"``, ``"pruned"`` or ``"budget"``).
         message: why the run ended, when it did not complete.
         history: one dict per step (step, epoch, wall_time, train_loss, lr, nfe_forward,
             nfe_backward, ``t1/<block>`` for every ODE block, controller values) with
@@ -57,7 +116,7 @@ class FitResult:
         checkpoint: path of the last checkpoint written, if any.
     """
 
-    status: str
+    status: Status
     message: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
@@ -67,7 +126,7 @@ class FitResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the result."""
         return {
-            "status": self.status,
+            "status": str(self.status),
             "message": self.message,
             "final": self.final,
             "stats": _jsonable(self.stats),
@@ -91,7 +150,7 @@ def _jsonable(value: Any) -> Any:
 class Callback:
     """Hooks into the training loop; override what you need.
 
-    Callbacks may raise to stop training (``optuna.TrialPruned`` marks the run pruned).
+    A callback stops training early by raising :class:`StopTraining` with a status.
     """
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -108,14 +167,6 @@ class Callback:
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         """Called once at the end, whatever the status."""
-
-
-class _Steppable(Protocol):
-    def step(self) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class _Objective:
@@ -430,7 +481,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         bar = _progress_bar(self.total_steps, self.step, enabled=self.progress)
-        status, message, error = "completed", "", None
+        status, message, error = Status.COMPLETED, "", None
         try:
             for batch in self._batches():
                 record = self._train_step(batch)
@@ -452,8 +503,10 @@ class Trainer:
                 self._evaluate(self.history[-1])
             if self.checkpoint_path is not None:
                 self.save_checkpoint(self.checkpoint_path)
+        except StopTraining as exc:
+            status, message = exc.status, f"Stopped at step {self.step}: {exc.message}"
         except KeyboardInterrupt:
-            status = "interrupted"
+            status = Status.INTERRUPTED
             path = self.checkpoint_path or Path("snopt-interrupted.pt")
             self.save_checkpoint(path)
             message = (
@@ -465,11 +518,7 @@ class Trainer:
             solver = as_solver_error(exc)
             if solver is not None:
                 error = solver
-            optuna = sys.modules.get("optuna")
-            if optuna is not None and isinstance(exc, optuna.TrialPruned):
-                status, message = "pruned", f"Pruned at step {self.step}: {exc}"
-            else:
-                status, message = "failed", f"{type(error).__name__}: {error}"
+            status, message = Status.FAILED, f"{type(error).__name__}: {error}"
         finally:
             if bar is not None:
                 bar.close()
@@ -477,7 +526,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         if error is not None:
-            if status == "pruned" or not isinstance(error, (TrainingError, SolverError)):
+            if not isinstance(error, (TrainingError, SolverError)):
                 raise error
             if isinstance(error, TrainingError):
                 error.result = result
@@ -485,7 +534,7 @@ class Trainer:
             raise TrainingError(str(error), result) from error
         return result
 
-    def _result(self, status: str, message: str) -> FitResult:
+    def _result(self, status: Status, message: str) -> FitResult:
         final = dict(self.last_eval)
         if self.history:
             final["train_loss"] = self.history[-1]["train_loss"]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from snopt.search import PruningCallback
 
-from snopt._tracking import (
+from snopt._training import Callback, Status, StopTraining
+from snopt.tracking import (
     PARENT_RUN_ATTR,
     StudyTracker,
     log_report,
@@ -20,7 +22,6 @@ from snopt._tracking import (
     start_parent_run,
     tracking_callback_factory,
 )
-from snopt._training import Callback
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -39,7 +40,7 @@ class _PruneAt(Callback):
 
     def on_evaluate(self, trainer, record):
         if record["step"] == self.step:  # as Optuna's pruner would, on an evaluation
-            raise optuna.TrialPruned(f"pruned at step {self.step}")
+            raise StopTraining(Status.PRUNED, f"pruned at step {self.step}")
 
 
 WORKER = textwrap.dedent(
@@ -50,7 +51,7 @@ WORKER = textwrap.dedent(
     from torch import nn
     from snopt import fit
     from snopt._ode import ODEBlock
-    from snopt._tracking import StudyTracker
+    from snopt.tracking import StudyTracker
 
     class Field(nn.Module):
         def __init__(self):
@@ -102,7 +103,8 @@ def _run_study(mlflow_server, tmp_path, toy, second_worker):
         callbacks = tracker(trial, {"lr": lr})
         if trial.number == 1:
             callbacks.insert(0, _PruneAt(trial, 2))
-        return toy.fit(callbacks, lr=lr, max_steps=4, eval_every=2).final["val_loss"]
+        result = toy.fit(callbacks, lr=lr, max_steps=4, eval_every=2)
+        return PruningCallback.raise_if_pruned(result).final["val_loss"]
 
     study.optimize(objective, n_trials=2)
     second_worker(storage, objective)
@@ -302,7 +304,7 @@ def test_mlflow_storage_trials_log_into_their_own_runs(mlflow_server, monkeypatc
 def test_study_tracked_while_mlflow_is_down_is_synced_with_its_structure(
     mlflow_server, tmp_path, toy, unused_port, monkeypatch
 ):
-    from snopt._tracking import TrackingWarning, sync_fallback
+    from snopt.tracking import TrackingWarning, sync_fallback
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     fallback = tmp_path / "fallback"

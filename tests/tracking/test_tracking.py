@@ -13,20 +13,17 @@ import torch
 from torch import nn
 
 from snopt import RunConfig, run_training
-from snopt._tracking import (
+from snopt._training import Callback, NonFiniteLossError
+from snopt.cli._tracking import TrackingCommand, UiCommand, add_tracking_arguments, tracking_callbacks
+from snopt.tracking import (
     DEFAULT_EXPERIMENT,
     MlflowCallback,
-    TrackingCommand,
     TrackingWarning,
-    UiCommand,
-    add_tracking_arguments,
     default_tracking_uri,
     flatten_params,
     pending_journals,
     sync_fallback,
-    tracking_callbacks,
 )
-from snopt._training import Callback, NonFiniteLossError
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from snopt._tracking import MlflowCallback
+from snopt.tracking import MlflowCallback
 
 STEPS = 6
 EXPERIMENT = "snopt"

@@ -1,22 +1,17 @@
-"""The ``snopt`` command line: ``train``, ``search``, ``compare``, ``worker``, ``ui``.
-
-Every subcommand is a :class:`Command` with ``add_arguments`` and ``run``; usage errors
-print the subcommand's help, ``--debug`` shows tracebacks.
-"""
+"""Pieces every subcommand shares: the Command interface, argument parsers, tables and JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._control import DEFAULT_LR as CONTROL_DEFAULT_LR
-from ._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
+from .._control import DEFAULT_LR as CONTROL_DEFAULT_LR
+from .._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
 
 
 class Command(ABC):
@@ -251,131 +246,3 @@ def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
-
-
-class TrainCommand(Command):
-    """``snopt train``: train one model and print a summary."""
-
-    name = "train"
-    help = "train a Neural ODE on a built-in task"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_run_arguments(parser)
-        parser.add_argument(
-            "--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)"
-        )
-        parser.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
-        parser.add_argument(
-            "--output-json",
-            default=None,
-            metavar="PATH",
-            help="write final metrics, history and stats as JSON",
-        )
-        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-        _add_tracking_arguments(parser)
-
-    def run(self, args: argparse.Namespace) -> int:
-        from ._run import build_run, run_training
-        from ._training import TrainingError
-
-        config = config_from_args(args, checkpoint=args.checkpoint, resume=args.resume)
-        run = build_run(config)
-        callbacks = _tracking_callbacks(args, config, run)
-        try:
-            result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
-        except TrainingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            if args.output_json and exc.result is not None:
-                write_json(args.output_json, {"config": config.to_dict(), **exc.result.to_dict()})
-            return 1
-        summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
-        summary["control"] = config.control
-        summary.update(result.final)
-        summary["steps"] = result.stats["steps"]
-        summary["wall_time_s"] = result.stats["wall_time"]
-        summary["nfe_total"] = result.stats["nfe_total"]
-        print_table([summary], title=f"snopt train: {result.status}")
-        if result.message:
-            print(result.message)
-        if args.output_json:
-            write_json(args.output_json, {"config": config.to_dict(), **result.to_dict()})
-            print(f"summary written to {args.output_json}")
-        return 0 if result.status == "completed" else 130
-
-
-def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._tracking import add_tracking_arguments
-
-    add_tracking_arguments(parser)
-
-
-def _tracking_callbacks(args: argparse.Namespace, config: RunConfig, run: Any) -> list[Any]:
-    from ._tracking import tracking_callbacks
-
-    tags = {"task": config.task, "optimizer": config.optimizer, "strategy": config.control}
-    return list(tracking_callbacks(args, config.to_dict(), tags))
-
-
-def _commands() -> list[Command]:
-    from ._tracking import TRACKING_COMMANDS
-    from .search._cli import SEARCH_COMMANDS
-
-    return [TrainCommand(), *[cls() for cls in SEARCH_COMMANDS], *[cls() for cls in TRACKING_COMMANDS]]
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser], dict[str, Command]]:
-    """The top-level parser, its subparsers and commands by name."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="snopt",
-        description="Second-order training of Neural ODEs (SNOpt), horizon control and studies, "
-        "tracked in MLflow.",
-    )
-    parser.add_argument("--version", action="version", version=f"snopt {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers: dict[str, argparse.ArgumentParser] = {}
-    commands: dict[str, Command] = {}
-    for command in _commands():
-        p = sub.add_parser(
-            command.name,
-            help=command.help,
-            description=command.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        command.add_arguments(p)
-        subparsers[command.name] = p
-        commands[command.name] = command
-    return parser, subparsers, commands
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``snopt`` command; returns the exit code."""
-    parser, subparsers, commands = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        return commands[args.command].run(args)
-    except UsageError as exc:
-        subparsers[args.command].print_usage(sys.stderr)
-        print(f"snopt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI reports errors instead of tracebacks
-        if getattr(args, "debug", False):
-            raise
-        print(
-            f"snopt {args.command}: error: {type(exc).__name__}: {exc} (use --debug for a traceback)",
-            file=sys.stderr,
-        )
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

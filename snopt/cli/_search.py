@@ -13,9 +13,25 @@ import contextlib
 import os
 from typing import Any
 
-from snopt._run import RunConfig
-from snopt._tracking import add_tracking_arguments, study_tracker
-from snopt.cli import (
+from .._run import RunConfig
+from ..search import (
+    DEFAULT_EPSILON,
+    DEFAULT_STORAGE,
+    DEFAULT_STRATEGIES,
+    HORIZON,
+    PRUNERS,
+    STRATEGIES,
+    Budget,
+    SearchSpace,
+    Study,
+    compare,
+    create_study,
+    default_space,
+    load_study,
+    resolve_storage,
+    run_workers,
+)
+from ._base import (
     Command,
     UsageError,
     _positive_float,
@@ -24,13 +40,7 @@ from snopt.cli import (
     config_from_args,
     print_table,
 )
-
-from ._budget import Budget
-from ._compare import DEFAULT_EPSILON, DEFAULT_STRATEGIES, compare, run_workers
-from ._space import HORIZON, SearchSpace, default_space
-from ._storage import DEFAULT_STORAGE, resolve_storage
-from ._strategies import PRUNERS, STRATEGIES
-from ._study import Study, create_study, load_study
+from ._tracking import add_tracking_arguments, study_tracker
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
 #: digits, the settings of ``benchmarks/search.py``.  The controller waits 10 steps, then
@@ -396,7 +406,3 @@ class WorkerCommand(Command):
         study.optimize(n_trials=args.n_trials, timeout=args.timeout)
         _print_study(study)
         return 0
-
-
-#: The command classes that ``snopt.cli`` registers.
-SEARCH_COMMANDS = (SearchCommand, CompareCommand, WorkerCommand)

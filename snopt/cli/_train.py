@@ -1,0 +1,66 @@
+"""``snopt train``: train one model on a built-in task."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .._run import RunConfig
+from ._base import Command, add_run_arguments, config_from_args, print_table, write_json
+from ._tracking import add_tracking_arguments, tracking_callbacks
+
+
+class TrainCommand(Command):
+    """``snopt train``: train one model and print a summary."""
+
+    name = "train"
+    help = "train a Neural ODE on a built-in task"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_run_arguments(parser)
+        parser.add_argument(
+            "--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)"
+        )
+        parser.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
+        parser.add_argument(
+            "--output-json",
+            default=None,
+            metavar="PATH",
+            help="write final metrics, history and stats as JSON",
+        )
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_tracking_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .._run import build_run, run_training
+        from .._training import TrainingError
+
+        config = config_from_args(args, checkpoint=args.checkpoint, resume=args.resume)
+        run = build_run(config)
+        callbacks = _tracking_callbacks(args, config, run)
+        try:
+            result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
+        except TrainingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            if args.output_json and exc.result is not None:
+                write_json(args.output_json, {"config": config.to_dict(), **exc.result.to_dict()})
+            return 1
+        summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
+        summary["control"] = config.control
+        summary.update(result.final)
+        summary["steps"] = result.stats["steps"]
+        summary["wall_time_s"] = result.stats["wall_time"]
+        summary["nfe_total"] = result.stats["nfe_total"]
+        print_table([summary], title=f"snopt train: {result.status}")
+        if result.message:
+            print(result.message)
+        if args.output_json:
+            write_json(args.output_json, {"config": config.to_dict(), **result.to_dict()})
+            print(f"summary written to {args.output_json}")
+        return 0 if result.status == "completed" else 130
+
+
+def _tracking_callbacks(args: argparse.Namespace, config: RunConfig, run: Any) -> list[Any]:
+    tags = {"task": config.task, "optimizer": config.optimizer, "strategy": config.control}
+    return list(tracking_callbacks(args, config.to_dict(), tags))

@@ -1,0 +1,620 @@
+"""MLflow runs of studies and comparisons: parent runs, nested trial runs, reports."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .._training import Callback
+from ._callback import MlflowCallback
+from ._common import (
+    _MAX_TAG_LENGTH,
+    _OFFLINE_PREFIX,
+    _PARENT_TAG,
+    _TERMINAL,
+    DEFAULT_EXPERIMENT,
+    EXPERIMENT_ATTR,
+    PARENT_RUN_ATTR,
+    TRACKING_URI_ATTR,
+    _describe,
+    _jsonable,
+    _logger,
+    _metric_key,
+    _now_ms,
+    _resolve_uri,
+    _short_http_retries,
+    _truncate,
+    default_fallback_dir,
+    flatten_params,
+    git_commit,
+    package_versions,
+)
+from ._journal import (
+    _Journal,
+    sync_fallback,
+)
+from ._ops import (
+    _mlflow_run_env,
+)
+from ._sink import _RunSink
+
+
+# ---------------------------------------------------------------------- studies
+def _optuna_study(study: Any) -> Any:
+    """The ``optuna.Study`` inside a :class:`snopt.search.Study` (or the study itself)."""
+    inner = getattr(study, "__dict__", {}).get("study")
+    return inner if inner is not None and hasattr(inner, "_study_id") else study
+
+
+def _study_storage(study: Any) -> Any:
+    storage = getattr(_optuna_study(study), "_storage", None)
+    return getattr(storage, "_backend", storage)
+
+
+def _is_mlflow_storage(storage: Any) -> bool:
+    return any(
+        cls.__name__ == "MlflowStorage" and cls.__module__.startswith("mlflow.")
+        for cls in type(storage).__mro__
+    )
+
+
+def parent_run_id(study: Any) -> str | None:
+    """The MLflow parent run of an Optuna study (set by :func:`start_parent_run`), or None."""
+    if _is_mlflow_storage(_study_storage(study)):
+        return str(_optuna_study(study)._study_id)
+    value = study.user_attrs.get(PARENT_RUN_ATTR)
+    return str(value) if value else None
+
+
+def start_parent_run(
+    study: Any = None,
+    *,
+    name: str | None = None,
+    kind: str = "study",
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    fallback_dir: str | os.PathLike | None = None,
+    nest_under: str | None = None,
+) -> str:
+    """Create the parent run of a study or comparison (or find the one a worker should join).
+
+    With an Optuna ``study`` whose user attributes already hold :data:`PARENT_RUN_ATTR`
+    (another worker started it), that run id is returned and nothing is created; otherwise the
+    new run's id is stored there, with the tracking URI and experiment, so that every worker
+    nests its trials under the same parent.  A study stored in ``mlflow.optuna.MlflowStorage``
+    is its own parent run.  Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) that run is the parent.
+
+    Args:
+        study: the Optuna study (optional for a comparison of several studies).
+        name: run name (default: the study's name).
+        kind: ``"study"`` or ``"comparison"`` (tag ``snopt.kind``).
+        tracking_uri: as for :class:`MlflowCallback`.
+        experiment: experiment name.
+        tags: extra tags.
+        params: params of the study (budget, strategies, search space...), flattened.
+        fallback_dir: where the run goes if MLflow is unreachable.
+        nest_under: make this run a child of that run (a study inside a comparison).
+
+    Returns:
+        The parent run id (``offline:<id>`` while it only exists in the local fallback).
+    """
+    if kind not in ("study", "comparison"):
+        raise ValueError(f"`kind` must be 'study' or 'comparison', but got kind={kind!r}.")
+    if study is not None:
+        existing = parent_run_id(study)
+        if existing:
+            return existing
+    uri = _resolve_uri(tracking_uri)
+    sink = _RunSink(
+        uri,
+        experiment,
+        fallback_dir=Path(fallback_dir) if fallback_dir else default_fallback_dir(),
+        run_id=None if nest_under else _mlflow_run_env(uri),
+    )
+    all_tags = {"snopt.kind": kind, "mlflow.source.name": "snopt", "mlflow.source.type": "LOCAL"}
+    if nest_under:
+        all_tags[_PARENT_TAG] = nest_under
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    if study is not None:
+        all_tags["optuna.study_name"] = study.study_name
+    all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    with _short_http_retries():
+        if sink.run_id is None:
+            run_id = sink.create_run(name or (study.study_name if study is not None else None), all_tags)
+        else:
+            run_id = sink.run_id
+            sink.log_batch(tags=all_tags)
+        flat = flatten_params(params or {})
+        flat.update({f"version.{k}": v for k, v in package_versions().items()})
+        sink.log_batch(params=flat)
+        sink.close()
+    if study is not None:
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        study.set_user_attr(TRACKING_URI_ATTR, uri)
+        study.set_user_attr(EXPERIMENT_ATTR, experiment)
+        # Two workers that started at once: the attribute written last wins for everyone.
+        winner = study.user_attrs.get(PARENT_RUN_ATTR, run_id) if hasattr(study, "user_attrs") else run_id
+        if winner != run_id:
+            end_parent_run(run_id, status="KILLED", tracking_uri=uri, quiet=True)
+            return str(winner)
+    return run_id
+
+
+def _parent_sink(run_id: str, tracking_uri: str | None, fallback_dir: str | os.PathLike | None) -> _RunSink:
+    uri = _resolve_uri(tracking_uri)
+    fallback = Path(fallback_dir) if fallback_dir else default_fallback_dir()
+    sink = _RunSink(uri, DEFAULT_EXPERIMENT, fallback_dir=fallback, run_id=run_id)
+    if run_id.startswith(_OFFLINE_PREFIX):
+        # The parent only exists in the fallback: record what happens to it there too.
+        sink.journal = _Journal(
+            fallback,
+            {"tracking_uri": uri, "experiment": DEFAULT_EXPERIMENT, "run_id": run_id, "created": _now_ms()},
+        )
+    return sink
+
+
+def end_parent_run(
+    run_id: str,
+    status: str = "FINISHED",
+    *,
+    tracking_uri: str | None = None,
+    fallback_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> None:
+    """End a parent run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``).
+
+    Args:
+        run_id: the run.
+        status: its final status.
+        tracking_uri: as for :class:`MlflowCallback`.
+        fallback_dir: where the status goes if MLflow is unreachable.
+        quiet: do not print MLflow's link to the run.
+    """
+    if status not in _TERMINAL:
+        raise ValueError(f"`status` must be one of {list(_TERMINAL)}, but got status={status!r}.")
+    if os.environ.get("MLFLOW_RUN_ID") == run_id:
+        return  # `mlflow run` ends its own run from the exit code
+    with _short_http_retries():
+        sink = _parent_sink(run_id, tracking_uri, fallback_dir)
+        sink.submit({"op": "terminate", "status": status, "end_time": _now_ms(), "quiet": quiet})
+        sink.close()
+
+
+class StudyTracker:
+    """MLflow runs of a study or a comparison: a parent run and a nested run per trial.
+
+    A comparison gets one parent run, one child run per study (strategy and seed) and one
+    grandchild per trial; a single study gets a parent run and one child per trial.  The
+    tracker is picklable (it holds only names and ids), so it can be handed to worker
+    processes as ``trial_callbacks_factory``; a worker that loads the study from its storage
+    finds the run ids in the study's user attributes (:data:`PARENT_RUN_ATTR`).
+
+    Use it with :func:`snopt.search.compare`::
+
+        with StudyTracker(kind="comparison", name="digits", params={...}) as tracker:
+            report = compare(..., **tracker.hooks())
+
+    and with one study (``snopt search``)::
+
+        with StudyTracker(kind="study", name=study.study_name) as tracker:
+            tracker.start(study)  # records the parent run in the study, for its workers
+            study.optimize(...)   # the study's objective uses tracker as trial_callbacks_factory
+            tracker.on_study_end(study)
+
+    The context manager starts the parent run and ends it ``FINISHED``, ``FAILED`` on an
+    exception or ``KILLED`` on Ctrl-C (:meth:`start` and :meth:`end` do the same by hand).
+
+    Args:
+        kind: ``"comparison"`` or ``"study"``.
+        name: name of the parent run.
+        tracking_uri: as for :class:`MlflowCallback`.
+        experiment: experiment name.
+        tags: tags of the parent run and of every trial run.
+        params: params of the parent run (budget, strategies, base configuration...).
+        log_models: log each trial's final model (off by default: studies run many trials).
+        parent_run_id: an existing parent run to use instead of creating one.
+        fallback_dir: where runs go if MLflow is unreachable.
+        **callback_kwargs: further :class:`MlflowCallback` arguments for the trial runs
+            (``log_figures`` is off by default for trials).
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str = "comparison",
+        name: str | None = None,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        log_models: bool = False,
+        parent_run_id: str | None = None,
+        fallback_dir: str | os.PathLike | None = None,
+        **callback_kwargs: Any,
+    ) -> None:
+        if kind not in ("study", "comparison"):
+            raise ValueError(f"`kind` must be 'study' or 'comparison', but got kind={kind!r}.")
+        valid = set(inspect.signature(MlflowCallback.__init__).parameters) - {
+            "self", "config", "tracking_uri", "experiment", "tags", "parent_run_id", "run_id", "log_model",
+            "fallback_dir",
+        }  # fmt: skip
+        unknown = sorted(set(callback_kwargs) - valid)
+        if unknown:
+            raise ValueError(f"Unknown StudyTracker arguments {unknown}; valid ones are {sorted(valid)}.")
+        self.kind = kind
+        self.name = name
+        self.tracking_uri = _resolve_uri(tracking_uri)
+        self.experiment = experiment
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.params = dict(params or {})
+        self.log_models = log_models
+        # Under `mlflow run`, that run is the parent unless told otherwise.
+        env_run = os.environ.get("MLFLOW_RUN_ID") or None
+        self.parent_run_id = parent_run_id or env_run
+        self._from_env = parent_run_id is None and env_run is not None
+        self._owns_parent = False  # set when start() creates the run
+        self.fallback_dir = str(fallback_dir) if fallback_dir is not None else None
+        # Per-trial figures repeat what the UI charts from the metrics; studies run many trials.
+        callback_kwargs.setdefault("log_figures", False)
+        self.callback_kwargs = callback_kwargs
+
+    @classmethod
+    def for_study(cls, study: Any, **kwargs: Any) -> StudyTracker | None:
+        """The tracker of a worker that joins ``study`` (None if the study is not tracked)."""
+        parent = parent_run_id(study)
+        if parent is None:
+            return None
+        attrs = study.user_attrs
+        kwargs.setdefault("tracking_uri", attrs.get(TRACKING_URI_ATTR))
+        kwargs.setdefault("experiment", attrs.get(EXPERIMENT_ATTR) or DEFAULT_EXPERIMENT)
+        return cls(kind="study", parent_run_id=parent, **kwargs)
+
+    # ------------------------------------------------------------ parent runs
+    def start(self, study: Any = None) -> str:
+        """Create (or find) the parent run; with ``study``, record it in the study for workers."""
+        if study is not None and self.kind == "study":
+            existing = parent_run_id(study)
+            if existing is not None:
+                self.parent_run_id = existing
+                return existing
+            if self.parent_run_id is not None and not self._from_env:
+                study.set_user_attr(PARENT_RUN_ATTR, self.parent_run_id)
+                study.set_user_attr(TRACKING_URI_ATTR, self.tracking_uri)
+                study.set_user_attr(EXPERIMENT_ATTR, self.experiment)
+                return self.parent_run_id
+        elif self.parent_run_id is not None and not self._from_env:
+            return self.parent_run_id
+        # Creates the run, or (under `mlflow run`) logs the tags and params on that run.
+        self.parent_run_id = start_parent_run(
+            study if self.kind == "study" else None,
+            name=self.name,
+            kind=self.kind,
+            tracking_uri=self.tracking_uri,
+            experiment=self.experiment,
+            tags=self.tags,
+            params=self.params,
+            fallback_dir=self.fallback_dir,
+        )
+        self._owns_parent = self.parent_run_id != os.environ.get("MLFLOW_RUN_ID")
+        self._from_env = False
+        return self.parent_run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the parent run (if this tracker created it); replay it if it went to the fallback."""
+        if self.parent_run_id is not None and self._owns_parent:
+            end_parent_run(
+                self.parent_run_id, status, tracking_uri=self.tracking_uri, fallback_dir=self.fallback_dir
+            )
+            if self.parent_run_id.startswith(_OFFLINE_PREFIX):
+                # Try once to replay the study now; `snopt tracking sync` does it later otherwise.
+                try:
+                    sync_fallback(self.fallback_dir)
+                except Exception as exc:  # noqa: BLE001 - the journals stay for a later sync
+                    _logger.info("Sync of the fallback failed: %s", _describe(exc))
+
+    def __enter__(self) -> StudyTracker:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # ---------------------------------------------------------- study hooks
+    def on_study_start(self, study: Any) -> None:
+        """A comparison: a child run for ``study``; a single study: the parent run itself."""
+        if self.kind == "study":
+            self.start(study)
+            return
+        if parent_run_id(study) is not None:
+            return  # resumed study: keep its run
+        parent = self.start()
+        desc = study.user_attrs.get("snopt", {}) if hasattr(study, "user_attrs") else {}
+        tags = dict(self.tags)
+        for key in ("strategy", "seed"):
+            value = getattr(study, key, None) if getattr(study, key, None) is not None else desc.get(key)
+            if value is not None:
+                tags[key] = str(value)
+        start_parent_run(
+            study,
+            name=study.study_name,
+            kind="study",
+            tracking_uri=self.tracking_uri,
+            experiment=self.experiment,
+            tags=tags,
+            params={k: desc[k] for k in ("budget", "sampler", "pruner") if desc.get(k) is not None},
+            fallback_dir=self.fallback_dir,
+            nest_under=parent,
+        )
+
+    def on_study_end(self, study: Any) -> None:
+        """Log the study's outcome on its run; end it when it is a comparison's child."""
+        run_id = parent_run_id(study)
+        if run_id is None:
+            return
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        counts = {
+            "trials": len(trials),
+            "trials_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
+        }
+        metrics: dict[str, float] = {k: float(v) for k, v in counts.items()}
+        tags: dict[str, str] = {}
+        if counts["trials_complete"]:
+            best = study.best_trial
+            metrics["best_value"] = float(best.value)
+            tags["best_trial"] = str(best.number)
+            tags["best_params"] = _truncate(json.dumps(best.params, default=str), _MAX_TAG_LENGTH)
+        log_report(run_id, metrics=metrics, tags=tags, tracking_uri=self.tracking_uri,
+                   fallback_dir=self.fallback_dir)  # fmt: skip
+        if self.kind == "comparison" and run_id != self.parent_run_id:
+            end_parent_run(
+                run_id, "FINISHED", tracking_uri=self.tracking_uri, fallback_dir=self.fallback_dir, quiet=True
+            )
+
+    def on_report(self, report: Any) -> None:
+        """Log the comparison report (table, figures, Markdown/JSON files) on the parent run."""
+        log_report(self.start(), report, tracking_uri=self.tracking_uri, fallback_dir=self.fallback_dir)
+
+    # --------------------------------------------------------------- trials
+    def callback(self, trial: Any = None, config: Mapping[str, Any] | Any = None) -> MlflowCallback:
+        """A fresh :class:`MlflowCallback` for one trial, nested under its study's run.
+
+        A study that records its parent run (see :func:`start_parent_run`) also records where
+        that run lives; the trial run goes there, whichever worker runs the trial.
+        """
+        parent = self.parent_run_id
+        uri, experiment = self.tracking_uri, self.experiment
+        tags = dict(self.tags)
+        tags["snopt.kind"] = "trial"
+        kwargs = dict(self.callback_kwargs)
+        run_name = kwargs.pop("run_name", None)
+        cfg: dict[str, Any] | None = None
+        if config is not None:
+            cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+            for key, name in (("task", "task"), ("optimizer", "optimizer")):
+                if cfg.get(key) is not None:
+                    tags.setdefault(name, str(cfg[key]))
+        if trial is not None:
+            tags["optuna.trial_number"] = str(trial.number)
+            strategy = (getattr(trial, "user_attrs", None) or {}).get("strategy")
+            if strategy:
+                tags["strategy"] = str(strategy)
+            study = getattr(trial, "study", None)
+            if study is not None:
+                tags["optuna.study_name"] = study.study_name
+                recorded = parent_run_id(study)
+                if recorded is not None:
+                    attrs = study.user_attrs
+                    parent = recorded
+                    uri = attrs.get(TRACKING_URI_ATTR) or uri
+                    experiment = attrs.get(EXPERIMENT_ATTR) or experiment
+                if _is_mlflow_storage(_study_storage(study)):
+                    kwargs["run_id"] = str(trial._trial_id)
+                    kwargs.setdefault("end_run", False)
+            if getattr(trial, "params", None):
+                cfg = dict(cfg or {})
+                cfg["trial"] = dict(trial.params)
+            prefix = tags.get("strategy")
+            run_name = run_name or (f"{prefix}-trial-{trial.number}" if prefix else f"trial-{trial.number}")
+        return MlflowCallback(
+            cfg,
+            tracking_uri=uri,
+            experiment=experiment,
+            run_name=run_name,
+            tags=tags,
+            parent_run_id=parent,
+            log_model=self.log_models,
+            fallback_dir=self.fallback_dir,
+            **kwargs,
+        )
+
+    def __call__(self, trial: Any = None, config: Mapping[str, Any] | Any = None) -> list[Callback]:
+        """``trial_callbacks_factory(trial, config)`` of :mod:`snopt.search`: ``[callback]``."""
+        return [self.callback(trial, config)]
+
+    def hooks(self) -> dict[str, Any]:
+        """The keyword arguments that make :func:`snopt.search.compare` log to this tracker."""
+        return {
+            "trial_callbacks_factory": self,
+            "on_study_start": self.on_study_start,
+            "on_study_end": self.on_study_end,
+            "on_report": self.on_report,
+        }
+
+
+def tracking_callback_factory(
+    parent_run_id: str | None,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> StudyTracker:
+    """A picklable factory of fresh per-trial callbacks nested under ``parent_run_id``.
+
+    Args:
+        parent_run_id: the parent run (from :func:`start_parent_run` or :func:`parent_run_id`).
+        tracking_uri: as for :class:`MlflowCallback`.
+        experiment: experiment name.
+        tags: tags of every trial run.
+        **kwargs: further :class:`StudyTracker` arguments (``log_models=True``...).
+
+    Returns:
+        A :class:`StudyTracker`: ``factory(trial, config)`` gives ``[MlflowCallback]`` (the form
+        ``snopt.search`` expects) and ``factory.callback(trial, config)`` the callback itself.
+        A trial of a study that records its own parent run (a comparison's study) nests under
+        that run; a trial of a study stored in ``mlflow.optuna.MlflowStorage`` logs into the
+        trial's own run.
+    """
+    return StudyTracker(
+        kind="study",
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        tags=tags,
+        **kwargs,
+    )
+
+
+def _report_part(report: Any, key: str) -> Any:
+    if report is None:
+        return None
+    if isinstance(report, Mapping):
+        return report.get(key)
+    return getattr(report, key, None)
+
+
+def log_report(
+    parent_run_id: str,
+    report: Any = None,
+    *,
+    table: Any = None,
+    figures: Mapping[str, Any] | None = None,
+    files: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    artifact_dir: str = "report",
+    fallback_dir: str | os.PathLike | None = None,
+) -> None:
+    """Log a comparison or study report on its parent run.
+
+    The parts come from the keyword arguments or, where those are None, from ``report``
+    (a mapping or an object with the same names: ``table``/``rows``, ``figures``, ``files``
+    (a list, or a mapping of names to paths), ``metrics``; a ``snopt.search.ComparisonReport``
+    gives its ``summary()`` rows, its studies, its ``target`` and each strategy's best as
+    ``best/<strategy>``).  A table (a list of row dicts, a dict of columns or a DataFrame) goes
+    through ``MlflowClient.log_table`` as ``<artifact_dir>/summary.json`` (shown in the UI's
+    artifact view and usable with ``mlflow.load_table``); figures (matplotlib figures or image
+    paths, by file name) go to ``<artifact_dir>/figures``; files (Markdown, JSON, folders) to
+    ``<artifact_dir>``; metrics are logged on the parent.  A report with ``to_dict()`` is also
+    saved as ``<artifact_dir>/report.json``.
+
+    Args:
+        parent_run_id: the parent run.
+        report: the report object or mapping.
+        table, figures, files, metrics, tags: the parts (see above).
+        tracking_uri: as for :class:`MlflowCallback`.
+        artifact_dir: artifact folder of the report.
+        fallback_dir: where the report goes if MLflow is unreachable.
+    """
+    table = table if table is not None else (_report_part(report, "table") or _report_part(report, "rows"))
+    studies = None
+    if table is None and callable(getattr(report, "summary", None)):
+        # A snopt.search.ComparisonReport: one row per strategy, and one per study.
+        table = report.summary()
+        # Per-trial curves stay in report.json; the table keeps one line per study.
+        studies = [
+            {k: v for k, v in _jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
+            for s in getattr(report, "studies", [])
+        ] or None
+        if metrics is None:
+            metrics = {}
+            if isinstance(getattr(report, "target", None), (int, float)):
+                metrics["target"] = float(report.target)
+            for row in table:
+                if isinstance(row.get("best"), (int, float)) and row.get("strategy"):
+                    metrics[f"best/{row['strategy']}"] = float(row["best"])
+    figures = figures if figures is not None else _report_part(report, "figures")
+    files = files if files is not None else _report_part(report, "files")
+    metrics = metrics if metrics is not None else _report_part(report, "metrics")
+    if isinstance(files, Mapping):  # e.g. ComparisonReport.files: name -> path
+        files = list(files.values())
+    paths = [Path(p) for p in (files or ())]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"`files` names paths that do not exist: {missing}.")
+    sink = _parent_sink(parent_run_id, tracking_uri, fallback_dir)
+    with _short_http_retries(), tempfile.TemporaryDirectory(prefix="snopt-report-") as tmp:
+        try:
+            folder = Path(tmp)
+            if table is not None:
+                data = _table_data(table)
+                sink.submit(
+                    {"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/summary.json"}
+                )
+            if studies:
+                data = _table_data(studies)
+                sink.submit(
+                    {"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/studies.json"}
+                )
+            if hasattr(report, "to_dict"):
+                text = json.dumps(_jsonable(report.to_dict()), indent=2, default=str)
+                (folder / "report.json").write_text(text)
+                sink.submit(
+                    {"op": "log_artifact", "path": str(folder / "report.json"), "artifact_path": artifact_dir}
+                )
+            if figures:
+                fig_dir = folder / "figures"
+                fig_dir.mkdir()
+                for fname, fig in dict(figures).items():
+                    target = fig_dir / Path(fname if Path(fname).suffix else f"{fname}.png").name
+                    if isinstance(fig, (str, os.PathLike)):
+                        shutil.copy2(fig, target)
+                    else:
+                        fig.savefig(target)
+                sink.submit(
+                    {"op": "log_artifact", "path": str(fig_dir), "artifact_path": f"{artifact_dir}/figures"}
+                )
+            for path in paths:
+                sink.submit({"op": "log_artifact", "path": str(path), "artifact_path": artifact_dir})
+            if metrics or tags:
+                ts = _now_ms()
+                rows = [(_metric_key(k), float(v), ts, 0) for k, v in (metrics or {}).items()]
+                sink.log_batch(rows, tags={str(k): str(v) for k, v in (tags or {}).items()})
+        finally:
+            sink.close()
+
+
+def _table_data(table: Any) -> dict[str, list[Any]]:
+    """A table as a dict of columns, the form ``log_table`` accepts without pandas tricks."""
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):  # a DataFrame
+        table = table.to_dict(orient="list")
+
+    def cell(value: Any) -> Any:
+        value = _jsonable(value)
+        return json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+
+    if isinstance(table, Mapping):
+        return {str(k): [cell(v) for v in col] for k, col in table.items()}
+    rows = [dict(r) for r in table]
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+    return {c: [cell(r.get(c)) for r in rows] for c in cols}
