@@ -225,7 +225,6 @@ class TrainingObjective:
         config = self.space.apply(self.config, values)
         control = control_of(self.strategy)
         data = config.to_dict()
-        data["lr"] = config.lr
         data["control"] = control
         bounds = self.space.horizon_bounds()
         if control != "fixed" and bounds is not None and config.t1_bounds is None:

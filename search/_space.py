@@ -389,7 +389,6 @@ class SearchSpace:
     def apply(self, config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
         """A copy of ``config`` with ``values`` set (config fields directly, the rest as model arguments)."""
         data = config.to_dict()
-        data["lr"] = config.lr
         model_kwargs = dict(config.model_kwargs)
         for name, value in values.items():
             if name == TOLERANCE:

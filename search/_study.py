@@ -423,7 +423,6 @@ def create_study(
     if config is not None and config.seed != seed:
         # One seed per study: it drives the sampler and every training run.
         data = config.to_dict()
-        data["lr"] = config.lr
         data["seed"] = seed
         config = RunConfig.from_dict(data)
     if config is not None:

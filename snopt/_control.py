@@ -54,6 +54,8 @@ from typing import Any, ClassVar, NamedTuple, Union, final
 import torch
 from torch import Tensor, nn
 
+from . import _defaults as D
+from ._defaults import COSTS, POLICIES
 from ._ode import ODEBlock, ode_blocks
 
 #: A constant step size, or a callable of the 0-based update index returning it.
@@ -63,16 +65,12 @@ Bounds = tuple[float, float]
 # None, else the square of the batch gradient.
 Reading = tuple[float, float, Union[int, None]]  # noqa: UP007
 
-#: Names accepted by ``Controller(policy=...)``.
-POLICIES = ("fixed", "gradient", "feedback")
-#: Names accepted by ``cost=``.
-COSTS = ("quadratic", "linear")
 #: Without bounds a horizon stays at least this far above its block's ``t0``.
 MIN_HORIZON = 1e-3
 #: Step size ``eta`` of each policy when none is given (tuned on the built-in tasks; see
 #: ``benchmarks/horizon.py``).  The gradient policy's step is in units of T per unit of
 #: ``Q_phi``, the feedback policy's is a fraction of a Gauss-Newton step.
-DEFAULT_LR = {"gradient": 3.0, "feedback": 0.5}
+DEFAULT_LR = D.POLICY_LR
 
 
 # ---------------------------------------------------------------------------- checks
@@ -686,17 +684,17 @@ class Controller:
     def __init__(
         self,
         model: nn.Module,
-        policy: str | BasePolicy = "feedback",
+        policy: str | BasePolicy = D.CONTROL["policy"],
         lr: Schedule | None = None,
-        penalty: float = 1e-3,
-        cost: str | BaseCost = "quadratic",
-        every: int = 50,
+        penalty: float = D.CONTROL["penalty"],
+        cost: str | BaseCost = D.CONTROL["cost"],
+        every: int = D.CONTROL["every"],
         bounds: Bounds | Mapping[str, Bounds] | None = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-        momentum: float = 0.9,
-        max_step: float | None = 1.0,
-        warmup: int = 0,
+        momentum: float = D.CONTROL["momentum"],
+        max_step: float | None = D.CONTROL["max_step"],
+        warmup: int = D.CONTROL["warmup"],
         horizons: bool | Sequence[str] = True,
     ) -> None:
         if not isinstance(model, nn.Module):

@@ -18,20 +18,10 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from ._defaults import ADAPTIVE_METHODS, METHODS, ODE
+
 State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 - a runtime alias on Python 3.10
 
-ADAPTIVE_METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")
-FIXED_METHODS = (
-    "euler",
-    "explicit_adams",
-    "fixed_adams",
-    "heun2",
-    "heun3",
-    "implicit_adams",
-    "midpoint",
-    "rk4",
-)
-METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 
 _ADAPTIVE_OPTIONS = frozenset(
     {
@@ -235,14 +225,14 @@ class ODEBlock(nn.Module):
     def __init__(
         self,
         func: nn.Module,
-        t0: float = 0.0,
-        t1: float = 1.0,
+        t0: float = ODE["t0"],
+        t1: float = ODE["t1"],
         *,
-        method: str = "dopri5",
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
+        method: str = ODE["method"],
+        rtol: float = ODE["rtol"],
+        atol: float = ODE["atol"],
         options: dict[str, Any] | None = None,
-        adjoint: bool = True,
+        adjoint: bool = ODE["adjoint"],
     ) -> None:
         super().__init__()
         if not isinstance(func, nn.Module):

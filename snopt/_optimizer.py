@@ -29,6 +29,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from . import _defaults as D
 from ._curvature import CurvatureCollector, TrackedLayer
 
 Schedule = Union[float, Callable[[int], float]]  # noqa: UP007 - a runtime alias
@@ -407,14 +408,14 @@ class SNOpt(torch.optim.Optimizer):
         self,
         model: nn.Module,
         lr: Schedule,
-        momentum: Schedule = 0.9,
-        weight_decay: Schedule = 0.0,
+        momentum: Schedule = D.SNOPT["momentum"],
+        weight_decay: Schedule = D.SNOPT["weight_decay"],
         *,
-        eps: Schedule = 0.05,
-        update_freq: int | Callable[[int], int] = 100,
-        alpha: Schedule = 0.75,
-        sample_step: Schedule = 0.01,
-        full_precond: bool = True,
+        eps: Schedule = D.SNOPT["eps"],
+        update_freq: int | Callable[[int], int] = D.SNOPT["update_freq"],
+        alpha: Schedule = D.SNOPT["alpha"],
+        sample_step: Schedule = D.SNOPT["sample_step"],
+        full_precond: bool = D.SNOPT["full_precond"],
         params: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):

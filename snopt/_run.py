@@ -1,155 +1,41 @@
-"""One resolved run configuration and the function that trains it.
+"""Building and training the run a :class:`~snopt._config.RunConfig` describes.
 
-``RunConfig`` is the single description of a training run shared by the CLI, the
-studies in ``snopt.search`` and the benchmarks; ``run_training`` builds the task, the
-model, the optimizer and the controller from it and calls :func:`snopt.fit`.
+``build_run`` turns a configuration into the task, the data, the model, the optimizer and
+the controller; ``run_training`` trains it with :func:`snopt.fit`.  The configuration itself
+lives in :mod:`snopt._config` (importable without torch).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._control import COSTS, POLICIES, Controller, check_max_step, check_momentum, check_warmup
+from ._config import RunConfig
+from ._control import Controller
 from ._training import Callback, FitResult, fit
 
-OPTIMIZERS = ("adam", "sgd", "snopt")
-CONTROL_POLICIES = POLICIES
-#: Learning rates used when ``RunConfig.lr`` is None.
-DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2}
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a training run, with validated values.
-
-    Attributes:
-        task: built-in task name (``digits``, ``toy2d``, ``timeseries``).
-        task_kwargs: extra arguments of the task (e.g. ``{"dataset": "two_moons"}``).
-        model_kwargs: extra arguments of ``task.build_model`` (e.g. ``{"width": 32}``).
-        t1: initial integration horizon of every ODE block.
-        method, rtol, atol, adjoint: solver settings of every ODE block.
-        optimizer: ``adam``, ``sgd`` or ``snopt``.
-        lr: learning rate (None: :data:`DEFAULT_LR` of the optimizer).
-        momentum, weight_decay: for SGD and SNOpt (weight decay for Adam too).
-        snopt_eps, snopt_update_freq, snopt_alpha, snopt_sample_step, snopt_full_precond:
-            SNOpt's hyperparameters.
-        control: ``fixed``, ``gradient`` or ``feedback`` policy for the horizons.
-        t1_lr, t1_penalty, t1_cost, t1_every, t1_bounds: the controller's settings
-            (``t1_lr`` None: the policy's own default, :data:`snopt._control.DEFAULT_LR`).
-        t1_momentum, t1_max_step, t1_warmup: the controller's running-average momentum, its
-            trust region (None: none) and the steps before its first estimate (see
-            :class:`snopt.Controller`).
-        epochs, max_steps, batch_size, eval_every: the training budget.
-        seed, device, checkpoint, resume, max_grad_norm: run settings.
-    """
-
-    task: str = "digits"
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    t1: float = 1.0
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    adjoint: bool = True
-    optimizer: str = "adam"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    snopt_eps: float = 0.05
-    snopt_update_freq: int = 100
-    snopt_alpha: float = 0.75
-    snopt_sample_step: float = 0.01
-    snopt_full_precond: bool = True
-    control: str = "fixed"
-    t1_lr: float | None = None
-    t1_penalty: float = 1e-3
-    t1_cost: str = "quadratic"
-    t1_every: int = 50
-    t1_bounds: tuple[float, float] | None = None
-    t1_momentum: float = 0.9
-    t1_max_step: float | None = 1.0
-    t1_warmup: int = 0
-    epochs: int | None = 3
-    max_steps: int | None = None
-    batch_size: int = 64
-    eval_every: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    checkpoint: str | None = None
-    resume: bool = False
-    max_grad_norm: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, but got {self.optimizer!r}.")
-        if self.control not in CONTROL_POLICIES:
-            raise ValueError(f"`control` must be one of {list(CONTROL_POLICIES)}, but got {self.control!r}.")
-        if self.t1_cost not in COSTS:
-            raise ValueError(f"`t1_cost` must be one of {list(COSTS)}, but got {self.t1_cost!r}.")
-        if self.t1_lr is not None and not (math.isfinite(self.t1_lr) and self.t1_lr > 0):
-            raise ValueError(f"`t1_lr` must be a positive number or None, but got t1_lr={self.t1_lr}.")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"`lr` must be a positive number, but got lr={self.lr}.")
-        if not (math.isfinite(self.t1) and self.t1 > 0):
-            raise ValueError(f"`t1` must be a positive number, but got t1={self.t1}.")
-        for name in ("batch_size",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, but got {name}={value!r}.")
-        if self.t1_bounds is not None:
-            self.t1_bounds = (float(self.t1_bounds[0]), float(self.t1_bounds[1]))
-        # The controller's own checks, under this config's names, so that a bad setting fails
-        # before any data is loaded.
-        self.t1_momentum = check_momentum("t1_momentum", self.t1_momentum)
-        self.t1_max_step = check_max_step("t1_max_step", self.t1_max_step)
-        self.t1_warmup = check_warmup("t1_warmup", self.t1_warmup)
-
-    @property
-    def resolved_lr(self) -> float:
-        """The learning rate actually used."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (with the resolved learning rate)."""
-        data = asdict(self)
-        data["lr"] = self.resolved_lr
-        if self.t1_bounds is not None:
-            data["t1_bounds"] = list(self.t1_bounds)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Build from a dict; unknown keys are an error that lists the valid ones."""
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"Unknown RunConfig keys {unknown}; valid keys are {sorted(valid)}.")
-        data = dict(data)
-        if data.get("t1_bounds") is not None:
-            data["t1_bounds"] = tuple(data["t1_bounds"])
-        return cls(**data)
+__all__ = ["Run", "RunConfig", "build_controller", "build_optimizer", "build_run", "run_training"]
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The parameter optimizer named by ``config.optimizer``."""
+    config = config.resolved()
     lr = config.resolved_lr
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+            model.parameters(), lr=lr, momentum=_momentum(config), weight_decay=config.weight_decay
         )
     from ._optimizer import SNOpt
 
     return SNOpt(
         model,
         lr=lr,
-        momentum=config.momentum,
+        momentum=_momentum(config),
         weight_decay=config.weight_decay,
         eps=config.snopt_eps,
         update_freq=config.snopt_update_freq,
@@ -157,6 +43,13 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
         sample_step=config.snopt_sample_step,
         full_precond=config.snopt_full_precond,
     )
+
+
+def _momentum(config: RunConfig) -> float:
+    momentum = config.resolved().momentum
+    if momentum is None:
+        raise ValueError(f"The optimizer {config.optimizer!r} takes no momentum.")
+    return momentum
 
 
 def build_controller(config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:

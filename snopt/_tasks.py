@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._defaults import TASKS
 from ._layers import _check_int
 from ._models import CNF, ODERNN, ODEClassifier
 
 Batch = Sequence[Tensor]
-
-#: Names accepted by :func:`get_task`.
-TASKS = ("digits", "toy2d", "timeseries")
 
 
 def _check_fraction(name: str, value: object) -> float:

@@ -82,12 +82,13 @@ def test_train_writes_a_json_summary(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--t1", "-1"], "expected a positive number"),
+        (["--t1", "-1"], "--t1: `t1` must be a positive number, but got t1=-1.0."),
+        (["--lr=-1"], "--lr: `lr` must be a positive number or None, but got lr=-1.0."),
         (["--task", "mnist"], "invalid choice: 'mnist'"),
         (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
-        (["--epochs", "0"], "expected a positive integer"),
-        (["--method", "rk5"], "`method` must be one of"),
-        (["--t1-warmup", "-2"], "expected a non-negative integer"),
+        (["--epochs", "0"], "--epochs: `epochs` must be a positive integer"),
+        (["--method", "rk5"], "argument --method: invalid choice: 'rk5'"),
+        (["--t1-warmup", "-2"], "--t1-warmup: `t1_warmup` must be an integer >= 0"),
         (["--t1-momentum", "1.5"], "`t1_momentum` must be in [0, 1]"),
     ],
 )

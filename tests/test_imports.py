@@ -3,7 +3,7 @@
 Layers, lowest first: the core (``snopt/_*.py`` and its subpackages other than tracking and
 cli), ``search/`` (``snopt.search``), ``snopt/tracking/`` and ``snopt/cli/``.  A layer imports
 only from layers below it and from its own; the core imports only torch, torchdiffeq, numpy
-and the standard library (plus the two lazy, optional imports listed in ``CORE_LAZY``).
+and the standard library (plus the lazy imports listed in ``CORE_LAZY``).
 The facade ``snopt/__init__.py`` re-exports core and tracking names.
 """
 
@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "search", "tracking", "cli")
 CORE_THIRD_PARTY = {"torch", "torchdiffeq", "numpy"}
 #: Imports the core makes inside a function only: the bundled digits data and toy densities
-#: (scikit-learn) and progress bars on a terminal (tqdm).
-CORE_LAZY = {"sklearn", "tqdm"}
+#: (scikit-learn), progress bars on a terminal (tqdm) and run-configuration files
+#: (``RunConfig.from_file``: PyYAML, and tomli where the standard library has no tomllib).
+CORE_LAZY = {"sklearn", "tqdm", "yaml", "tomli"}
 SEARCH_THIRD_PARTY = CORE_THIRD_PARTY | CORE_LAZY | {"optuna", "matplotlib"}
 
 

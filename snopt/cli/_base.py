@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._control import DEFAULT_LR as CONTROL_DEFAULT_LR
-from .._run import CONTROL_POLICIES, COSTS, DEFAULT_LR, OPTIMIZERS, RunConfig
+from .._config import GROUPS, RunConfig
 
 
 class Command(ABC):
@@ -82,134 +82,131 @@ def _key_values(text: str) -> dict[str, Any]:
     return out
 
 
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """The value kind of a RunConfig field (bool, int, float, str, dict, pair) and whether None is allowed."""
+    text = str(f.type).replace(" ", "")
+    optional = text.endswith("|None")
+    text = text.removesuffix("|None")
+    for prefix, kind in (
+        ("dict", "dict"),
+        ("tuple", "pair"),
+        ("bool", "bool"),
+        ("int", "int"),
+        ("float", "float"),
+    ):
+        if text.startswith(prefix):
+            return kind, optional
+    return "str", optional
+
+
+def _number(kind: str, optional: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            what = "an integer" if kind == "int" else "a number"
+            raise argparse.ArgumentTypeError(
+                f"expected {what}{' or none' if optional else ''}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _text(optional: bool) -> Callable[[str], Any]:
+    return lambda text: None if optional and text.strip().lower() == "none" else text
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == {}:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a RunConfig field: ``t1_lr`` -> ``--t1-lr``."""
+    return "--" + name.replace("_", "-")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | None = None) -> None:
-    """Add the flags of every :class:`RunConfig` field to ``parser``."""
-    d = defaults or RunConfig()
-    g = parser.add_argument_group("task and model")
-    g.add_argument("--task", default=d.task, choices=["digits", "toy2d", "timeseries"], help="built-in task")
+    """Add a flag for every :class:`RunConfig` field, and ``--config FILE``.
+
+    The flags are generated from the fields (their type, check, help and group live in the
+    field metadata, see :mod:`snopt._config`); each help line shows the default once, from
+    ``defaults`` (a command's own base configuration) or the field's default.  Values given on
+    the command line override a ``--config`` file, which overrides ``defaults``; all of them get
+    RunConfig's checks in :func:`config_from_args`.
+    """
+    base = defaults or RunConfig()
+    parser.set_defaults(_run_base=base)
+    g = parser.add_argument_group("configuration")
     g.add_argument(
-        "--task-kwargs",
-        type=_key_values,
-        default=d.task_kwargs,
-        metavar="K=V,...",
-        help="task arguments, e.g. dataset=two_moons",
+        "--config",
+        default=None,
+        metavar="FILE",
+        help='TOML, YAML or JSON file of run settings (field names as keys, e.g. optimizer = "snopt"); '
+        "flags given here override it",
     )
-    g.add_argument(
-        "--model-kwargs",
-        type=_key_values,
-        default=d.model_kwargs,
-        metavar="K=V,...",
-        help="model arguments, e.g. width=32,n_blocks=2",
-    )
-    g = parser.add_argument_group("ODE solver")
-    g.add_argument("--t1", type=_positive_float, default=d.t1, help="initial horizon T of every ODE block")
-    g.add_argument("--method", default=d.method, help="torchdiffeq method (dopri5, rk4, euler, ...)")
-    g.add_argument("--rtol", type=_positive_float, default=d.rtol, help="relative tolerance")
-    g.add_argument("--atol", type=_positive_float, default=d.atol, help="absolute tolerance")
-    g.add_argument(
-        "--adjoint",
-        action=argparse.BooleanOptionalAction,
-        default=d.adjoint,
-        help="adjoint (O(1) memory) or direct backprop through the solver",
-    )
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="parameter optimizer")
-    g.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=d.lr,
-        help=f"learning rate (default per optimizer: {DEFAULT_LR})",
-    )
-    g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, help="momentum (SGD, SNOpt)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay, help="weight decay")
-    g.add_argument("--snopt-eps", type=_positive_float, default=d.snopt_eps, help="SNOpt damping eps")
-    g.add_argument(
-        "--snopt-update-freq",
-        type=_positive_int,
-        default=d.snopt_update_freq,
-        help="SNOpt: steps between curvature refreshes",
-    )
-    g.add_argument(
-        "--snopt-alpha", type=float, default=d.snopt_alpha, help="SNOpt second-moment decay in [0, 1)"
-    )
-    g.add_argument(
-        "--snopt-sample-step",
-        type=_positive_float,
-        default=d.snopt_sample_step,
-        help="SNOpt: sampling grid spacing as a fraction of the horizon",
-    )
-    g.add_argument(
-        "--snopt-full-precond",
-        action=argparse.BooleanOptionalAction,
-        default=d.snopt_full_precond,
-        help="SNOpt: also precondition layers outside the ODE blocks",
-    )
-    g = parser.add_argument_group("horizon control")
-    g.add_argument(
-        "--control", choices=CONTROL_POLICIES, default=d.control, help="policy that updates T in training"
-    )
-    g.add_argument(
-        "--t1-lr",
-        type=_positive_float,
-        default=d.t1_lr,
-        help=f"step size eta of the T policy (default per policy: {CONTROL_DEFAULT_LR})",
-    )
-    g.add_argument("--t1-penalty", type=_nonneg_float, default=d.t1_penalty, help="weight of the cost on T")
-    g.add_argument("--t1-cost", choices=COSTS, default=d.t1_cost, help="shape of the cost on T")
-    g.add_argument("--t1-every", type=_positive_int, default=d.t1_every, help="steps between T updates")
-    g.add_argument(
-        "--t1-bounds",
-        type=_positive_float,
-        nargs=2,
-        default=d.t1_bounds,
-        metavar=("LOW", "HIGH"),
-        help="bounds on T (a projection; clipping is counted)",
-    )
-    g.add_argument(
-        "--t1-momentum",
-        type=_nonneg_float,
-        default=d.t1_momentum,
-        help="weight of older steps in the running estimates between T updates, in [0, 1]",
-    )
-    g.add_argument(
-        "--t1-max-step",
-        type=_positive_float,
-        default=d.t1_max_step,
-        help="trust region: one update multiplies or divides T by at most 1 + this",
-    )
-    g.add_argument(
-        "--t1-warmup",
-        type=_nonneg_int,
-        default=d.t1_warmup,
-        help="training steps before the controller's first estimate",
-    )
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training data")
-    g.add_argument("--max-steps", type=_positive_int, default=d.max_steps, help="cap on optimizer steps")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="batch size")
-    g.add_argument(
-        "--eval-every",
-        type=_positive_int,
-        default=d.eval_every,
-        help="evaluate every N steps (default: each epoch)",
-    )
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--max-grad-norm", type=_positive_float, default=d.max_grad_norm, help="gradient clipping")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind, optional = _kind(f)
+        default = meta.get("default_text") or _shown(getattr(base, f.name))
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{meta['help']} (default: {default})".replace("%", "%%"),
+        }
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == "dict":
+            kwargs.update(type=_key_values, metavar=meta.get("metavar") or "K=V,...")
+        elif kind == "pair":
+            kwargs.update(type=_number("float", False), nargs=2, metavar=tuple(meta["metavar"].split()))
+        elif kind in ("int", "float"):
+            kwargs["type"] = _number(kind, optional)
+        else:
+            kwargs["type"] = _text(optional)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+        groups[meta["group"]].add_argument(flag_of(f.name), **kwargs)
+
+
+def _name_the_flag(message: str) -> str:
+    """Point a RunConfig message at the flag: "`t1_lr` must ..." -> "--t1-lr: `t1_lr` must ..."."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for word in message.split("`")[1::2]:
+        if word in names:
+            return f"{flag_of(word)}: {message}"
+    return message
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    """The :class:`RunConfig` described by parsed ``args`` (plus ``overrides``)."""
-    from dataclasses import fields
+    """The :class:`RunConfig` of parsed ``args``: the command's base, then ``--config``, then flags.
 
-    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    values.update(overrides)
-    if values.get("t1_bounds") is not None:
-        values["t1_bounds"] = tuple(values["t1_bounds"])
+    Raises:
+        UsageError: a value breaks a field's rule (the message names the flag) or the config
+            file cannot be read.
+    """
+    base: RunConfig = getattr(args, "_run_base", None) or RunConfig()
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given.update(overrides)
     try:
-        return RunConfig(**values)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        if getattr(args, "config", None):
+            base = RunConfig.from_file(args.config, base=base)
+        return RunConfig.from_dict(given, base=base)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(_name_the_flag(str(exc))) from exc
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:

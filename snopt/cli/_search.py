@@ -225,7 +225,11 @@ class SearchCommand(Command):
             kind="study",
             name=args.study_name or f"{config.task}-{args.strategy}",
             tags={"task": config.task, "strategy": args.strategy, "optimizer": config.optimizer},
-            params={"strategy": args.strategy, "budget": budget.describe(), "config": config.to_dict()},
+            params={
+                "strategy": args.strategy,
+                "budget": budget.describe(),
+                "config": config.resolved().to_dict(),
+            },
         )
         try:
             study = create_study(
@@ -319,7 +323,7 @@ class CompareCommand(Command):
                 "strategies": ",".join(args.strategies),
                 "seeds": ",".join(map(str, seeds)),
                 "budget": budget.describe(),
-                "config": config.to_dict(),
+                "config": config.resolved().to_dict(),
             },
         )
         with tracker or contextlib.nullcontext():

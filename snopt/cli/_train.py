@@ -44,7 +44,7 @@ class TrainCommand(Command):
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.output_json and exc.result is not None:
-                write_json(args.output_json, {"config": config.to_dict(), **exc.result.to_dict()})
+                write_json(args.output_json, {"config": config.resolved().to_dict(), **exc.result.to_dict()})
             return 1
         summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
         summary["control"] = config.control
@@ -56,11 +56,11 @@ class TrainCommand(Command):
         if result.message:
             print(result.message)
         if args.output_json:
-            write_json(args.output_json, {"config": config.to_dict(), **result.to_dict()})
+            write_json(args.output_json, {"config": config.resolved().to_dict(), **result.to_dict()})
             print(f"summary written to {args.output_json}")
         return 0 if result.status == "completed" else 130
 
 
 def _tracking_callbacks(args: argparse.Namespace, config: RunConfig, run: Any) -> list[Any]:
     tags = {"task": config.task, "optimizer": config.optimizer, "strategy": config.control}
-    return list(tracking_callbacks(args, config.to_dict(), tags))
+    return list(tracking_callbacks(args, config, tags))

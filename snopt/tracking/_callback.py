@@ -29,6 +29,7 @@ from ._common import (
     _param_value,
     _resolve_uri,
     _short_http_retries,
+    config_dict,
     default_fallback_dir,
     flatten_params,
     git_commit,
@@ -115,9 +116,7 @@ class MlflowCallback(Callback):
                 raise ValueError(f"`{name}` must be a positive number of seconds, but got {name}={value!r}.")
         if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
             raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
-        self.config: dict[str, Any] | None = (
-            None if config is None else dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        )
+        self.config: dict[str, Any] | None = None if config is None else config_dict(config)
         self.tracking_uri = _resolve_uri(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name

@@ -132,6 +132,19 @@ def _param_value(value: Any) -> str:
     return _truncate(text, _MAX_PARAM_LENGTH)
 
 
+def config_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """A configuration as a plain dict: a :class:`snopt.RunConfig` with its defaults resolved
+    (the learning rate the run used, not None), any other object through ``to_dict()``, or a
+    mapping as it is."""
+    if hasattr(config, "resolved") and not isinstance(config, Mapping):
+        config = config.resolved()
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
+    return dict(config)
+
+
 def flatten_params(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
     """Flatten a (nested) configuration into MLflow params.
 
@@ -143,10 +156,7 @@ def flatten_params(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[st
         ``{"task": "digits", "model_kwargs.width": "4", ...}``: nested mappings become dotted
         keys, lists become JSON, values are strings cut to MLflow's length limit.
     """
-    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
+    config = config_dict(config)
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}.{key}" if prefix else str(key)

@@ -30,6 +30,7 @@ from ._common import (
     _resolve_uri,
     _short_http_retries,
     _truncate,
+    config_dict,
     default_fallback_dir,
     flatten_params,
     git_commit,
@@ -406,7 +407,7 @@ class StudyTracker:
         run_name = kwargs.pop("run_name", None)
         cfg: dict[str, Any] | None = None
         if config is not None:
-            cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+            cfg = config_dict(config)
             for key, name in (("task", "task"), ("optimizer", "optimizer")):
                 if cfg.get(key) is not None:
                     tags.setdefault(name, str(cfg[key]))

@@ -1,0 +1,120 @@
+"""Validators for user input, importable without torch.
+
+Each takes the argument's ``name`` and its ``value`` and returns the value (converted where
+that is lossless) or raises ``ValueError``/``TypeError`` with a message that names the
+argument, the rule and the value, as in
+``ValueError("`lr` must be a positive number, but got lr=-1.")``.  The library, the run
+configuration and the command line share them, so one input gets one message everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: ``check(name, value) -> value``: the shape every validator here has.
+Check = Callable[[str, Any], Any]
+
+
+def _fail(name: str, rule: str, value: Any) -> ValueError:
+    return ValueError(f"`{name}` must be {rule}, but got {name}={value!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def real(name: str, value: Any) -> float:
+    """A finite real number (an ``int`` or ``float``, never a ``bool``)."""
+    if not _is_number(value):
+        raise _fail(name, "a finite real number", value)
+    return float(value)
+
+
+def positive(name: str, value: Any) -> float:
+    """A finite number > 0."""
+    if not (_is_number(value) and value > 0):
+        raise _fail(name, "a positive number", value)
+    return float(value)
+
+
+def nonnegative(name: str, value: Any) -> float:
+    """A finite number >= 0."""
+    if not (_is_number(value) and value >= 0):
+        raise _fail(name, "a non-negative number", value)
+    return float(value)
+
+
+def fraction(name: str, value: Any, *, closed_high: bool = True) -> float:
+    """A number in [0, 1] (``closed_high=False``: in [0, 1))."""
+    value = real(name, value)
+    if not (0.0 <= value <= 1.0) or (not closed_high and value == 1.0):
+        raise _fail(name, "in [0, 1]" if closed_high else "in [0, 1)", value)
+    return value
+
+
+def integer(name: str, value: Any, *, low: int = 1) -> int:
+    """An integer >= ``low`` (a ``bool`` is not an integer here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        rule = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise _fail(name, rule, value)
+    return value
+
+
+def one_of(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """One of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, but got {name}={value!r}.")
+    return value
+
+
+def optional(check: Check) -> Check:
+    """``check`` that also accepts None."""
+
+    def checked(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(name, value)
+        except ValueError as exc:
+            # "`x` must be a positive number, but got ..." -> "... a positive number or None, but got ..."
+            raise ValueError(str(exc).replace(", but got", " or None, but got", 1)) from None
+
+    checked.__doc__ = f"None, or {check.__doc__ or check.__name__}"
+    return checked
+
+
+def bounds(name: str, value: Any) -> tuple[float, float] | None:
+    """None, or a pair ``(low, high)`` of numbers with ``low < high`` (infinite ends allowed)."""
+    if value is None:
+        return None
+    try:
+        low, high = value
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise _fail(name, "None or a pair (low, high)", value) from None
+    if math.isnan(low) or math.isnan(high) or not low < high:
+        raise _fail(name, "a pair (low, high) with low < high", value)
+    return low, high
+
+
+def mapping(name: str, value: Any) -> dict[str, Any]:
+    """A mapping with string keys (a copy is returned)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _fail(name, "a mapping with string keys", value)
+    return dict(value)
+
+
+def text(name: str, value: Any) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(name, "a non-empty string", value)
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool."""
+    if not isinstance(value, bool):
+        raise _fail(name, "True or False", value)
+    return value

@@ -1,0 +1,79 @@
+"""Every default setting of snopt, in one place, importable without torch.
+
+The classes take their signature defaults from here (:class:`snopt.ODEBlock`, the
+optimizers built by :func:`snopt.build_run`, :class:`snopt.Controller` and its policies),
+and :class:`snopt.RunConfig`, the command line, the studies and the MLflow project read
+them from here, so a user who switches between the library and ``snopt train`` gets the
+same run.  ``tests/snopt/test_defaults.py`` checks the class signatures against this file.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+#: Built-in task names (:func:`snopt.get_task`).
+TASKS = ("digits", "toy2d", "timeseries")
+
+#: torchdiffeq methods with adaptive steps, and with a fixed grid.
+ADAPTIVE_METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")
+FIXED_METHODS = (
+    "euler",
+    "explicit_adams",
+    "fixed_adams",
+    "heun2",
+    "heun3",
+    "implicit_adams",
+    "midpoint",
+    "rk4",
+)
+#: Every method an :class:`snopt.ODEBlock` accepts.
+METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+
+#: :class:`snopt.ODEBlock`: start and end time, solver and tolerances, adjoint mode.
+ODE: MappingProxyType[str, Any] = MappingProxyType(
+    {"t0": 0.0, "t1": 1.0, "method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint": True}
+)
+
+#: Parameter optimizers a run can use.
+OPTIMIZERS = ("adam", "sgd", "snopt")
+#: Learning rate of each optimizer when a run gives none.
+LR: MappingProxyType[str, float] = MappingProxyType({"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2})
+#: Momentum of each optimizer that has one, when a run gives none.
+MOMENTUM: MappingProxyType[str, float] = MappingProxyType({"sgd": 0.9, "snopt": 0.9})
+
+#: :class:`snopt.SNOpt`'s keyword defaults (its ``lr`` is :data:`LR` ``["snopt"]``).
+SNOPT: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "momentum": MOMENTUM["snopt"],
+        "weight_decay": 0.0,
+        "eps": 0.05,
+        "update_freq": 100,
+        "alpha": 0.75,
+        "sample_step": 0.01,
+        "full_precond": True,
+    }
+)
+
+#: Policies of :class:`snopt.Controller`, and the costs on the horizons.
+POLICIES = ("fixed", "gradient", "feedback")
+COSTS = ("quadratic", "linear")
+#: Step size ``eta`` of each policy when none is given.
+POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 3.0, "feedback": 0.5})
+#: :class:`snopt.Controller`'s defaults.
+CONTROL: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "policy": "feedback",
+        "penalty": 1e-3,
+        "cost": "quadratic",
+        "every": 50,
+        "momentum": 0.9,
+        "max_step": 1.0,
+        "warmup": 0,
+    }
+)
+
+#: The training budget and run settings of :class:`snopt.RunConfig` (``snopt train``).
+TRAINING: MappingProxyType[str, Any] = MappingProxyType(
+    {"epochs": 3, "batch_size": 64, "seed": 0, "device": "cpu"}
+)
