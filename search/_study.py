@@ -117,6 +117,11 @@ class Study:
         return self.study.study_name
 
     @property
+    def storage(self) -> str | BaseStorage | None:
+        """The storage this study was opened with: a URL, a storage object, or None (in memory)."""
+        return self._storage
+
+    @property
     def storage_url(self) -> str | None:
         """The storage URL (None for in-memory storage)."""
         return storage_url(self._storage)

@@ -210,7 +210,13 @@ _http_saved: dict[str, str | None] = {}
 
 @contextlib.contextmanager
 def _short_http_retries() -> Iterator[None]:
-    """Lower MLflow's HTTP retries while runs are active (user settings win)."""
+    """Lower MLflow's HTTP retries while runs are active (user settings win).
+
+    The one process-wide change snopt makes, scoped to active runs and undone after the last:
+    MLflow 3.17 has no public per-client retry or timeout setting, it reads
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and friends from the environment at each request. With
+    its defaults a dead server stalls training for minutes before the fallback journal takes over.
+    """
     global _http_users
     with _http_lock:
         if _http_users == 0:

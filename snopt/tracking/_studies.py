@@ -48,15 +48,13 @@ from ._sink import _RunSink
 
 
 # ---------------------------------------------------------------------- studies
-def _optuna_study(study: Any) -> Any:
-    """The ``optuna.Study`` inside a :class:`snopt.search.Study` (or the study itself)."""
-    inner = getattr(study, "__dict__", {}).get("study")
-    return inner if inner is not None and hasattr(inner, "_study_id") else study
-
-
 def _study_storage(study: Any) -> Any:
-    storage = getattr(_optuna_study(study), "_storage", None)
-    return getattr(storage, "_backend", storage)
+    """The storage of a :class:`snopt.search.Study` or an ``optuna.Study`` (a URL, object or None)."""
+    if hasattr(study, "storage"):
+        return study.storage
+    # optuna.Study has no public accessor for its storage (Optuna 5.0); only an MlflowStorage
+    # object matters here, and Optuna never wraps one.
+    return getattr(study, "_storage", None)
 
 
 def _is_mlflow_storage(storage: Any) -> bool:
@@ -69,7 +67,7 @@ def _is_mlflow_storage(storage: Any) -> bool:
 def parent_run_id(study: Any) -> str | None:
     """The MLflow parent run of an Optuna study (set by :func:`start_parent_run`), or None."""
     if _is_mlflow_storage(_study_storage(study)):
-        return str(_optuna_study(study)._study_id)
+        return str(_study_storage(study).get_study_id_from_name(study.study_name))
     value = study.user_attrs.get(PARENT_RUN_ATTR)
     return str(value) if value else None
 
@@ -431,6 +429,8 @@ class StudyTracker:
                     uri = attrs.get(TRACKING_URI_ATTR) or uri
                     experiment = attrs.get(EXPERIMENT_ATTR) or experiment
                 if _is_mlflow_storage(_study_storage(study)):
+                    # MlflowStorage's trial id is the trial's run id. Optuna has no public trial id
+                    # and MlflowStorage lacks get_trial_id_from_study_id_trial_number (MLflow 3.17).
                     kwargs["run_id"] = str(trial._trial_id)
                     kwargs.setdefault("end_run", False)
             prefix = tags.get("strategy")

@@ -26,7 +26,6 @@ from snopt.tracking import (
 )
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 
 from mlflow import MlflowClient  # noqa: E402
 
@@ -123,13 +122,18 @@ def assert_complete_run(client: MlflowClient, run, result, tracking_uri: str, *,
     assert any(p.startswith("checkpoint/") for p in paths), paths
     local = client.download_artifacts(run_id, "config.json")
     assert json.loads(Path(local).read_text())["config"]["model_kwargs"] == {"width": 4}
-    # The model, logged with mlflow.pytorch.log_model, loads back and predicts like the trained one.
+    # The model, a READY logged model of the run, loads back and predicts like the trained one.
     outputs = client.get_run(run_id).outputs
     assert outputs is not None and len(outputs.model_outputs) == 1
     model_id = outputs.model_outputs[0].model_id
-    with _use_tracking_uri(tracking_uri), warnings.catch_warnings():
+    logged = client.get_logged_model(model_id)
+    assert str(logged.status) == "READY" and logged.source_run_id == run_id
+    local_model = mlflow.artifacts.download_artifacts(
+        artifact_uri=logged.artifact_location, tracking_uri=tracking_uri
+    )
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        loaded = mlflow.pytorch.load_model(f"models:/{model_id}")
+        loaded = mlflow.pytorch.load_model(local_model)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     model.eval()
     loaded.eval()
