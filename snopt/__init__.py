@@ -5,17 +5,6 @@ The public face of the library; the implementation lives in private modules.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._control import (
-    BaseCost,
-    BasePolicy,
-    Controller,
-    ControlParameter,
-    FeedbackPolicy,
-    FixedPolicy,
-    GradientPolicy,
-    LinearCost,
-    QuadraticCost,
-)
 from ._curvature import CurvatureCollector
 from ._layers import ConcatConv2d, ConcatLinear, ConvField, MLPField
 from ._models import CNF, ODERNN, CNFField, ODEClassifier
@@ -32,6 +21,17 @@ from ._training import (
     Trainer,
     TrainingError,
     fit,
+)
+from .control import (
+    BaseCost,
+    BasePolicy,
+    Controller,
+    ControlParameter,
+    FeedbackPolicy,
+    FixedPolicy,
+    GradientPolicy,
+    LinearCost,
+    QuadraticCost,
 )
 from .tracking import MlflowCallback, StudyTracker, TrackingWarning, sync_fallback
 

@@ -58,6 +58,8 @@ SNOPT: MappingProxyType[str, Any] = MappingProxyType(
 #: Policies of :class:`snopt.Controller`, and the costs on the horizons.
 POLICIES = ("fixed", "gradient", "feedback")
 COSTS = ("quadratic", "linear")
+#: Curvature estimators of the feedback policy (see :mod:`snopt.control`).
+CURVATURES = ("gauss_newton", "fisher")
 #: Step size ``eta`` of each policy when none is given.
 POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 3.0, "feedback": 0.5})
 #: :class:`snopt.Controller`'s defaults.
@@ -70,6 +72,8 @@ CONTROL: MappingProxyType[str, Any] = MappingProxyType(
         "momentum": 0.9,
         "max_step": 1.0,
         "warmup": 0,
+        "curvature": "gauss_newton",
+        "feedback": True,
     }
 )
 
