@@ -134,7 +134,15 @@ def test_q_t_and_fisher_match_finite_differences(float64, adjoint, cost):
     y = torch.randn(6, 3)
     c = 0.05
     ctl = Controller(
-        block, policy="feedback", lr=0.1, penalty=c, cost=cost, every=1, momentum=0.0, curvature="fisher"
+        block,
+        warmup=0,
+        policy="feedback",
+        lr=0.1,
+        penalty=c,
+        cost=cost,
+        every=1,
+        momentum=0.0,
+        curvature="fisher",
     )
 
     def losses(t1):
@@ -190,7 +198,9 @@ def optimal_horizon(x0, y, c=C):
 
 def control_decay(policy, lr, t0, x0, y, updates, *, adjoint=False, bounds=None, max_step=1.0):
     block = ODEBlock(GaussianDecay(A), 0.0, t0, method="dopri5", rtol=1e-7, atol=1e-7, adjoint=adjoint)
-    ctl = Controller(block, policy=policy, lr=lr, penalty=C, every=1, bounds=bounds, max_step=max_step)
+    ctl = Controller(
+        block, warmup=0, policy=policy, lr=lr, penalty=C, every=1, bounds=bounds, max_step=max_step
+    )
     trajectory = [t0]
     for _ in range(updates):
         ((block(x0) - y) ** 2).mean().backward()
@@ -254,7 +264,9 @@ def test_without_bounds_the_horizon_stays_above_t0(float64):
     x0, y = decay_data()
     block = ODEBlock(GaussianDecay(A), 0.0, 0.5, method="rk4", options={"step_size": 0.05})
     # A huge linear cost drives T down as far as it may go.
-    ctl = Controller(block, policy="gradient", lr=1.0, penalty=100.0, cost="linear", every=1, max_step=None)
+    ctl = Controller(
+        block, warmup=0, policy="gradient", lr=1.0, penalty=100.0, cost="linear", every=1, max_step=None
+    )
     for _ in range(3):
         block.zero_t1_grad()
         ((block(x0) - y) ** 2).mean().backward()
@@ -280,7 +292,7 @@ def test_two_blocks_get_independent_horizons(float64):
     xa, ya = decay_data(seed=1, t_true=0.7)
     xb, yb = decay_data(seed=2, t_true=1.4)
     model = TwoBlocks()
-    ctl = Controller(model, policy="feedback", lr=0.5, penalty=C, every=1)
+    ctl = Controller(model, warmup=0, policy="feedback", lr=0.5, penalty=C, every=1)
     assert ctl.names == ["t1/first", "t1/second"]
     x, y = torch.cat([xa, xb], 1), torch.cat([ya, yb], 1)
     for _ in range(15):
@@ -336,7 +348,7 @@ def gaussian_nll(out, y):
 def control_damping(adjoint, k0, updates=20):
     x0, y, k_star = damping_data()
     block = ODEBlock(DampedField(k0), 0.0, 1.0, method="dopri5", rtol=1e-8, atol=1e-8, adjoint=adjoint)
-    ctl = Controller(block, policy="feedback", lr=0.5, every=4, momentum=1.0, horizons=False)
+    ctl = Controller(block, warmup=0, policy="feedback", lr=0.5, every=4, momentum=1.0, horizons=False)
     assert ctl.names == ["field.func.damping"]
     loader = DataLoader(
         TensorDataset(x0, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
@@ -379,7 +391,7 @@ def test_unused_control_parameter_warns():
             return -x
 
     block = ODEBlock(Unused(), method="rk4", options={"step_size": 0.5}, adjoint=False)
-    ctl = Controller(block, every=2)
+    ctl = Controller(block, warmup=0, every=2)
     x = torch.ones(2, 1, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="'field.func.k' received no gradient"):
         for _ in range(2):
@@ -428,7 +440,14 @@ def train(optimizer="sgd", max_steps=10, checkpoint=None, resume=False, policy="
 
         opt = SNOpt(model, lr=0.1, update_freq=3)
     ctl = Controller(
-        model, policy=policy, lr=0.3, penalty=1e-3, every=2, bounds={"t1/1": (0.1, 2.0)}, optimizer=opt
+        model,
+        warmup=0,
+        policy=policy,
+        lr=0.3,
+        penalty=1e-3,
+        every=2,
+        bounds={"t1/1": (0.1, 2.0)},
+        optimizer=opt,
     )
     train_loader, val_loader = make_loaders()
     result = fit(

@@ -42,7 +42,7 @@ def _plain_loop(zero_by_hand):
     block = ODEBlock(Velocity(2), 0.0, 0.5, method="rk4", options={"step_size": 0.1}, adjoint=False)
     model = nn.Sequential(block, nn.Linear(2, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ctl = Controller(model, policy="gradient", lr=0.5, every=2, penalty=0.0, optimizer=opt)
+    ctl = Controller(model, warmup=0, policy="gradient", lr=0.5, every=2, penalty=0.0, optimizer=opt)
     x, y = _data()
     for _ in range(12):
         opt.zero_grad()
@@ -88,7 +88,14 @@ def test_fisher_term_of_a_parameter_outside_any_block_uses_the_batch_size(float6
     fisher = sum(per_sample) / len(per_sample)
     model.scale.value.grad = None
     ctl = Controller(
-        model, policy="feedback", every=8, momentum=1.0, curvature="fisher", horizons=False, max_step=1e-12
+        model,
+        warmup=0,
+        policy="feedback",
+        every=8,
+        momentum=1.0,
+        curvature="fisher",
+        horizons=False,
+        max_step=1e-12,
     )
     g = torch.Generator().manual_seed(2)
     estimates = []
@@ -131,7 +138,7 @@ def _shifted_problem(t0, start, updates, max_step=None, penalty=0.5):
     block = ODEBlock(Velocity(1), t0, t0 + start, method="rk4", options={"step_size": 0.05}, adjoint=False)
     x = torch.zeros(16, 1)
     y = torch.full((16, 1), 1.5)
-    ctl = Controller(block, policy="feedback", lr=1.0, penalty=penalty, every=1, max_step=max_step)
+    ctl = Controller(block, warmup=0, policy="feedback", lr=1.0, penalty=penalty, every=1, max_step=max_step)
     path = [block.t1 - t0]
     for _ in range(updates):
         F.mse_loss(block(x), y).backward()

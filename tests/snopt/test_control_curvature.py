@@ -60,7 +60,7 @@ def _closed_form(model, block, x, y, fn, scale):
 
 
 def _one_update(model, x, y, fn, scale, **kwargs):
-    settings = dict(policy="feedback", every=1, penalty=0.0, max_step=None, momentum=0.0)
+    settings = dict(policy="feedback", every=1, penalty=0.0, max_step=None, momentum=0.0, warmup=0)
     settings.update(kwargs)
     ctl = Controller(model, **settings)
     (scale * fn(model(x), y)).backward()
@@ -210,7 +210,9 @@ def test_feedback_term_predicts_the_drift_of_the_full_batch_gradient(float64, lo
     model, block, x, y, fn = _setup(loss, "rk4", n=64)
     head = model[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
-    ctl = Controller(model, policy="feedback", lr=0.3, every=1, momentum=0.0, penalty=0.0, optimizer=opt)
+    ctl = Controller(
+        model, warmup=0, policy="feedback", lr=0.3, every=1, momentum=0.0, penalty=0.0, optimizer=opt
+    )
 
     def full_batch_q_t():
         v, weight, bias = block.func.v.detach(), head.weight.detach(), head.bias.detach()
