@@ -94,7 +94,7 @@ def test_feedback_step_is_invariant_to_the_scale_of_the_loss(float64, loss):
     fisher = {}
     for scale in (1.0, 100.0):
         model, block, x, y, fn = _setup(loss, "rk4")
-        fisher[scale] = _one_update(model, x, y, fn, scale, curvature="fisher")["t1/0/delta"]
+        fisher[scale] = _one_update(model, x, y, fn, scale, curvature="fisher", lr=0.01)["t1/0/delta"]
     assert fisher[100.0] == pytest.approx(fisher[1.0] / 100, rel=1e-6)
 
 
