@@ -22,6 +22,8 @@ _logger = logging.getLogger("snopt.tracking")
 DEFAULT_EXPERIMENT = "snopt"
 #: Optuna study user attribute holding the MLflow run id of the study's parent run.
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+#: Optuna trial user attribute: the MLflow run of the trial.
+RUN_ID_ATTR = "mlflow_run_id"
 #: Optuna study user attributes holding where the parent run lives.
 TRACKING_URI_ATTR = "mlflow_tracking_uri"
 EXPERIMENT_ATTR = "mlflow_experiment"
@@ -165,12 +167,6 @@ def flatten_params(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[st
         else:
             out[_truncate(name, _MAX_KEY_LENGTH)] = _param_value(value)
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    from .._training import _jsonable as convert
-
-    return convert(value)
 
 
 def package_versions() -> dict[str, str]:

@@ -68,11 +68,7 @@ def train_velocity(x0, y, start, steps=1500):
     return path, ctl
 
 
-CASES = [
-    pytest.param(noise, start, marks=[] if (noise, start) == (1.0, 4.0) else [pytest.mark.slow])
-    for noise in (0.05, 1.0, 3.0)
-    for start in (0.3, 4.0)
-]
+CASES = [pytest.param(noise, start) for noise in (0.05, 1.0, 3.0) for start in (0.3, 4.0)]
 
 
 @pytest.mark.parametrize("noise, start", CASES)
