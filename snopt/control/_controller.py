@@ -139,6 +139,15 @@ class Controller:
         curvature: ``"gauss_newton"`` (``J^T H J`` through the model output, invariant to
             the scale of the loss; needs the closure) or ``"fisher"`` (the paper's outer
             product of per-sample gradients, free but scaled by the square of the loss).
+            Gauss-Newton is right for any loss with curvature in the model output (MSE,
+            cross-entropy, Gaussian NLL, a loss of your own), at any scale and noise level;
+            where the loss is linear in the output (a CNF's ``-log p``) it uses the Fisher for
+            that update (counted as ``fisher_fallback``).  The Fisher is right only for a
+            calibrated negative log-likelihood near its optimum, or where the batch cannot be
+            recomputed by a closure (random augmentation, a stochastic model); on a low-noise
+            MSE it is far too small and the steps overshoot (``benchmarks/horizon_closed_form.py``).
+            Cost at ``every=5`` on digits: about 2% of a training step, 4% with the feedback
+            term (``benchmarks/horizon_overhead.py``).
         feedback: estimate the feedback term ``Q_phitheta . dtheta`` for the feedback policy
             (one more forward pass on update steps; needs the closure).
         horizons: control the horizons of all blocks (True), of none (False), or of the
