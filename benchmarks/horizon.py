@@ -28,6 +28,7 @@ Usage::
 
     python benchmarks/horizon.py            # full run (about 25 min on 2 idle CPU cores)
     python benchmarks/horizon.py --quick    # smoke run: 1 seed, fewer steps, 2 starts, 3 grid points
+    python benchmarks/horizon.py --defaults --tasks digits   # the controller's library defaults
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     settings: dict[str, Any] = {}
     if job["mode"] != "fixed":
-        settings = dict(POLICY_SETTINGS[job["mode"]], t1_penalty=TASKS[job["task"]]["t1_penalty"])
+        # --defaults: the library's controller (RunConfig's defaults) with only the task's cost weight.
+        tuned = {} if job.get("defaults") else POLICY_SETTINGS[job["mode"]]
+        settings = dict(tuned, t1_penalty=TASKS[job["task"]]["t1_penalty"])
     config = RunConfig(
         task=job["task"],
         model_kwargs=dict(TASKS[job["task"]]["model_kwargs"]),
@@ -416,6 +419,14 @@ def rebuild(path: Path, out: Path) -> int:
     return 0
 
 
+def _library_settings() -> dict[str, dict[str, Any]]:
+    """The controller settings of ``--defaults``: the library's, as RunConfig fields."""
+    from snopt import _defaults as D
+
+    shared = {f"t1_{k}": v for k, v in D.CONTROL.items() if k not in ("policy", "penalty")}
+    return {mode: dict(t1_lr=D.POLICY_LR[mode], **shared) for mode in POLICIES}
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -429,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, 40 steps, starts 0.05 and 4, grid 0.1/1/4"
+    )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="policies with the library's controller defaults instead of POLICY_SETTINGS (suffix _defaults)",
     )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -447,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = (0.1, 1.0, 4.0) if args.quick else GRID
     starts = (0.05, 4.0) if args.quick else STARTS
     steps = {t: args.steps or (40 if args.quick else TASKS[t]["steps"]) for t in args.tasks}
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("_defaults" if args.defaults else "")
     jobs = []
     for task in args.tasks:
         for seed in seeds:
@@ -457,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t0 in starts:
                     jobs.append(dict(task=task, mode=mode, t0=t0, seed=seed))
     for job in jobs:
-        job.update(steps=steps[job["task"]], threads=args.threads)
+        job.update(steps=steps[job["task"]], threads=args.threads, defaults=args.defaults)
     # Longest first (large horizons cost more), for a balanced pool.
     jobs.sort(key=lambda j: -j["t0"])
 
@@ -492,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "starts": list(starts),
         "steps": steps,
         "tasks": {t: TASKS[t] for t in args.tasks},
-        "policy_settings": POLICY_SETTINGS,
+        "policy_settings": _library_settings() if args.defaults else POLICY_SETTINGS,
         "total_minutes": (time.perf_counter() - started) / 60,
     }
     finish(report, runs, args.out)

@@ -43,21 +43,16 @@ from ._base import (
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
-#: digits, the settings of ``benchmarks/search.py``.  The controller waits 10 steps, then
-#: moves T every 5 steps by half the feedback policy's Newton step, at most by a factor 1.25;
-#: the cost weight 0.1 is in the units of the loss.  Shorter runs leave the feedback policy no
-#: room to settle (one epoch of 12 steps cost it its place in the comparison).
+#: digits, evaluated every 20 steps (the pruner's checkpoints).  The controller runs with the
+#: library's defaults (:data:`snopt._defaults.CONTROL`), the same as ``snopt.Controller`` and
+#: ``snopt train``.  Shorter runs leave the feedback policy no room to settle (one epoch of 12
+#: steps cost it its place in the comparison).
 COMPARE_DEFAULTS = RunConfig(
     task="digits",
     epochs=None,
     max_steps=60,
     batch_size=64,
     eval_every=20,
-    t1_every=5,
-    t1_lr=0.5,
-    t1_max_step=0.25,
-    t1_warmup=10,
-    t1_penalty=0.1,
 )
 #: ``snopt compare``'s default budget per strategy (and seed): whichever comes first.  On two
 #: idle cores 24,000 NFE take 50-75 s; GP's own fitting time can make the 75 s bind first.

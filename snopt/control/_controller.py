@@ -75,7 +75,14 @@ class _Variable:
         self.state = policy.init(get())
         self.estimator = RunningMean()
         self.batch: int | None = None
-        self.counts = {"updates": 0, "clipped": 0, "limited": 0, "skipped": 0, "missing": 0}
+        self.counts = {
+            "updates": 0,
+            "clipped": 0,
+            "limited": 0,
+            "skipped": 0,
+            "missing": 0,
+            "fisher_fallback": 0,
+        }
         self.last: dict[str, float] = {}
         self.warned = False
 
@@ -132,6 +139,15 @@ class Controller:
         curvature: ``"gauss_newton"`` (``J^T H J`` through the model output, invariant to
             the scale of the loss; needs the closure) or ``"fisher"`` (the paper's outer
             product of per-sample gradients, free but scaled by the square of the loss).
+            Gauss-Newton is right for any loss with curvature in the model output (MSE,
+            cross-entropy, Gaussian NLL, a loss of your own), at any scale and noise level;
+            where the loss is linear in the output (a CNF's ``-log p``) it uses the Fisher for
+            that update (counted as ``fisher_fallback``).  The Fisher is right only for a
+            calibrated negative log-likelihood near its optimum, or where the batch cannot be
+            recomputed by a closure (random augmentation, a stochastic model); on a low-noise
+            MSE it is far too small and the steps overshoot (``benchmarks/horizon_closed_form.py``).
+            Cost at ``every=5`` on digits: about 2% of a training step, 4% with the feedback
+            term (``benchmarks/horizon_overhead.py``).
         feedback: estimate the feedback term ``Q_phitheta . dtheta`` for the feedback policy
             (one more forward pass on update steps; needs the closure).
         horizons: control the horizons of all blocks (True), of none (False), or of the
@@ -337,7 +353,9 @@ class Controller:
         overall; per variable ``<name>/updates``, ``<name>/clipped`` (projections onto the
         bounds), ``<name>/limited`` (changes cut by the trust region ``max_step``),
         ``<name>/skipped`` (updates without a usable estimate), ``<name>/missing`` (steps whose
-        backward gave the variable no gradient), and, after an update, ``<name>/Q_phi``,
+        backward gave the variable no gradient), ``<name>/fisher_fallback`` (Gauss-Newton
+        updates that used the empirical Fisher because the loss is linear in the model
+        output), and, after an update, ``<name>/Q_phi``,
         ``<name>/Q_phiphi``, ``<name>/feedback`` (the term ``Q_phitheta . dtheta``),
         ``<name>/delta`` and ``<name>/lr``.
         """
@@ -410,9 +428,16 @@ class Controller:
             self.curvature_time += time.perf_counter() - start
 
     def _curvature(self, var: _Variable, estimate: Estimate | None) -> float:
-        """``Q_phiphi`` of the loss (without the cost's term)."""
+        """``Q_phiphi`` of the loss (without the cost's term).
+
+        The Gauss-Newton estimate where the loss has curvature in the model output, else (a
+        loss linear in the output, e.g. a CNF's negative log-likelihood) the empirical Fisher,
+        counted as ``fisher_fallback``.
+        """
         if self.curvature == "gauss_newton" and estimate is not None:
-            return max(estimate.curvature, 0.0)
+            if estimate.curved:
+                return max(estimate.curvature, 0.0)
+            var.counts["fisher_fallback"] += 1
         est = var.estimator
         if var.batch is None:
             return est.second
@@ -526,7 +551,7 @@ class Controller:
             var.batch = entry["batch"]
             var.state = PolicyState(**entry["policy"])
             var.estimator.load_state_dict(entry["estimator"])
-            var.counts = dict(entry["counts"])
+            var.counts = {**var.counts, **entry["counts"]}  # states saved before a counter existed load
             var.last = dict(entry["last"])
 
     def __repr__(self) -> str:

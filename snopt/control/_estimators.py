@@ -15,7 +15,8 @@ Two curvature estimators, named in :data:`CURVATURES`:
   otherwise, so it is never negative for a convex loss (cross-entropy, MSE) and does not
   vanish at the optimum.  It needs the loss to have curvature in the model output: for a
   model whose output *is* the log-likelihood (a CNF trained on ``-model(x).mean()``) it is
-  zero, and the empirical Fisher is the right choice.
+  zero, and the empirical Fisher is the right choice: the controller then uses the Fisher
+  for that update and counts it (``<name>/fisher_fallback`` in :attr:`Controller.stats`).
 - ``"fisher"``: the paper's outer product ``E_i[(dl_i/dphi)^2]`` from the backward pass:
   free, and right for a calibrated likelihood near its optimum, but it scales with the square
   of the loss (a loss times 100 gives steps 100 times smaller) and vanishes at the optimum of
@@ -152,11 +153,16 @@ class Estimate:
         curvature: ``J^T H J``.
         grad: ``dL/dphi = G . J`` at the current parameters (``G = dL/doutput``), on this batch.
         feedback: ``(H J) . (output(theta) - output(theta - dtheta))``; 0 without a previous state.
+        curved: whether the loss has any curvature in the model output.  False for a loss that
+            is linear in it (a CNF trained on ``-model(x).mean()``, whose output is the
+            log-likelihood): ``J^T H J`` is then 0 and says nothing, and the controller uses the
+            empirical Fisher for that update instead.
     """
 
     curvature: float
     grad: float
     feedback: float
+    curved: bool = True
 
 
 class _Leaves:
@@ -360,7 +366,7 @@ def _contract(
         curvature += float((hj.detach().double() * j.double()).sum())
         if old is not None:
             feedback += float((hj.detach().double() * (outputs[i].detach() - old[i]).double()).sum())
-    return Estimate(curvature, grad, feedback)
+    return Estimate(curvature, grad, feedback, curved=any(hj is not None for hj in hjs))
 
 
 def _step_size(dtype: torch.dtype) -> float:

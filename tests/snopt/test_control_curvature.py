@@ -236,3 +236,17 @@ def test_feedback_term_predicts_the_drift_of_the_full_batch_gradient(float64, lo
     assert correlation > 0.4
     # Q_T + Q_Ttheta dtheta predicts the next Q_T better than Q_T alone.
     assert float((p - d).abs().mean()) < 0.9 * float(d.abs().mean())
+
+
+def test_a_loss_linear_in_the_output_falls_back_to_the_fisher_curvature(float64):
+    """A CNF's loss is ``-model(x).mean()``: no curvature in the output, so J^T H J = 0 says nothing."""
+    torch.manual_seed(0)
+    block = ODEBlock(Velocity(3), 0.0, 0.8, method="rk4", options={"step_size": 0.1})
+    model = nn.Sequential(block, nn.Linear(3, 1))
+    x = torch.randn(16, 3)
+    stats = _one_update(model, x, None, lambda out, _: -out.mean(), 1.0)
+    # l_i = -w . (x_i + v T) - b, so dl_i/dT = -w . v for every sample: E_i[(dl_i/dT)^2] = (w . v)^2.
+    slope = float(model[1].weight.detach()[0] @ block.func.v.detach())
+    assert stats["t1/0/Q_phiphi"] == pytest.approx(slope**2, rel=1e-9)
+    assert stats["t1/0/fisher_fallback"] == 1
+    assert stats["t1/0/delta"] == pytest.approx(1.0 / slope, rel=1e-6)  # -Q_T / Q_TT, Q_T = -w . v

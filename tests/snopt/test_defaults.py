@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 import snopt
 from snopt import _defaults as D
@@ -111,3 +113,37 @@ def test_unknown_suffix_is_refused(tmp_path):
     path.write_text("[x]\n")
     with pytest.raises(ValueError, match=r"must be a \.toml, \.yaml, \.yml or \.json file"):
         RunConfig.from_file(path)
+
+
+class _Decay(torch.nn.Module):
+    def forward(self, t, x):
+        return -x
+
+
+_SETTINGS = ("every", "momentum", "max_step", "warmup", "curvature", "feedback")
+
+
+def _controller_settings(controller) -> dict:
+    settings = {k: getattr(controller, k) for k in _SETTINGS}
+    return {"policy": repr(controller.policy), "cost": repr(controller.cost), **settings}
+
+
+@pytest.mark.parametrize("command", ["train", "search", "compare"])
+def test_every_command_builds_the_librarys_default_controller(command):
+    """`snopt.Controller(model)`, `snopt train`, and the studies' trials get the same controller."""
+    from snopt._run import build_controller
+
+    def model():
+        return torch.nn.Sequential(snopt.ODEBlock(_Decay(), 0.0, 1.0), torch.nn.Linear(1, 1))
+
+    library = model()
+    reference = snopt.Controller(library, optimizer=torch.optim.Adam(library.parameters()))
+    args = build_parser()[0].parse_args([command, "--control", "feedback"])
+    cli = model()
+    built = build_controller(config_from_args(args), cli, torch.optim.Adam(cli.parameters()))
+    assert _controller_settings(built) == _controller_settings(reference)
+
+
+def test_the_mlflow_project_sets_no_controller_flag():
+    text = (Path(__file__).parents[2] / "mlflow" / "MLproject").read_text()
+    assert "--t1-" not in text  # its entry points inherit the command line's (the library's) defaults
