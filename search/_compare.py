@@ -313,7 +313,7 @@ def _worker_main(
         grace_period=grace_period,
         trial_callbacks_factory=trial_callbacks_factory,
     )
-    study.optimize(n_trials=n_trials, timeout=timeout)
+    study.optimize(n_trials=n_trials, timeout=timeout, join=True)
 
 
 def run_workers(
@@ -329,9 +329,11 @@ def run_workers(
 ) -> None:
     """Optimize ``study`` with ``workers`` processes on this machine sharing it through its storage.
 
-    This process is worker 0; ``workers - 1`` more are spawned, each loading the study by
-    name and running until the study's budget (or their own ``n_trials``/``timeout``) is
-    spent.  The CPU threads are split between them.
+    This process starts a session (the study's budget runs again, see
+    :meth:`Study.optimize`) and is worker 0; ``workers - 1`` more are spawned, each loading
+    the study by name and joining that session until its budget (or their own
+    ``n_trials``/``timeout``) is spent; running trials count, so they never overshoot a
+    trial budget.  The CPU threads are split between them.
 
     Raises:
         ValueError: if the study has no storage URL.
@@ -342,6 +344,7 @@ def run_workers(
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    study.begin_session()
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(
@@ -366,7 +369,7 @@ def run_workers(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
+        study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress, join=True)
     finally:
         torch.set_num_threads(old_threads)
         for p in procs:

@@ -407,6 +407,6 @@ class WorkerCommand(Command):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        study.optimize(n_trials=args.n_trials, timeout=args.timeout)
+        study.optimize(n_trials=args.n_trials, timeout=args.timeout, join=True)
         _print_study(study)
         return 0
