@@ -15,6 +15,7 @@ trials), recorded in the study attribute ``snopt_session`` so that workers can j
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -581,7 +582,9 @@ def create_study(
         load_if_exists=True,
     )
     study.set_user_attr(STUDY_ATTR, desc)
-    study.set_metric_names([metric_name if o == "metric" else "inference_nfe" for o in objectives])
+    with warnings.catch_warnings():  # experimental in Optuna, but what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric_name if o == "metric" else "inference_nfe" for o in objectives])
     wrapper = Study(
         study,
         strategy=strategy,

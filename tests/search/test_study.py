@@ -130,7 +130,9 @@ def test_bad_input_raises_clear_errors(tiny_config, kwargs, error, message):
 
 
 def test_bad_task_and_custom_objective_rules():
-    with pytest.raises(ValueError, match=r"`task` must be one of \['digits', 'toy2d', 'timeseries'\]"):
+    with pytest.raises(
+        ValueError, match=r"`task` must be one of \['digits', 'toy2d', 'timeseries', 'multiblock'\]"
+    ):
         create_study("mnist", storage=None)
     with pytest.raises(ValueError, match="needs a task or a RunConfig"):
         create_study(lambda t: 0.0, strategy="feedback", space=SPACE, storage=None)
