@@ -43,11 +43,12 @@ STRATEGIES = (
     "hybrid",
     "feedback-only",
     "gradient-only",
+    "nsga2",
 )
 #: Strategies in which a controller moves T during training.
 IN_TRAINING = ("feedback", "gradient", "hybrid", "feedback-only", "gradient-only")
 #: Black-box strategies (a sampler picks every parameter, T fixed in training).
-BLACK_BOX = ("tpe", "gp", "cmaes", "random", "grid")
+BLACK_BOX = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
 #: One line per strategy, for reports and ``--help``.
 STRATEGY_HELP: dict[str, str] = {
     "feedback": "TPE samples the other hyperparameters; the second-order feedback policy moves every "
@@ -58,6 +59,7 @@ STRATEGY_HELP: dict[str, str] = {
     "cmaes": "black-box: CMA-ES over every parameter",
     "random": "black-box: random search over every parameter",
     "grid": "black-box: grid search over every parameter",
+    "nsga2": "black-box: NSGA-II over every parameter (for Pareto comparisons)",
     "hybrid": "as feedback, but every trial starts T from its default",
     "feedback-only": "ablation: only the feedback policy tunes (T); other hyperparameters at defaults",
     "gradient-only": "ablation: only the gradient policy tunes (T); other hyperparameters at defaults",
@@ -110,6 +112,10 @@ _SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "grid": ("GridSampler", {"grid_size": 3}),
+    "nsga2": (
+        "NSGAIISampler",
+        {"population_size": 8, "mutation_prob": None, "crossover_prob": 0.9, "swapping_prob": 0.5},
+    ),
 }
 
 _PRUNERS: dict[str, tuple[str, dict[str, Any]]] = {
