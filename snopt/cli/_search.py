@@ -31,6 +31,7 @@ from ..search import (
     resolve_storage,
     run_workers,
 )
+from ..search._strategies import STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
@@ -59,9 +60,11 @@ COMPARE_DEFAULTS = RunConfig(
     t1_warmup=10,
     t1_penalty=0.1,
 )
-#: ``snopt compare``'s default budget per strategy (and seed): whichever comes first.  On two
-#: idle cores 24,000 NFE take 50-75 s; GP's own fitting time can make the 75 s bind first.
-COMPARE_BUDGET = {"nfe": 24000, "timeout": 75.0}
+#: ``snopt compare``'s default budget per strategy (and seed), in work (multiply-adds of the
+#: fields' layers, fair across widths), or 75 s of trials, whichever comes first.  One trial of
+#: the default configuration (width 8, tolerance 1e-2, 60 steps) costs 1.34e10 work (2,580
+#: NFE), so 1.2e11 is about nine of them, what the old 24,000-NFE budget bought.
+COMPARE_BUDGET = {"work": 1.2e11, "timeout": 75.0}
 SEARCH_DEFAULTS = COMPARE_DEFAULTS
 SEARCH_BUDGET = {"n_trials": 10}
 
@@ -103,12 +106,50 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
     g.add_argument(
         "--timeout", type=_positive_float, default=None, help="cumulative trial wall-clock in seconds"
     )
+    g.add_argument(
+        "--budget-work",
+        type=_positive_float,
+        default=None,
+        help="cumulative work: multiply-adds of the fields' Linear/Conv layers over every evaluation",
+    )
+    g.add_argument(
+        "--total",
+        default=None,
+        metavar="SPEC",
+        help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
+        "(by default every run continues the study and spends its budget again, as Optuna does)",
+    )
 
 
 def _budget(args: argparse.Namespace, defaults: dict[str, Any]) -> Budget:
-    if args.n_trials is None and args.budget_nfe is None and args.timeout is None:
+    if (
+        args.n_trials is None
+        and args.budget_nfe is None
+        and args.timeout is None
+        and args.budget_work is None
+    ):
         return Budget(**defaults)
-    return Budget(n_trials=args.n_trials, nfe=args.budget_nfe, timeout=args.timeout)
+    return Budget(n_trials=args.n_trials, nfe=args.budget_nfe, timeout=args.timeout, work=args.budget_work)
+
+
+def _total(args: argparse.Namespace) -> Budget | None:
+    if args.total is None:
+        return None
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in args.total.split(","))):
+        key, _, text = item.partition("=")
+        if key not in ("n_trials", "nfe", "timeout", "work") or not text:
+            raise UsageError(
+                f"--total items must be n_trials=N, nfe=N, timeout=S or work=W, but got {item!r}."
+            )
+        try:
+            values[key] = int(text) if key in ("n_trials", "nfe") else float(text)
+        except ValueError:
+            raise UsageError(f"--total item {item!r} must have a number.") from None
+    try:
+        return Budget(**values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +246,12 @@ class SearchCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser, defaults=SEARCH_DEFAULTS)
-        parser.add_argument("--strategy", choices=STRATEGIES, default="tpe", help="search strategy")
+        parser.add_argument(
+            "--strategy",
+            choices=STRATEGIES,
+            default="tpe",
+            help="search strategy: " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
+        )
         parser.add_argument(
             "--study-name", default=None, help="study name (default: <task>-<strategy>-s<seed>)"
         )
@@ -243,11 +289,14 @@ class SearchCommand(Command):
                 seed=config.seed,
                 pruner=args.pruner,
                 progress=not args.no_progress,
+                total=_total(args),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
             raise UsageError(str(exc)) from exc
+        before = len(study.trials)
         print(
-            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) in {study.storage_url}"
+            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()} per run) in "
+            f"{study.storage_url}; {before} trials there before this run"
         )
         with tracker or contextlib.nullcontext():
             if tracker is not None:
@@ -261,6 +310,7 @@ class SearchCommand(Command):
             if tracker is not None:
                 tracker.on_study_end(study)
         _print_study(study)
+        print(f"trials: {len(study.trials) - before} ran now, {before} were there before")
         return 0
 
 
@@ -276,7 +326,7 @@ class CompareCommand(Command):
             "--strategies",
             type=_strategies,
             default=list(DEFAULT_STRATEGIES),
-            help=f"comma-separated, from {','.join(STRATEGIES)}",
+            help="comma-separated, from " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
         )
         parser.add_argument(
             "--seeds",
@@ -296,7 +346,18 @@ class CompareCommand(Command):
             "--epsilon",
             type=float,
             default=DEFAULT_EPSILON,
-            help="'reached' means within epsilon of the best value any strategy found",
+            help="'reached' means within epsilon of the seed's best black-box value",
+        )
+        parser.add_argument(
+            "--objectives",
+            default="metric",
+            help="'metric' or 'metric,nfe' (Pareto: the metric against the inference NFE; use "
+            "strategies such as feedback,nsga2,tpe)",
+        )
+        parser.add_argument(
+            "--test",
+            action="store_true",
+            help="retrain each study's best configuration and score it on the task's test split",
         )
         _add_budget_arguments(parser, COMPARE_BUDGET)
         _add_study_arguments(parser)
@@ -344,18 +405,22 @@ class CompareCommand(Command):
             pruner=args.pruner,
             workers=args.workers,
             progress=not args.no_progress,
+            total=_total(args),
+            objectives=args.objectives,
+            test=args.test,
             **(tracker.hooks() if tracker is not None else {}),
         )
 
     def _print(self, args: argparse.Namespace, report: Any) -> int:
         rows = []
+        keep = ("strategy", "n", "best", "test", "work", "nfe", "wall_time_s", "trials", "now", "before")
         for r in report.summary():
-            row = {k: v for k, v in r.items() if k != "hyperparams"}
-            rows.append(row)
+            rows.append({k: r[k] for k in (*keep, "pruned", "failed", "reached", "work_to_target")})
         print_table(
             rows,
-            title=f"{report.metric_name} ({report.direction}); target {report.target}, "
-            f"epsilon {report.epsilon:g}",
+            title=f"{report.metric_name} ({report.direction}), medians over {len(report.seeds)} seed(s) "
+            f"(n = {len(report.seeds)}); target: best black-box value per seed, epsilon {report.epsilon:g}; "
+            "trials: now ran / before",
         )
         print(
             f"report written to {os.path.abspath(report.files['markdown'])} "
