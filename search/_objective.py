@@ -38,7 +38,7 @@ import optuna
 
 from snopt._ode import SolverError, ode_blocks
 from snopt._run import RunConfig, build_run, run_training
-from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError
+from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError, jsonable
 from snopt._work import WorkCounter
 
 from ._budget import STATUS_ATTR, Budget, Spent
@@ -387,7 +387,7 @@ class TrainingObjective:
         values = self.hyperparams(trial)
         config = self.config_for(values)
         trial.set_user_attr("strategy", self.strategy)
-        trial.set_user_attr("hyperparams", _jsonable(values))
+        trial.set_user_attr("hyperparams", jsonable(values))
         monitor = _TrialMonitor(trial, self.limits)
         single = len(self.objectives) == 1
         callbacks: list[Callback] = [monitor]
@@ -504,7 +504,7 @@ class TrainingObjective:
         if reason:
             attrs["fail_reason" if status == "failed" else "stop_reason"] = reason
         for key, value in attrs.items():
-            trial.set_user_attr(key, _jsonable(value))
+            trial.set_user_attr(key, jsonable(value))
 
 
 def _block_of(key: str) -> str:
@@ -557,13 +557,3 @@ class CustomObjective:
         if HORIZON in trial.params and "t1_final" not in trial.user_attrs:
             trial.set_user_attr("t1_final", float(trial.params[HORIZON]))
         return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here runs the installed command
+
 
 def snopt_command() -> list[str]:
     exe = Path(sys.executable).parent / "snopt"
