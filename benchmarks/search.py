@@ -268,6 +268,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cost_spread(r: dict[str, Any]) -> str:
+    """How far one trial's cost ranges against the budget, and how many studies have no result."""
+    works = [t["work"] for s in r["studies"] for t in s["trials"] if t.get("work")]
+    empty = [f"{s['strategy']} s{s['seed']}" for s in r["studies"] if s["best_value"] is None]
+    text = (
+        f"One trial (pruned ones too) cost {min(works) / r['work_unit']:.2g} to {max(works) / r['work_unit']:.2g} default "
+        f"trials' work (the largest counted up to where the budget cut it)"
+        if works
+        else ""
+    )
+    return text + (
+        f"; {len(empty)} of {len(r['studies'])} studies have no complete trial ({', '.join(empty)})."
+        if empty
+        else "; every study has a complete trial."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     load0 = tuple(round(x, 1) for x in m["load_average_start"])
@@ -290,7 +307,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {task}",
             "",
             f"Work budget {r['budget_work']:.4g} ({results['trials_of_work']} x {r['work_unit']:.4g}); "
-            f"{r['elapsed_s']:.0f} s.",
+            f"{r['elapsed_s']:.0f} s. {_cost_spread(r)}",
             "",
         ]
         if r["goal"]:

@@ -44,6 +44,8 @@ class StudyResult:
     Attributes:
         strategy, seed, study_name: what ran.
         n_trials, n_complete, n_pruned, n_failed: trials that count, by state.
+        n_budget: the pruned trials that the budget cut (status ``budget``); a study whose
+            every trial was pruned, failed or cut has no ``best_value``.
         n_before, n_now: counted trials from earlier sessions, and from this one.
         wall_time: summed trial wall-clock in seconds; nfe: summed NFE; work: summed work.
         spent_now: ``{"work", "nfe", "wall_time", "trials"}`` of this session alone.
@@ -68,6 +70,7 @@ class StudyResult:
     n_complete: int = 0
     n_pruned: int = 0
     n_failed: int = 0
+    n_budget: int = 0
     n_before: int = 0
     n_now: int = 0
     wall_time: float = 0.0
@@ -127,6 +130,7 @@ def study_result(
         res.n_complete += t.state == TrialState.COMPLETE
         res.n_pruned += t.state == TrialState.PRUNED
         res.n_failed += t.state == TrialState.FAIL
+        res.n_budget += t.state == TrialState.PRUNED and t.user_attrs.get(STATUS_ATTR) == "budget"
         res.wall_time += trial_seconds(t)
         res.nfe += trial_nfe(t)
         res.work += trial_work(t)
@@ -302,12 +306,13 @@ class ComparisonReport:
         """One row per strategy, aggregated over seeds (medians, with bootstrap 95% intervals).
 
         ``best``: median over seeds of each seed's best validation value, ``best_ci`` its
-        interval (None with one seed), ``n`` the seeds with a complete trial; ``test``/
+        interval (None with one seed), ``n`` the seeds with a complete trial (``results``
+        ``"n/seeds"``, ``no_result_seeds`` the others); ``test``/
         ``test_ci`` the same for the retrained best configurations on the test split (and
         ``val_retrained`` their validation score); ``T`` the final horizons per block of the
         median seed's best trial; ``work``/``nfe``/``wall_time_s``/``trials_per_seed``
         medians per seed of the four budget axes, and ``trials``/``pruned``/``failed``/
-        ``now``/``before`` totals; ``reached`` counts seeds that came within epsilon of
+        ``now``/``before``/``budget_cut`` totals; ``reached`` counts seeds that came within epsilon of
         their target, and ``work_to_target``/``nfe_to_target``/``time_to_target_s`` are
         medians over those seeds; ``hypervolume``/``hv_per_work`` the median Pareto
         hypervolume (multi-objective comparisons).
@@ -330,6 +335,8 @@ class ComparisonReport:
                 {
                     "strategy": strategy,
                     "n": len(values),
+                    "results": f"{len(values)}/{len(runs)}",
+                    "no_result_seeds": [s.seed for s in runs if s.best_value is None],
                     "best": _median(values),
                     "best_ci": bootstrap_ci(values, np.median),
                     "test": _median(tests),
@@ -344,6 +351,7 @@ class ComparisonReport:
                     "before": sum(s.n_before for s in runs),
                     "pruned": sum(s.n_pruned for s in runs),
                     "failed": sum(s.n_failed for s in runs),
+                    "budget_cut": sum(s.n_budget for s in runs),
                     "work": _median([s.work for s in runs]),
                     "nfe": _median([float(s.nfe) for s in runs]),
                     "wall_time_s": _median([s.wall_time for s in runs]),
@@ -456,21 +464,25 @@ class ComparisonReport:
             "",
             "Medians over seeds with bootstrap 95% intervals (none with one seed). Validation: each "
             "seed's best complete trial; test: that configuration retrained and scored on the held-out "
-            "test split. Cost per seed on all four budget axes (median); trials counted this session "
-            "(now) and before it.",
+            "test split. *results*: the seeds with a complete trial; a seed whose every trial was "
+            "pruned, failed or cut by the budget has no result ('–' in the per-seed table) and is left "
+            "out of the medians. Work, NFE and wall-clock: medians per seed; trials (counted this "
+            "session (now) and before it), pruned (of them cut by the budget) and failed: totals over "
+            "seeds.",
             "",
-            "| strategy | best validation | test (retrained) | T per block | work | NFE | wall-clock (s) "
-            "| trials (now/before) | pruned | failed | reached | work to target | NFE to target "
-            "| time to target (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| strategy | best validation | test (retrained) | results | T per block | work | NFE "
+            "| wall-clock (s) | trials (now/before) | pruned (budget) | failed | reached "
+            "| work to target | NFE to target | time to target (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.summary():
             horizons = ", ".join(f"{k or 'T'}={v:.3g}" for k, v in r["T"].items()) or "–"
             lines.append(
                 f"| {r['strategy']} | {describe(r['best'], r['best_ci'], r['n'])} "
-                f"| {describe(r['test'], r['test_ci'], r['n_test'])} | {horizons} "
+                f"| {describe(r['test'], r['test_ci'], r['n_test'])} | {_results(r)} | {horizons} "
                 f"| {_fmt(r['work'])} | {_fmt(r['nfe'])} | {_fmt(r['wall_time_s'])} "
-                f"| {r['trials']} ({r['now']}/{r['before']}) | {r['pruned']} | {r['failed']} "
+                f"| {r['trials']} ({r['now']}/{r['before']}) | {r['pruned']} ({r['budget_cut']}) "
+                f"| {r['failed']} "
                 f"| {r['reached']} | {_fmt(r['work_to_target'])} | {_fmt(r['nfe_to_target'])} "
                 f"| {_fmt(r['time_to_target_s'])} |"
             )
@@ -481,7 +493,7 @@ class ComparisonReport:
                 "## Paired differences against each black-box strategy",
                 "",
                 "Per seed: strategy minus baseline (positive: the strategy is better); the mean over "
-                "seeds with a bootstrap 95% interval.",
+                "seeds with a bootstrap 95% interval. Only seeds where both have a result are paired.",
                 "",
                 "| strategy | baseline | validation: mean [95% CI] | per seed "
                 "| test: mean [95% CI] | per seed |",
@@ -491,8 +503,8 @@ class ComparisonReport:
                 v, t = p["val"], p["test"]
                 lines.append(
                     f"| {p['strategy']} | {p['baseline']} | {describe(v['mean'], v['ci'], v['n'])} "
-                    f"| {_diffs(v['diffs'])} | {describe(t['mean'], t['ci'], t['n'])} "
-                    f"| {_diffs(t['diffs'])} |"
+                    f"| {_diffs(v)} | {describe(t['mean'], t['ci'], t['n'])} "
+                    f"| {_diffs(t)} |"
                 )
         if len(self.objectives) > 1:
             lines += [
@@ -517,8 +529,11 @@ class ComparisonReport:
             "",
             "## Per seed",
             "",
-            "| strategy | seed | study | best | test | T per block | trials (now/before) | pruned | failed "
-            "| work | NFE | wall-clock (s) | work to target |",
+            "best '–': the study has no complete trial (every trial was pruned, failed or cut by the "
+            "budget: a single trial of an expensive configuration can cost more than the whole budget).",
+            "",
+            "| strategy | seed | study | best | test | T per block | trials (now/before) | pruned (budget) "
+            "| failed | work | NFE | wall-clock (s) | work to target |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in self.studies:
@@ -528,7 +543,8 @@ class ComparisonReport:
             test = _fmt(s.retrained.get("test")) if s.retrained else "–"
             lines.append(
                 f"| {s.strategy} | {s.seed} | `{s.study_name}` | {_fmt(s.best_value)} | {test} | {horizons} "
-                f"| {s.n_trials} ({s.n_now}/{s.n_before}) | {s.n_pruned} | {s.n_failed} | {_fmt(s.work)} "
+                f"| {s.n_trials} ({s.n_now}/{s.n_before}) | {s.n_pruned} ({s.n_budget}) | {s.n_failed} "
+                f"| {_fmt(s.work)} "
                 f"| {s.nfe} | {_fmt(s.wall_time)} | {_fmt(s.work_to_target)} |"
             )
         samplers = self.settings.get("samplers")
@@ -570,8 +586,15 @@ class ComparisonReport:
         return dict(self.files)
 
 
-def _diffs(diffs: Sequence[float]) -> str:
-    return ", ".join(f"{d:+.3g}" for d in diffs) or "–"
+def _diffs(paired: Mapping[str, Any]) -> str:
+    """``"s0 +0.0139, s2 -0.0833"``: each paired difference named by its seed."""
+    return ", ".join(f"s{seed} {d:+.3g}" for seed, d in zip(paired["seeds"], paired["diffs"])) or "–"
+
+
+def _results(row: Mapping[str, Any]) -> str:
+    """``"2/3 (none in s2)"``: the seeds with a complete trial, naming those without."""
+    missing = row["no_result_seeds"]
+    return row["results"] + (f" (none in {', '.join(f's{s}' for s in missing)})" if missing else "")
 
 
 def _kwargs(kwargs: Mapping[str, Any]) -> str:

@@ -226,3 +226,51 @@ def test_reach_and_target_on_hand_made_curves():
     assert low.target == 0.2 and low.studies[0].nfe_to_target == 2
     with pytest.raises(KeyError, match="No study for strategy='gp'"):
         r.study("gp", 0)
+
+
+def test_seeds_without_a_result_are_named_and_budget_cuts_counted():
+    # A study whose only trial the budget cut has no result: the summary says "1/2 (none in
+    # s1)", the paired differences name the seeds they pair, and the cut is counted.
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+    from snopt.search._budget import STATUS_ATTR
+    from snopt.search._report import study_result
+
+    def trial(number, state, value, status):
+        return create_trial(
+            state=state,
+            value=value if state == TrialState.COMPLETE else None,
+            params={"lr": 0.01},
+            distributions={"lr": FloatDistribution(1e-3, 1e-1, log=True)},
+            user_attrs={STATUS_ATTR: status, "nfe_total": 10, "work": 100.0},
+        )
+
+    def study(strategy, seed, trials):
+        for i, t in enumerate(trials):
+            t.number = i
+        return study_result(strategy, seed, f"x-{strategy}-s{seed}", trials, maximize=True)
+
+    studies = [
+        study("random", 0, [trial(0, TrialState.COMPLETE, 0.9, "completed")]),
+        study("random", 1, [trial(0, TrialState.PRUNED, None, "budget")]),
+        study("tpe", 0, [trial(0, TrialState.COMPLETE, 0.8, "completed")]),
+        study(
+            "tpe",
+            1,
+            [trial(0, TrialState.COMPLETE, 0.7, "completed"), trial(1, TrialState.PRUNED, None, "pruned")],
+        ),
+    ]
+    assert [(s.n_pruned, s.n_budget) for s in studies] == [(0, 0), (1, 1), (0, 0), (1, 0)]
+    assert studies[1].best_value is None
+    settings = {"name": "x", "metric_name": "accuracy", "direction": "maximize", "epsilon": 0.0}
+    r = ComparisonReport.build(studies=studies, storage=None, budget={"work": 200.0}, **settings)
+    rows = {row["strategy"]: row for row in r.summary()}
+    assert (rows["random"]["results"], rows["random"]["no_result_seeds"]) == ("1/2", [1])
+    assert (rows["tpe"]["results"], rows["tpe"]["no_result_seeds"]) == ("2/2", [])
+    assert (rows["random"]["budget_cut"], rows["tpe"]["budget_cut"]) == (1, 0)
+    pair = next(p for p in r.paired() if (p["strategy"], p["baseline"]) == ("tpe", "random"))
+    assert pair["val"]["seeds"] == [0] and pair["val"]["diffs"] == pytest.approx([-0.1])
+    md = r.to_markdown()
+    assert "| 1/2 (none in s1) |" in md and "| 2/2 |" in md
+    assert "| s0 -0.1 |" in md  # the seed named, seed 1 (no random result) left out
+    assert "| random | 1 | `x-random-s1` | – |" in md and "| 1 (1) |" in md
