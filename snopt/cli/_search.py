@@ -31,7 +31,7 @@ from ..search import (
     resolve_storage,
     run_workers,
 )
-from ..search._strategies import STRATEGY_HELP
+from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
@@ -42,6 +42,9 @@ from ._base import (
     print_table,
 )
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
+
+#: In-training strategies whose other hyperparameters a black-box sampler picks (``--sampler``).
+TUNING_IN_TRAINING = ("feedback", "gradient", "hybrid")
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
 #: digits, the settings of ``benchmarks/search.py``.  The controller waits 10 steps, then
@@ -175,6 +178,18 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes per study on this machine, sharing it through --storage",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--sampler",
+        choices=BLACK_BOX,
+        default=None,
+        help="the sampler that picks the other hyperparameters of the in-training strategies "
+        f"({', '.join(TUNING_IN_TRAINING)}; default tpe); black-box strategies keep their own",
+    )
+
+
+def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None:
+    """``{"sampler": name}`` for an in-training strategy when ``--sampler`` is given, else None."""
+    return {"sampler": sampler} if sampler is not None and strategy in TUNING_IN_TRAINING else None
 
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
@@ -304,6 +319,7 @@ class SearchCommand(Command):
                 pruner=args.pruner,
                 progress=not args.no_progress,
                 total=_total(args),
+                sampler_kwargs=_sampler_kwargs(args.sampler, args.strategy),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
             raise UsageError(str(exc)) from exc
@@ -424,6 +440,9 @@ class CompareCommand(Command):
             total=_total(args),
             objectives=args.objectives,
             test=args.test,
+            sampler_kwargs={
+                s: kw for s in args.strategies if (kw := _sampler_kwargs(args.sampler, s)) is not None
+            },
             **(tracker.hooks() if tracker is not None else {}),
         )
 

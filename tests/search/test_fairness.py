@@ -127,3 +127,21 @@ def test_solver_failure_message_is_the_solvers(tiny_config, monkeypatch):
     t = study.trials[0]
     assert t.state == TrialState.FAIL
     assert t.user_attrs["fail_reason"] == "SolverError: max_num_steps exceeded at t=0.3"
+
+
+def test_sampler_flag_picks_the_sampler_of_in_training_strategies_only(tmp_path, capsys):
+    # `--sampler random` makes feedback's other hyperparameters random-searched; a black-box
+    # strategy keeps its own sampler.
+    from snopt.cli import main
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    base = ["--task", "digits", "--task-kwargs", "val_fraction=0.05", "--model-kwargs", "width=4"]
+    base += ["--method", "rk4", "--max-steps", "1", "--batch-size", "16", "--eval-every", "1"]
+    base += ["--n-trials", "1", "--storage", url, "--no-tracking", "--no-progress", "--sampler", "random"]
+    for strategy in ("feedback", "tpe"):
+        assert main(["search", "--strategy", strategy, "--study-name", strategy, *base]) == 0
+    samplers = {
+        s: optuna.load_study(study_name=s, storage=url).user_attrs["snopt"]["sampler"]["class"]
+        for s in ("feedback", "tpe")
+    }
+    assert samplers == {"feedback": "RandomSampler", "tpe": "TPESampler"}
