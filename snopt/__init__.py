@@ -13,17 +13,6 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
-    from ._control import (
-        BaseCost,
-        BasePolicy,
-        Controller,
-        ControlParameter,
-        FeedbackPolicy,
-        FixedPolicy,
-        GradientPolicy,
-        LinearCost,
-        QuadraticCost,
-    )
     from ._curvature import CurvatureCollector
     from ._layers import ConcatConv2d, ConcatLinear, ConvField, MLPField
     from ._models import CNF, ODERNN, CNFField, ODEClassifier
@@ -41,21 +30,21 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
         TrainingError,
         fit,
     )
+    from .control import (
+        BaseCost,
+        BasePolicy,
+        Controller,
+        ControlParameter,
+        FeedbackPolicy,
+        FixedPolicy,
+        GradientPolicy,
+        LinearCost,
+        QuadraticCost,
+    )
     from .tracking import MlflowCallback, StudyTracker, TrackingWarning, sync_fallback
 
 #: Every public name, by the module that defines it.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "._control": (
-        "BaseCost",
-        "BasePolicy",
-        "Controller",
-        "ControlParameter",
-        "FeedbackPolicy",
-        "FixedPolicy",
-        "GradientPolicy",
-        "LinearCost",
-        "QuadraticCost",
-    ),
     "._curvature": ("CurvatureCollector",),
     "._layers": ("ConcatConv2d", "ConcatLinear", "ConvField", "MLPField"),
     "._models": ("CNF", "ODERNN", "CNFField", "ODEClassifier"),
@@ -72,6 +61,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Trainer",
         "TrainingError",
         "fit",
+    ),
+    ".control": (
+        "BaseCost",
+        "BasePolicy",
+        "Controller",
+        "ControlParameter",
+        "FeedbackPolicy",
+        "FixedPolicy",
+        "GradientPolicy",
+        "LinearCost",
+        "QuadraticCost",
     ),
     ".tracking": ("MlflowCallback", "StudyTracker", "TrackingWarning", "sync_fallback"),
 }

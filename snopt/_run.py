@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ._config import RunConfig
-from ._control import Controller
 from ._training import Callback, FitResult, fit
+from .control import Controller
 
 __all__ = ["Run", "RunConfig", "build_controller", "build_optimizer", "build_run", "run_training"]
 
@@ -68,6 +68,8 @@ def build_controller(config: RunConfig, model: torch.nn.Module, optimizer: torch
         momentum=config.t1_momentum,
         max_step=config.t1_max_step,
         warmup=config.t1_warmup,
+        curvature=config.t1_curvature,
+        feedback=config.t1_feedback,
     )
 
 

@@ -443,7 +443,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         if self.controller is not None:
-            self.controller.step()
+            # The closure recomputes this batch's loss; the controller calls it on update steps.
+            self.controller.step(lambda: self.objective.loss(model, batch))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_time += time.perf_counter() - start
@@ -674,7 +675,8 @@ def fit(
         metric_fn: with ``loss_fn``: ``metric_fn(model(x), y)`` averaged over batches.
         epochs: number of passes over ``train_loader``.
         max_steps: number of optimizer steps (the smaller budget wins).
-        controller: a :class:`snopt.Controller`, stepped after the optimizer.
+        controller: a :class:`snopt.Controller`, stepped after the optimizer with a closure
+            that recomputes the step's loss.
         preconditioner: an object with ``step()`` called between backward and the
             optimizer step (SNOpt's preconditioner form).
         scheduler: an LR scheduler, stepped after every optimizer step.
