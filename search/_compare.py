@@ -1,8 +1,10 @@
 """``compare``: every strategy on one task, under one budget, over seeds; then the report.
 
 One Optuna study per strategy and seed, named ``f"{name}-{strategy}-s{seed}"``, in the
-given storage.  Running ``compare`` again with the same name resumes the studies (their
-finished trials are kept and each tops up to the budget) and rebuilds the report.
+given storage.  Running ``compare`` again with the same name continues the studies and runs
+their budget again (Optuna's convention for ``optimize``); ``total`` caps each study as a
+whole (``total=budget`` resumes an interrupted comparison up to its budget and no further).
+The report says what ran in this session and what was there before.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from snopt._progress import progress_bar
 from snopt._run import RunConfig
 
 from ._budget import Budget
-from ._objective import TrialCallbacksFactory
+from ._objective import TrainingObjective, TrialCallbacksFactory, check_objectives
 from ._report import ComparisonReport, study_result
-from ._space import SearchSpace
+from ._space import Float, SearchSpace, block_names, default_space
 from ._storage import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, storage_url
-from ._strategies import STRATEGIES, check_strategy
-from ._study import Objective, Study, _as_budget, create_study, load_study
+from ._strategies import IN_TRAINING, STRATEGIES, check_strategy
+from ._study import SESSION_ATTR, Objective, Study, _as_budget, create_study, load_study
 
 #: Strategies of ``snopt compare`` when none are named.
 DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
 #: Default tolerance of "reached the target" (0.5 accuracy points, as a fraction).
 DEFAULT_EPSILON = 0.005
+#: The feedback policy's cost weight swept by in-training strategies in a Pareto comparison.
+COST_WEIGHT = Float(1e-3, 1.0, log=True, default=0.1)
 
 
 def _check_seeds(seeds: Any) -> list[int]:
@@ -93,6 +97,9 @@ def compare(
     on_study_end: Callable[[Study], None] | None = None,
     on_report: Callable[[ComparisonReport], None] | None = None,
     warm_up: bool = True,
+    total: Budget | Mapping[str, Any] | None = None,
+    objectives: Sequence[str] | str = ("metric",),
+    test: bool = False,
 ) -> ComparisonReport:
     """Run every strategy under the same budget for every seed and report which found what, at what cost.
 
@@ -122,6 +129,17 @@ def compare(
             that context.
         warm_up: train one step before the first study, so that one-time start-up costs
             (data loading, library initialisation) do not land on the first strategy's clock.
+        total: caps each study as a whole over every session (None: no cap; each call runs
+            ``budget`` again).
+        objectives: ``("metric",)``, or ``("metric", "nfe")`` for a Pareto comparison of the
+            metric against the inference NFE: black-box strategies (``nsga2`` is NSGA-II,
+            ``tpe`` multi-objective TPE) search hyperparameters and horizons; in-training ones
+            also sample the feedback policy's cost weight ``t1_penalty`` (a sweep of it,
+            :data:`COST_WEIGHT`).  Optuna cannot prune or record intermediate values in
+            multi-objective studies, so these run with no pruner.
+        test: retrain the best configuration of each study (same seed) and score it on the
+            task's held-out test split (:func:`snopt._tasks.test_loader`); not counted in
+            the budget.
 
     Returns:
         The :class:`ComparisonReport` (also written to ``output_dir``).
@@ -133,6 +151,7 @@ def compare(
     strategies = _check_strategies(strategies)
     seeds = _check_seeds(seeds)
     budget = _as_budget(budget)
+    objectives = check_objectives(objectives)
     if not budget.limited:
         raise ValueError(
             "`budget` must set at least one of n_trials, nfe or timeout, "
@@ -169,8 +188,10 @@ def compare(
                 study = create_study(
                     task_or_objective,
                     strategy=strategy,
-                    space=space,
+                    space=_strategy_space(task_or_objective, space, strategy, objectives),
                     budget=budget,
+                    total=total,
+                    objectives=objectives,
                     storage=storage,
                     study_name=f"{name}-{strategy}-s{seed}",
                     seed=seed,
@@ -201,12 +222,18 @@ def compare(
                 settings["config"] = desc["config"]
                 settings["space"] = desc["space"]
                 metric_name = study.metric_name
-                study_direction = study.direction.name.lower()
-                results.append(
-                    study_result(
-                        strategy, seed, study.study_name, study.get_trials(), study_direction == "maximize"
-                    )
+                study_direction = study.directions[0].name.lower()
+                result = study_result(
+                    strategy,
+                    seed,
+                    study.study_name,
+                    study.get_trials(),
+                    study_direction == "maximize",
+                    first_trial=int(study.session["first_trial"]),
                 )
+                if test and study.config is not None:
+                    result.retrained = retrain_best(study)
+                results.append(result)
                 if overall is not None:
                     overall.update(1)
     finally:
@@ -221,12 +248,64 @@ def compare(
         studies=results,
         storage=storage_url(storage),
         settings=settings,
+        objectives=objectives,
     )
     if output_dir is not None:
         report.write(os.fspath(output_dir))
     if on_report is not None:
         on_report(report)
     return report
+
+
+def _strategy_space(
+    task: Any, space: SearchSpace | None, strategy: str, objectives: Sequence[str]
+) -> SearchSpace | None:
+    """The space of one strategy: in a Pareto comparison in-training ones also sweep the cost weight."""
+    if len(objectives) < 2 or strategy not in IN_TRAINING or not isinstance(task, (str, RunConfig)):
+        return space
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    base = space if space is not None else default_space(config.task, block_names(config))
+    if "t1_penalty" in base:
+        return base
+    return SearchSpace({**base.params, "t1_penalty": COST_WEIGHT})
+
+
+def retrain_best(study: Study) -> dict[str, float] | None:
+    """Retrain the best complete trial's configuration (same seed, same start) and score it.
+
+    Returns:
+        ``{"val": ..., "test": ...}``: the retrained model's validation metric and its
+        metric on the task's held-out test split; None if no trial completed or the task
+        has no test split.
+    """
+    from optuna.trial import TrialState
+
+    from snopt._tasks import test_loader
+
+    objective = study.objective
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    if not complete or not isinstance(objective, TrainingObjective):
+        return None
+    sign = 1.0 if study.directions[0].name == "MAXIMIZE" else -1.0
+    best = max(complete, key=lambda t: sign * t.values[0])
+    values = dict(best.user_attrs.get("hyperparams", best.params))
+    config = objective.config_for(values)
+    try:
+        loader = test_loader(objective.task, config.batch_size, seed=config.seed)
+    except ValueError:
+        return None
+    from snopt._ode import ode_blocks
+    from snopt._run import build_run, run_training
+
+    run = build_run(config)
+    prefix = "t1_initial/"
+    starts = {k[len(prefix) :]: float(v) for k, v in best.user_attrs.items() if k.startswith(prefix)}
+    for name, block in ode_blocks(run.model):
+        if name in starts:
+            block.set_t1(starts[name])
+    result = run_training(config, progress=False, run=run)
+    test = run.task.evaluate(run.model, loader)
+    return {"val": float(result.final.get("metric", math.nan)), "test": float(test["metric"])}
 
 
 def _warm_up(task: str | RunConfig) -> None:
@@ -263,17 +342,27 @@ def report_from_storage(
     settings: dict[str, Any] = {"samplers": {}}
     metric_name, direction = "value", "minimize"
     budget: dict[str, Any] = {}
+    objectives: list[str] = ["metric"]
     for seed in seeds:
         for strategy in strategies:
             study = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=storage)
             desc = study.user_attrs.get("snopt", {})
             metric_name = desc.get("metric_name", metric_name)
             budget = desc.get("budget", budget)
+            objectives = desc.get("objectives", ["metric"])
             settings["samplers"][strategy] = desc.get("sampler")
             settings["pruner"] = desc.get("pruner")
-            direction = study.direction.name.lower()
+            direction = study.directions[0].name.lower()
+            session = study.user_attrs.get(SESSION_ATTR) or {"first_trial": 0}
             results.append(
-                study_result(strategy, seed, study.study_name, study.get_trials(), direction == "maximize")
+                study_result(
+                    strategy,
+                    seed,
+                    study.study_name,
+                    study.get_trials(),
+                    direction == "maximize",
+                    first_trial=int(session["first_trial"]),
+                )
             )
     return ComparisonReport.build(
         name=name,
@@ -284,6 +373,7 @@ def report_from_storage(
         studies=results,
         storage=storage_url(storage),
         settings=settings,
+        objectives=objectives,
     )
 
 
@@ -310,7 +400,7 @@ def _worker_main(
         grace_period=grace_period,
         trial_callbacks_factory=trial_callbacks_factory,
     )
-    study.optimize(n_trials=n_trials, timeout=timeout)
+    study.optimize(n_trials=n_trials, timeout=timeout, join=True)
 
 
 def run_workers(
@@ -326,9 +416,11 @@ def run_workers(
 ) -> None:
     """Optimize ``study`` with ``workers`` processes on this machine sharing it through its storage.
 
-    This process is worker 0; ``workers - 1`` more are spawned, each loading the study by
-    name and running until the study's budget (or their own ``n_trials``/``timeout``) is
-    spent.  The CPU threads are split between them.
+    This process starts a session (the study's budget runs again, see
+    :meth:`Study.optimize`) and is worker 0; ``workers - 1`` more are spawned, each loading
+    the study by name and joining that session until its budget (or their own
+    ``n_trials``/``timeout``) is spent; running trials count, so they never overshoot a
+    trial budget.  The CPU threads are split between them.
 
     Raises:
         ValueError: if the study has no storage URL.
@@ -339,6 +431,7 @@ def run_workers(
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    study.begin_session()
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(
@@ -363,7 +456,7 @@ def run_workers(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
+        study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress, join=True)
     finally:
         torch.set_num_threads(old_threads)
         for p in procs:

@@ -6,42 +6,76 @@ Optuna's pruners work for every strategy) and records what the run cost as user
 attributes of the trial:
 
 ``snopt_status``  completed, pruned, failed or budget (stopped where the budget ran out)
-``fail_reason``   why a failed trial failed (solver error, non-finite loss)
+``fail_reason``   why a failed trial failed: the solver's or the loop's own message
+``stop_reason``   why a pruned trial stopped (the pruner, or which budget ran out)
 ``nfe_total``     forward plus backward function evaluations (also ``nfe_forward``, ``nfe_backward``)
+``work``          multiply-adds of the fields' layers over those evaluations (:mod:`snopt._work`)
 ``train_time``    training wall-clock, evaluation excluded (also ``eval_time``, ``steps``)
 ``t1_initial``, ``t1_final``  the horizon at the start and end of training (mean over blocks)
-``t1_trajectory`` ``{"step", "nfe", "t1"}`` lists, at most 64 points
-``curve``         ``{"step", "nfe", "metric"}`` at every evaluation
+``t1_final/<block>``, ``t1_initial/<block>``  the same per ODE block
+``inference_nfe`` forward NFE of the trained model on one validation batch (the cost side)
+``t1_trajectory`` ``{"step", "nfe", "work", "t1"}`` lists (``t1`` the block mean, plus
+                  ``t1/<block>`` per block), at most 64 points
+``curve``         ``{"step", "nfe", "work", "metric"}`` at every evaluation
 ``hyperparams``   every searched value, sampled or default
 ``strategy``      the strategy of the study
+
+Trial states are honest: a run stopped by the budget is *pruned* (Optuna's ``PRUNED``;
+its truncated metric is reported as an intermediate value and kept as ``metric``, never
+as a result), a solver failure or non-finite loss is ``FAIL`` with the solver's message,
+and only a run that trained every planned step is ``COMPLETE``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 
-from snopt._ode import SolverError
+from snopt._ode import SolverError, ode_blocks
 from snopt._run import RunConfig, build_run, run_training
 from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError, jsonable
+from snopt._work import WorkCounter
 
 from ._budget import STATUS_ATTR, Budget, Spent
-from ._space import HORIZON, SearchSpace
-from ._strategies import check_strategy, control_of, sampled_names
+from ._space import HORIZON, HORIZON_PREFIX, SearchSpace
+from ._strategies import START, check_strategy, control_of, sampled_names
 
 #: ``factory(trial, config) -> callbacks`` attached to the training run of each trial
 #: (e.g. an MLflow logger that opens one nested run per trial).
 TrialCallbacksFactory = Callable[[optuna.trial.BaseTrial, RunConfig], Sequence[Callback]]
+#: ``limits(own_trial_number) -> [(budget, spent by the other trials), ...]``.
+LimitsFn = Callable[[int | None], Sequence[tuple[Budget, Spent]]]
+#: The objectives a study may optimise: the validation metric, and the inference NFE.
+OBJECTIVES = ("metric", "nfe")
+#: Controller updates an in-training trial gets before a pruner judges it.
+PRUNE_AFTER_UPDATES = 3
 
 _MAX_POINTS = 64
 
 
 class TrialFailed(RuntimeError):
     """A trial's training failed (solver error or non-finite loss); the study goes on."""
+
+
+def check_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate ``objectives`` (names from :data:`OBJECTIVES`, the metric first)."""
+    if isinstance(objectives, str):
+        objectives = [s.strip() for s in objectives.split(",") if s.strip()]
+    names = tuple(objectives)
+    if not names or names[0] != "metric" or len(set(names)) != len(names):
+        raise ValueError(
+            f"`objectives` must start with 'metric' and name each of {list(OBJECTIVES)} at most once, "
+            f"but got objectives={list(names)}."
+        )
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"Unknown objectives {unknown}; valid ones are {list(OBJECTIVES)}.")
+    return names
 
 
 class PruningCallback(Callback):
@@ -55,11 +89,14 @@ class PruningCallback(Callback):
     Args:
         trial: the Optuna trial (a ``FixedTrial`` never prunes).
         key: the record key reported (``"metric"``, or ``"val_loss"``).
+        min_step: the pruner is not asked before this training step (an in-training trial
+            waits for its controller's warm-up and first updates); values are still reported.
     """
 
-    def __init__(self, trial: optuna.trial.BaseTrial, key: str = "metric") -> None:
+    def __init__(self, trial: optuna.trial.BaseTrial, key: str = "metric", min_step: int = 0) -> None:
         self.trial = trial
         self.key = key
+        self.min_step = int(min_step)
 
     def on_evaluate(self, trainer: Any, record: dict[str, float]) -> None:
         """Report ``record[key]`` at the current step; stop training if the pruner says so."""
@@ -70,6 +107,8 @@ class PruningCallback(Callback):
         total = getattr(trainer, "total_steps", None)
         if total is not None and trainer.step >= total:
             return  # the run is over: pruning now would discard a finished result
+        if trainer.step < self.min_step:
+            return
         if self.trial.should_prune():
             raise StopTraining(Status.PRUNED, f"pruned at step {trainer.step} with {self.key}={value:.6g}")
 
@@ -81,60 +120,101 @@ class PruningCallback(Callback):
         return result
 
 
-class _TrialMonitor(Callback):
-    """Collect the horizon trajectory and the evaluation curve; stop where the budget ends."""
+def _block_t1(record: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if k == HORIZON or k.startswith(HORIZON_PREFIX)}
 
-    def __init__(self, budget: Budget | None, spent: Spent | None) -> None:
-        self.budget = budget
-        self.spent = spent or Spent()
+
+class _TrialMonitor(Callback):
+    """Count work, collect the horizons and the curve, stop where a budget ends, report progress."""
+
+    def __init__(
+        self, trial: optuna.trial.BaseTrial, limits: LimitsFn | None, refresh_every: int = 5
+    ) -> None:
+        self.trial = trial
+        self.limits_fn = limits
+        self.limits: Sequence[tuple[Budget, Spent]] = limits(_number(trial)) if limits else ()
+        self.refresh_every = max(int(refresh_every), 1)
         self.start = time.perf_counter()
-        self.trajectory: dict[str, list[float]] = {"step": [], "nfe": [], "t1": []}
-        self.curve: dict[str, list[float]] = {"step": [], "nfe": [], "metric": []}
-        self.t1_initial: float | None = None
+        self.trajectory: dict[str, list[float]] = {"step": [], "nfe": [], "work": [], "t1": []}
+        self.curve: dict[str, list[float]] = {"step": [], "nfe": [], "work": [], "metric": []}
+        self.t1_initial: dict[str, float] = {}
+        self.last_t1: dict[str, float] = {}
         self.result: FitResult | None = None
         self.last_record: dict[str, float] = {}
+        self.counter: WorkCounter | None = None
         self.stopped = False
 
+    @property
+    def work(self) -> float:
+        return float(self.counter.total) if self.counter is not None else 0.0
+
     def on_fit_start(self, trainer: Any) -> None:
+        self.counter = WorkCounter(trainer.model).attach()
         horizons = trainer.horizons()
         if horizons:
-            self.t1_initial = _mean(horizons.values())
-            self._point(0, 0, self.t1_initial)
+            self.t1_initial = dict(horizons)
+            self._point(0, 0, horizons)
 
     def on_step_end(self, trainer: Any, record: dict[str, float]) -> None:
         self.last_record = record
-        t1 = [v for k, v in record.items() if k == "t1" or k.startswith("t1/")]
+        t1 = _block_t1(record)
         if t1:
-            self._point(record["step"], record.get("nfe_total", 0), _mean(t1))
-        b = self.budget
-        if b is None:
+            self._point(record["step"], record.get("nfe_total", 0), t1)
+        if not self.limits:
             return
-        nfe = self.spent.nfe + int(record.get("nfe_total", 0))
-        seconds = self.spent.wall_time + (time.perf_counter() - self.start)
-        if (b.nfe is not None and nfe >= b.nfe) or (b.timeout is not None and seconds >= b.timeout):
-            self.stopped = True
-            raise StopTraining(Status.BUDGET, f"budget ({b.describe()}) exhausted at step {record['step']}")
+        step = int(record["step"])
+        nfe = int(record.get("nfe_total", 0))
+        if step % self.refresh_every == 0:
+            self._progress(nfe)
+            if self.limits_fn is not None:
+                self.limits = self.limits_fn(_number(self.trial))
+        own = Spent(1, nfe, time.perf_counter() - self.start, self.work)
+        for budget, others in self.limits:
+            crossed = budget.crossed(others + own)
+            if crossed is not None:
+                self.stopped = True
+                raise StopTraining(Status.BUDGET, f"the study's budget ran out ({crossed})")
+
+    def _progress(self, nfe: int) -> None:
+        # Other workers count what this running trial spent so far against the budget.
+        try:
+            self.trial.set_user_attr("nfe_total", nfe)
+            self.trial.set_user_attr("work", self.work)
+        except Exception:  # noqa: BLE001 - progress is advisory; a storage hiccup must not kill the trial
+            pass
 
     def on_evaluate(self, trainer: Any, record: dict[str, float]) -> None:
         if "metric" in record:
             self.curve["step"].append(int(trainer.step))
             self.curve["nfe"].append(int(record.get("nfe_total", 0)))
+            self.curve["work"].append(self.work)
             self.curve["metric"].append(float(record["metric"]))
 
     def on_fit_end(self, trainer: Any, result: FitResult) -> None:
         self.result = result
+        if self.counter is not None:
+            self.counter.detach()
         # A run pruned at an evaluation ends before that step's on_step_end: add its last point.
         last = trainer.history[-1] if trainer.history else None
         if last is not None and (not self.trajectory["step"] or self.trajectory["step"][-1] != last["step"]):
             self.last_record = last
-            t1 = [v for k, v in last.items() if k == "t1" or k.startswith("t1/")]
+            t1 = _block_t1(last)
             if t1:
-                self._point(last["step"], last.get("nfe_total", 0), _mean(t1))
+                self._point(last["step"], last.get("nfe_total", 0), t1)
 
-    def _point(self, step: float, nfe: float, t1: float) -> None:
+    def _point(self, step: float, nfe: float, t1: Mapping[str, float]) -> None:
         self.trajectory["step"].append(int(step))
         self.trajectory["nfe"].append(int(nfe))
-        self.trajectory["t1"].append(float(t1))
+        self.trajectory["work"].append(self.work)
+        self.trajectory["t1"].append(_mean(t1.values()))
+        self.last_t1 = dict(t1)
+        if len(t1) > 1:
+            for key, value in t1.items():
+                self.trajectory.setdefault(key, []).append(float(value))
+
+    def final_horizons(self) -> dict[str, float]:
+        """``t1/<block>`` (``t1`` for a bare block) -> the last recorded horizon of each block."""
+        return dict(self.last_t1)
 
     def thinned_trajectory(self) -> dict[str, list[float]]:
         """At most 64 points, first and last kept."""
@@ -145,14 +225,32 @@ class _TrialMonitor(Callback):
         return {k: [v[i] for i in idx] for k, v in self.trajectory.items()}
 
 
-def _evaluate(run: Any) -> dict[str, float]:
-    """Validation metrics of a run stopped mid-training (the trainer only evaluates at its checkpoints)."""
-    return dict(run.task.evaluate(run.model, run.val_loader))
+def _number(trial: optuna.trial.BaseTrial) -> int | None:
+    number = getattr(trial, "number", None)
+    return int(number) if number is not None else None
 
 
 def _mean(values: Any) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values)
+
+
+def _inference_nfe(run: Any) -> int:
+    """Forward NFE of the model on the first validation batch (what one prediction costs)."""
+    import torch
+
+    blocks = [b for _, b in ode_blocks(run.model)]
+    before = sum(b.totals.nfe_forward for b in blocks)
+    batch = next(iter(run.val_loader))
+    device = next(run.model.parameters()).device
+    was = run.model.training
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            run.task.loss(run.model, run.task.batch_to(batch, device))
+    finally:
+        run.model.train(was)
+    return int(sum(b.totals.nfe_forward for b in blocks) - before)
 
 
 class TrainingObjective:
@@ -162,17 +260,23 @@ class TrainingObjective:
         config: the base run; the strategy and the sampled parameters override it.
         space: the search space.
         strategy: one of :data:`STRATEGIES`; it decides which parameters the trial
-            samples and whether a controller moves T (``feedback``, ``gradient``, ``hybrid``).
-        budget: the study's budget; a trial that crosses its NFE or time limit is
-            stopped there, evaluated, and recorded with status ``budget``.
+            samples, whether a controller moves the horizons and where they start.
+        budget: the study's budget; a trial that crosses its NFE, work or time limit is
+            stopped there, evaluated, and pruned with status ``budget``.
         spent_fn: returns what the study had spent before this trial (for ``budget``).
         trial_callbacks_factory: ``factory(trial, config) -> callbacks`` added to each
             training run (e.g. MLflow logging).
         progress: show the training progress bar of each trial.
+        objectives: ``("metric",)`` (default), or ``("metric", "nfe")`` for a Pareto
+            search of the validation metric against the inference NFE (minimised).
+        limits: ``limits(own_trial_number) -> [(budget, spent by other trials), ...]``;
+            replaces ``budget``/``spent_fn`` (a :class:`Study` passes its session and total
+            budgets, with running trials counted).
 
     Calling the objective with a trial returns the final validation metric of the run
-    (its direction is :attr:`direction`).  Training errors (solver failure, non-finite
-    loss) raise :class:`TrialFailed` with the reason, after recording it.
+    (with ``objectives=("metric", "nfe")`` the pair (metric, inference NFE)).  Training
+    errors (solver failure, non-finite loss) raise :class:`TrialFailed` with the solver's
+    message, after recording it.
     """
 
     def __init__(
@@ -185,6 +289,8 @@ class TrainingObjective:
         spent_fn: Callable[[], Spent] | None = None,
         trial_callbacks_factory: TrialCallbacksFactory | None = None,
         progress: bool = False,
+        objectives: Sequence[str] = ("metric",),
+        limits: LimitsFn | None = None,
     ) -> None:
         if not isinstance(config, RunConfig):
             raise TypeError(f"`config` must be a snopt.RunConfig, but got {type(config).__name__}.")
@@ -196,6 +302,13 @@ class TrainingObjective:
         self.space = space
         self.budget = budget
         self.spent_fn = spent_fn
+        self.objectives = check_objectives(objectives)
+        if limits is None and budget is not None and budget.limited:
+
+            def limits(_number: int | None) -> list[tuple[Budget, Spent]]:
+                return [(budget, spent_fn() if spent_fn is not None else Spent())]
+
+        self.limits = limits
         self.trial_callbacks_factory = trial_callbacks_factory
         self.progress = progress
         from snopt._tasks import get_task
@@ -208,9 +321,19 @@ class TrainingObjective:
         return "maximize" if self.task.higher_is_better else "minimize"
 
     @property
+    def directions(self) -> list[str]:
+        """One direction per objective (the inference NFE is minimised)."""
+        return [self.direction if name == "metric" else "minimize" for name in self.objectives]
+
+    @property
     def metric_name(self) -> str:
         """Name of the task's validation metric."""
         return str(self.task.metric_name)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The objectives' names, for ``study.set_metric_names``."""
+        return [self.metric_name if name == "metric" else "inference_nfe" for name in self.objectives]
 
     def sampled_names(self) -> list[str]:
         """The parameters this strategy samples."""
@@ -231,45 +354,70 @@ class TrainingObjective:
             data["t1_bounds"] = list(bounds)
         return RunConfig.from_dict(data)
 
-    def __call__(self, trial: optuna.trial.BaseTrial) -> float:
+    def prune_after(self, config: RunConfig) -> int:
+        """The first step a pruner may judge: after warm-up plus 3 controller updates (in-training)."""
+        if config.control == "fixed":
+            return 0
+        return int(config.t1_warmup) + PRUNE_AFTER_UPDATES * int(config.t1_every)
+
+    def start_horizons(self, trial: optuna.trial.BaseTrial, blocks: Sequence[str]) -> dict[str, float]:
+        """Block name -> the horizon a trial of an in-training strategy starts from.
+
+        ``feedback``/``gradient``: the final horizons of the best complete trial so far
+        (per block); ``feedback-only``/``gradient-only``: the defaults for the first trial,
+        then a log-uniform draw in the horizon range (seeded by the run seed and the trial
+        number); ``hybrid`` and the first trial: the defaults.
+        """
+        defaults = self.space.block_horizons(self.space.defaults(), blocks)
+        start = START.get(self.strategy)
+        number = _number(trial) or 0
+        bounds = self.space.horizon_bounds()
+        if start == "best":
+            best = _best_final_horizons(trial, self.directions[0] == "maximize")
+            if best:
+                low, high = bounds if bounds is not None else (0.0, math.inf)
+                return {b: min(max(best.get(b, defaults.get(b, 1.0)), low), high) for b in blocks}
+        if start == "random" and number > 0 and bounds is not None:
+            rng = np.random.default_rng([int(self.config.seed), number])
+            value = float(math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
+            return dict.fromkeys(blocks, value)
+        return defaults
+
+    def __call__(self, trial: optuna.trial.BaseTrial) -> float | tuple[float, ...]:
         values = self.hyperparams(trial)
         config = self.config_for(values)
         trial.set_user_attr("strategy", self.strategy)
         trial.set_user_attr("hyperparams", jsonable(values))
-        spent = self.spent_fn() if (self.spent_fn is not None and self.budget is not None) else None
-        monitor = _TrialMonitor(self.budget, spent)
-        callbacks: list[Callback] = [monitor, PruningCallback(trial)]
+        monitor = _TrialMonitor(trial, self.limits)
+        single = len(self.objectives) == 1
+        callbacks: list[Callback] = [monitor]
+        if single:
+            callbacks.append(PruningCallback(trial, min_step=self.prune_after(config)))
         if self.trial_callbacks_factory is not None:
             callbacks.extend(self.trial_callbacks_factory(trial, config))
-        status, reason, value = "completed", "", math.nan
+        status, reason = "completed", ""
         final: dict[str, float] = {}
         run = None
         try:
             run = build_run(config)
+            self._set_horizons(trial, run, values)
             result = run_training(config, callbacks=callbacks, progress=self.progress, run=run)
             if result.status == Status.INTERRUPTED:
                 status, reason = "interrupted", result.message
                 raise KeyboardInterrupt(result.message)
-            PruningCallback.raise_if_pruned(result)
-            if result.status == Status.BUDGET:
-                raise StopTraining(Status.BUDGET, result.message)
+            if result.status == Status.PRUNED:
+                status, reason = "pruned", result.message
+            elif result.status == Status.BUDGET:
+                status, reason = "budget", result.message
             final = dict(result.final)
-        except optuna.TrialPruned:
-            status = "pruned"
-            raise
-        except StopTraining as exc:
-            status, reason = "budget", exc.message
-            try:
-                final = _evaluate(run)
-            except (SolverError, ValueError, RuntimeError) as err:
-                status, reason = (
-                    "failed",
-                    f"evaluation after the budget stop failed: {type(err).__name__}: {err}",
-                )
-                raise TrialFailed(reason) from None
+            if status == "budget":
+                final.update(run.task.evaluate(run.model, run.val_loader))
+            if "nfe" in self.objectives or status == "completed":
+                final["inference_nfe"] = _inference_nfe(run)
         except (TrainingError, SolverError) as exc:
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"
-            raise TrialFailed(reason) from None
+            status = "failed"
+            partial = getattr(exc, "result", None)
+            reason = partial.message if partial is not None and partial.message else str(exc)
         except KeyboardInterrupt:
             status = "interrupted"
             raise
@@ -279,13 +427,46 @@ class TrainingObjective:
         finally:
             if status != "interrupted":
                 self._record(trial, status, reason, monitor, final, config)
+        return self._outcome(trial, status, reason, final, monitor)
+
+    def _outcome(
+        self,
+        trial: optuna.trial.BaseTrial,
+        status: str,
+        reason: str,
+        final: Mapping[str, float],
+        monitor: _TrialMonitor,
+    ) -> float | tuple[float, ...]:
+        """The trial's value(s), or the exception that gives it its honest state."""
+        if status == "failed":
+            raise TrialFailed(reason)
         value = float(final.get("metric", math.nan))
+        if status in ("pruned", "budget"):
+            if status == "budget" and len(self.objectives) == 1 and math.isfinite(value):
+                # The truncated run's score is an intermediate value, never a result.
+                step = int(monitor.last_record.get("step", 0))
+                if step not in monitor.curve["step"]:
+                    trial.report(value, step)
+            raise optuna.TrialPruned(reason)
         if not math.isfinite(value):
             reason = f"the validation metric is {value}"
             trial.set_user_attr(STATUS_ATTR, "failed")
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
-        return value
+        if len(self.objectives) == 1:
+            return value
+        return tuple(value if n == "metric" else float(final["inference_nfe"]) for n in self.objectives)
+
+    def _set_horizons(self, trial: optuna.trial.BaseTrial, run: Any, values: Mapping[str, Any]) -> None:
+        """Per-block horizons: sampled ``t1/<block>`` (black-box) or the strategy's start (in-training)."""
+        blocks = dict(ode_blocks(run.model))
+        if run.config.control == "fixed":
+            chosen = self.space.block_horizons(values, list(blocks))
+            chosen = {b: v for b, v in chosen.items() if HORIZON_PREFIX + b in values}
+        else:
+            chosen = self.start_horizons(trial, list(blocks))
+        for name, value in chosen.items():
+            blocks[name].set_t1(float(value))
 
     def _record(
         self,
@@ -297,28 +478,55 @@ class TrainingObjective:
         config: RunConfig,
     ) -> None:
         stats: dict[str, Any] = dict(monitor.result.stats) if monitor.result is not None else {}
+        initial = monitor.t1_initial
         attrs: dict[str, Any] = {
             STATUS_ATTR: status,
             "nfe_total": int(stats.get("nfe_total", monitor.last_record.get("nfe_total", 0))),
             "nfe_forward": int(stats.get("nfe_forward", 0)),
             "nfe_backward": int(stats.get("nfe_backward", 0)),
+            "work": monitor.work,
             "steps": int(stats.get("steps", 0)),
             "train_time": float(stats.get("wall_time", 0.0)),
             "eval_time": float(stats.get("eval_time", 0.0)),
-            "t1_initial": monitor.t1_initial if monitor.t1_initial is not None else float(config.t1),
+            "t1_initial": _mean(initial.values()) if initial else float(config.t1),
             "t1_trajectory": monitor.thinned_trajectory(),
             "curve": monitor.curve,
         }
         traj = monitor.trajectory["t1"]
         attrs["t1_final"] = traj[-1] if traj else float(config.t1)
-        if "metric" in final:
-            attrs["metric"] = float(final["metric"])
-        if "val_loss" in final:
-            attrs["val_loss"] = float(final["val_loss"])
+        for key, value in monitor.final_horizons().items():
+            attrs["t1_final/" + _block_of(key)] = value
+        for key, value in initial.items():
+            attrs["t1_initial/" + _block_of(key)] = value
+        for key in ("metric", "val_loss", "inference_nfe"):
+            if key in final:
+                attrs[key] = float(final[key])
         if reason:
             attrs["fail_reason" if status == "failed" else "stop_reason"] = reason
         for key, value in attrs.items():
             trial.set_user_attr(key, jsonable(value))
+
+
+def _block_of(key: str) -> str:
+    """``t1/blocks.0`` -> ``blocks.0``; ``t1`` (a bare ODEBlock) -> ``""``."""
+    return key[len(HORIZON_PREFIX) :] if key.startswith(HORIZON_PREFIX) else ""
+
+
+def _best_final_horizons(trial: optuna.trial.BaseTrial, maximize: bool) -> dict[str, float]:
+    """Block name -> final horizon of the best complete trial of ``trial``'s study (empty if none)."""
+    study = getattr(trial, "study", None)
+    if study is None:
+        return {}
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    scored = [t for t in complete if t.values and math.isfinite(t.values[0])]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda t: t.values[0] if maximize else -t.values[0])
+    prefix = "t1_final/"
+    out = {k[len(prefix) :]: float(v) for k, v in best.user_attrs.items() if k.startswith(prefix)}
+    if not out and "t1_final" in best.user_attrs:
+        out[""] = float(best.user_attrs["t1_final"])
+    return out
 
 
 class CustomObjective:
@@ -328,7 +536,7 @@ class CustomObjective:
     budgets and reports; ``t1_final`` likewise for the horizon plots.
     """
 
-    def __init__(self, func: Callable[[optuna.trial.BaseTrial], float], strategy: str = "tpe") -> None:
+    def __init__(self, func: Callable[[optuna.trial.BaseTrial], Any], strategy: str = "tpe") -> None:
         if not callable(func):
             raise TypeError(f"`objective` must be callable, but got {type(func).__name__}.")
         self.func = func

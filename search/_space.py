@@ -5,9 +5,10 @@ its names to :class:`snopt.RunConfig` fields (``t1``, ``lr``, ``rtol``, ``atol``
 ``t1_lr``, ...) or, for any other name, to an argument of the task's ``build_model``
 (``width`` for digits, ``hidden_dim`` for the time series, ``hidden`` for the flows);
 ``tol`` sets both ``rtol`` and ``atol``.
-``t1`` is the integration horizon T: black-box strategies sample it, in-training
-strategies start from a sampled or default T and let the controller move it inside its
-range.
+``t1`` is the integration horizon T of every block; ``t1/<block>`` (e.g. ``t1/blocks.0``)
+the horizon of one block, the default for models with several blocks.  Black-box
+strategies sample the horizons; in-training strategies start from the best trial's final
+horizons (or the defaults) and let the controller move them inside their range.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from snopt._run import RunConfig
 
 #: Name of the horizon parameter, the one in-training strategies control.
 HORIZON = "t1"
+#: Prefix of a per-block horizon parameter: ``t1/<block name>``.
+HORIZON_PREFIX = HORIZON + "/"
+
+
+def _is_horizon(name: str) -> bool:
+    return name == HORIZON or name.startswith(HORIZON_PREFIX)
+
 
 # RunConfig fields a search space may set: numbers, plus the solver method. Fields that
 # describe the run rather than the model (epochs, seed, device, ...) are budget, not search.
@@ -341,12 +349,27 @@ class SearchSpace:
         names = self.names if names is None else list(names)
         return {name: self.params[name].distribution() for name in names}
 
+    def horizon_names(self) -> list[str]:
+        """The horizon parameters: ``t1`` and every ``t1/<block>``."""
+        return [n for n in self.names if _is_horizon(n)]
+
     def horizon_bounds(self) -> tuple[float, float] | None:
-        """``(low, high)`` of the horizon ``t1``, if the space has a numeric one."""
-        p = self.params.get(HORIZON)
-        if isinstance(p, (Float, Int)):
-            return float(p.low), float(p.high)
-        return None
+        """``(low, high)`` covering the horizon parameters (``t1``, ``t1/<block>``), if numeric."""
+        ps = [p for n, p in self.params.items() if _is_horizon(n) and isinstance(p, (Float, Int))]
+        if not ps:
+            return None
+        return float(min(p.low for p in ps)), float(max(p.high for p in ps))
+
+    def block_horizons(self, values: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, float]:
+        """Block name -> horizon set by ``values`` (``t1/<block>`` over ``t1``); others are absent."""
+        out: dict[str, float] = {}
+        for block in blocks:
+            key = HORIZON_PREFIX + block
+            if key in values:
+                out[block] = float(values[key])
+            elif HORIZON in values:
+                out[block] = float(values[HORIZON])
+        return out
 
     def grid(self, size: int = 3, names: Iterable[str] | None = None) -> dict[str, list[Any]]:
         """The grid of Optuna's ``GridSampler``: ``size`` values per numeric parameter."""
@@ -379,18 +402,30 @@ class SearchSpace:
             and n not in {"t1", "method", "rtol", "atol", "adjoint"}
         ]
         valid = [*_CONFIG_FIELDS, TOLERANCE]
-        unknown = [n for n in self.names if n not in valid and n not in model_args]
+        unknown = [n for n in self.names if n not in valid and n not in model_args and not _is_horizon(n)]
         if unknown:
             raise ValueError(
                 f"Unknown search parameters {unknown} for task {config.task!r}; valid names are "
-                f"RunConfig fields {valid} (`tol` sets rtol and atol) and model arguments {model_args}."
+                f"RunConfig fields {valid} (`tol` sets rtol and atol), model arguments {model_args} "
+                f"and per-block horizons t1/<block>."
             )
+        per_block = [n[len(HORIZON_PREFIX) :] for n in self.names if n.startswith(HORIZON_PREFIX)]
+        if per_block:
+            blocks = block_names(config)
+            bad = [b for b in per_block if b not in blocks]
+            if bad:
+                raise ValueError(
+                    f"Unknown blocks {bad} in per-block horizons of task {config.task!r}; "
+                    f"its blocks are {blocks} (parameters t1/<block>)."
+                )
 
     def apply(self, config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
         """A copy of ``config`` with ``values`` set (config fields directly, the rest as model arguments)."""
         data = config.to_dict()
         model_kwargs = dict(config.model_kwargs)
         for name, value in values.items():
+            if name.startswith(HORIZON_PREFIX):
+                continue  # set on the built model's block (see TrainingObjective)
             if name == TOLERANCE:
                 data["rtol"] = data["atol"] = value
             elif name in _CONFIG_FIELDS:
@@ -466,25 +501,40 @@ def _scalar(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-_WIDTH_ARG = {"digits": "width", "timeseries": "hidden_dim", "toy2d": "hidden"}
+_WIDTH_ARG = {"digits": "width", "timeseries": "hidden_dim", "toy2d": "hidden", "multiblock": "width"}
 
 
-def default_space(task: str = "digits") -> SearchSpace:
-    """The space searched when none is given: horizon, learning rate, width and tolerance.
+def block_names(config: RunConfig) -> list[str]:
+    """Names of the ODE blocks of the model ``config`` builds (``blocks.0``, ...), in order."""
+    from snopt._ode import ode_blocks
+    from snopt._tasks import get_task
+
+    task = get_task(config.task, **config.task_kwargs)
+    model = task.build_model(**config.model_kwargs)
+    return [name for name, _ in ode_blocks(model)]
+
+
+def default_space(task: str = "digits", blocks: Sequence[str] | None = None) -> SearchSpace:
+    """The space searched when none is given: horizons, learning rate, width and tolerance.
 
     Args:
         task: the built-in task (names its width argument).
+        blocks: the model's ODE block names; with more than one, every block gets its own
+            horizon ``t1/<block>`` instead of one ``t1`` for all.
 
     Returns:
-        ``t1`` in [0.25, 4] (log), ``lr`` in [1e-3, 5e-2] (log), the width in [4, 32]
-        (log, default 8) and the solver tolerance ``tol`` (rtol = atol) in [1e-3, 1e-1]
-        (log, default 1e-2).
+        ``t1`` (or ``t1/<block>`` each) in [0.25, 4] (log, default 1), ``lr`` in
+        [1e-3, 5e-2] (log), the width in [4, 32] (log, default 8) and the solver tolerance
+        ``tol`` (rtol = atol) in [1e-3, 1e-1] (log, default 1e-2).
     """
     if task not in _WIDTH_ARG:
         raise ValueError(f"`task` must be one of {list(_WIDTH_ARG)}, but got task={task!r}.")
+    horizon = Float(0.25, 4.0, log=True, default=1.0)
+    blocks = list(blocks or [])
+    horizons = {HORIZON_PREFIX + b: horizon for b in blocks} if len(blocks) > 1 else {HORIZON: horizon}
     return SearchSpace(
         {
-            HORIZON: Float(0.25, 4.0, log=True, default=1.0),
+            **horizons,
             "lr": Float(1e-3, 5e-2, log=True, default=1e-2),
             _WIDTH_ARG[task]: Int(4, 32, log=True, default=8),
             TOLERANCE: Float(1e-3, 1e-1, log=True, default=1e-2),

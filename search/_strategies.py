@@ -1,14 +1,19 @@
-"""Search strategies: which parameters a sampler picks and who sets the horizon T.
+"""Search strategies: which parameters a sampler picks and who sets the horizons T.
 
-* ``feedback`` / ``gradient``: in-training.  Each trial is one training run in which
-  the controller (the second-order feedback policy, or the first-order gradient
-  baseline) moves T inside the declared ``t1`` range.  The first trial starts from the
-  default T; later trials restart from a T drawn at random.  The other parameters keep
-  their defaults.
+* ``feedback`` / ``gradient``: in-training, tuning everything.  A real sampler (TPE by
+  default; ``sampler_kwargs={"sampler": "gp"}`` picks another) samples every parameter
+  that is not a horizon (learning rate, width, tolerance, ...), and in each trial the
+  controller (the second-order feedback policy, or the first-order gradient baseline)
+  moves every block's horizon inside the declared range.  Each trial starts its horizons
+  from the final horizons (per block) of the best trial so far; the first from the defaults.
 * ``tpe``, ``gp``, ``cmaes``, ``random``, ``grid``: black-box.  An Optuna sampler picks
-  every parameter of the space, T included, which stays fixed during training.
-* ``hybrid``: TPE picks the parameters that cannot be controlled (learning rate, width,
-  tolerance, ...) while the feedback policy controls T, from its default, inside each trial.
+  every parameter of the space, the horizons included (one ``t1``, or one ``t1/<block>``
+  per block), which stay fixed during training.
+* ``hybrid``: as ``feedback``, but every trial starts T from its default.
+* ``feedback-only`` / ``gradient-only``: ablations (the old ``feedback``): only the
+  controller tunes, the other parameters keep their defaults; the first trial starts from
+  the default T, later ones from a T drawn log-uniformly in its range (recorded as the
+  user attribute ``t1_initial``, not as a parameter).
 
 Every sampler's arguments are written out here and stored with the study, because their
 defaults move between Optuna releases (Optuna 5 changed TPE's).
@@ -27,37 +32,68 @@ import optuna
 from ._space import HORIZON, SearchSpace
 
 #: Every strategy name.
-STRATEGIES = ("feedback", "gradient", "tpe", "gp", "cmaes", "random", "grid", "hybrid")
+STRATEGIES = (
+    "feedback",
+    "gradient",
+    "tpe",
+    "gp",
+    "cmaes",
+    "random",
+    "grid",
+    "hybrid",
+    "feedback-only",
+    "gradient-only",
+    "nsga2",
+)
 #: Strategies in which a controller moves T during training.
-IN_TRAINING = ("feedback", "gradient", "hybrid")
+IN_TRAINING = ("feedback", "gradient", "hybrid", "feedback-only", "gradient-only")
+#: Black-box strategies (a sampler picks every parameter, T fixed in training).
+BLACK_BOX = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
+#: One line per strategy, for reports and ``--help``.
+STRATEGY_HELP: dict[str, str] = {
+    "feedback": "TPE samples the other hyperparameters; the second-order feedback policy moves every "
+    "horizon in training, starting from the best trial's final horizons",
+    "gradient": "as feedback, with the first-order gradient policy",
+    "tpe": "black-box: TPE samples every parameter, horizons fixed in training",
+    "gp": "black-box: Gaussian-process Bayesian optimisation of every parameter",
+    "cmaes": "black-box: CMA-ES over every parameter",
+    "random": "black-box: random search over every parameter",
+    "grid": "black-box: grid search over every parameter",
+    "nsga2": "black-box: NSGA-II over every parameter (for Pareto comparisons)",
+    "hybrid": "as feedback, but every trial starts T from its default",
+    "feedback-only": "ablation: only the feedback policy tunes (T); other hyperparameters at defaults",
+    "gradient-only": "ablation: only the gradient policy tunes (T); other hyperparameters at defaults",
+}
+#: Where each in-training strategy starts the horizons of a trial.
+START: dict[str, str] = {
+    "feedback": "best",
+    "gradient": "best",
+    "hybrid": "default",
+    "feedback-only": "random",
+    "gradient-only": "random",
+}
 #: Pruner names accepted by :func:`make_pruner`.
 PRUNERS = ("none", "median", "hyperband")
 
 # The sampler class behind each strategy and its explicit arguments (seed excluded).
+_TPE: tuple[str, dict[str, Any]] = (
+    "TPESampler",
+    {
+        "n_startup_trials": 4,
+        "n_ei_candidates": 24,
+        "multivariate": True,
+        "group": False,
+        "constant_liar": True,
+    },
+)
 _SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "feedback": ("RandomSampler", {}),
-    "gradient": ("RandomSampler", {}),
+    "feedback": _TPE,
+    "gradient": _TPE,
+    "hybrid": _TPE,
+    "feedback-only": ("RandomSampler", {}),
+    "gradient-only": ("RandomSampler", {}),
     "random": ("RandomSampler", {}),
-    "tpe": (
-        "TPESampler",
-        {
-            "n_startup_trials": 4,
-            "n_ei_candidates": 24,
-            "multivariate": True,
-            "group": False,
-            "constant_liar": True,
-        },
-    ),
-    "hybrid": (
-        "TPESampler",
-        {
-            "n_startup_trials": 4,
-            "n_ei_candidates": 24,
-            "multivariate": True,
-            "group": False,
-            "constant_liar": True,
-        },
-    ),
+    "tpe": _TPE,
     "gp": (
         "GPSampler",
         {"n_startup_trials": 4, "deterministic_objective": False, "warn_independent_sampling": False},
@@ -76,6 +112,10 @@ _SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "grid": ("GridSampler", {"grid_size": 3}),
+    "nsga2": (
+        "NSGAIISampler",
+        {"population_size": 8, "mutation_prob": None, "crossover_prob": 0.9, "swapping_prob": 0.5},
+    ),
 }
 
 _PRUNERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,20 +135,25 @@ def check_strategy(strategy: str) -> str:
 def control_of(strategy: str) -> str:
     """The RunConfig ``control`` of a strategy: ``feedback``, ``gradient`` or ``fixed``."""
     check_strategy(strategy)
-    if strategy in ("feedback", "hybrid"):
+    if strategy in ("feedback", "hybrid", "feedback-only"):
         return "feedback"
-    if strategy == "gradient":
+    if strategy in ("gradient", "gradient-only"):
         return "gradient"
     return "fixed"
+
+
+def is_horizon(name: str) -> bool:
+    """Whether a parameter name is a horizon: ``t1`` (every block) or ``t1/<block>``."""
+    return name == HORIZON or name.startswith(HORIZON + "/")
 
 
 def sampled_names(strategy: str, space: SearchSpace) -> list[str]:
     """The parameters the strategy's sampler picks; the others keep their defaults."""
     check_strategy(strategy)
-    if strategy in ("feedback", "gradient"):
-        return [HORIZON] if HORIZON in space else []
-    if strategy == "hybrid":
-        return [n for n in space.names if n != HORIZON]
+    if strategy in ("feedback-only", "gradient-only"):
+        return []
+    if strategy in IN_TRAINING:
+        return [n for n in space.names if not is_horizon(n)]
     return space.names
 
 
@@ -134,6 +179,15 @@ def sampler_spec(strategy: str, overrides: Mapping[str, Any] | None = None) -> S
     kwargs = dict(kwargs)
     if overrides:
         overrides = dict(overrides)
+        inner = overrides.pop("sampler", None)
+        if inner is not None:
+            if strategy not in IN_TRAINING or inner not in BLACK_BOX:
+                raise ValueError(
+                    f"`sampler_kwargs['sampler']` picks the sampler of an in-training strategy, one of "
+                    f"{list(BLACK_BOX)}; got sampler={inner!r} for strategy={strategy!r}."
+                )
+            name, kwargs = _SAMPLERS[inner]
+            kwargs = dict(kwargs)
         if "seed" in overrides:
             raise ValueError("Set the sampler seed through `seed`, not `sampler_kwargs['seed']`.")
         valid = set(kwargs) | _extra_args(name)

@@ -5,11 +5,17 @@ samplers, pruners, storages and optuna-dashboard all work on it.  What a worker 
 another machine needs to rebuild the objective (base run, space, strategy, budget,
 sampler and pruner arguments, seed) is stored with the study as the user attribute
 ``snopt``; ``load_study`` reads it back.
+
+Re-runs follow Optuna's convention: each :meth:`Study.optimize` call starts a *session*
+that runs the study's budget again (as ``optuna.Study.optimize(n_trials=N)`` runs N more
+trials), recorded in the study attribute ``snopt_session`` so that workers can join it;
+``total`` caps the study over every session.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,9 +26,15 @@ from optuna.trial import FrozenTrial, TrialState
 from snopt._progress import progress_bar
 from snopt._run import RunConfig
 
-from ._budget import Budget, Spent, spent
-from ._objective import CustomObjective, TrainingObjective, TrialCallbacksFactory, TrialFailed
-from ._space import HORIZON, SearchSpace, default_space
+from ._budget import SKIPPED, STATUS_ATTR, Budget, Spent, counts, spent
+from ._objective import (
+    CustomObjective,
+    TrainingObjective,
+    TrialCallbacksFactory,
+    TrialFailed,
+    check_objectives,
+)
+from ._space import SearchSpace, block_names, default_space
 from ._storage import (
     DEFAULT_STORAGE,
     GRACE_PERIOD,
@@ -44,9 +56,11 @@ from ._strategies import (
 
 #: Study user attribute that holds the snopt description of a study.
 STUDY_ATTR = "snopt"
+#: Study user attribute of the current session: ``{"first_trial": n, "index": k}``.
+SESSION_ATTR = "snopt_session"
 _FORMAT = 1
 
-Objective = Callable[[optuna.trial.BaseTrial], float]
+Objective = Callable[[optuna.trial.BaseTrial], "float | Sequence[float]"]
 
 
 def _check_seed(seed: Any) -> int:
@@ -61,9 +75,11 @@ def _as_budget(budget: Budget | Mapping[str, Any] | None) -> Budget:
     if isinstance(budget, Budget):
         return budget
     if isinstance(budget, Mapping):
-        unknown = sorted(set(budget) - {"n_trials", "timeout", "nfe"})
+        unknown = sorted(set(budget) - {"n_trials", "timeout", "nfe", "work"})
         if unknown:
-            raise ValueError(f"Unknown budget keys {unknown}; valid keys are ['n_trials', 'nfe', 'timeout'].")
+            raise ValueError(
+                f"Unknown budget keys {unknown}; valid keys are ['n_trials', 'nfe', 'timeout', 'work']."
+            )
         return Budget(**budget)
     raise TypeError(f"`budget` must be a Budget, a dict or None, but got {type(budget).__name__}.")
 
@@ -80,7 +96,9 @@ class Study:
         strategy: the strategy name.
         space: the :class:`SearchSpace`.
         config: the base :class:`snopt.RunConfig` (None for a custom objective).
-        budget: the study's :class:`Budget` (shared by every process working on it).
+        budget: the :class:`Budget` of one session (one :meth:`optimize` call and the
+            workers that join it).
+        total: the :class:`Budget` of the study as a whole, over every session.
         seed: the study seed (sampler and training runs).
         objective: the objective used by :meth:`optimize` when none is passed.
     """
@@ -98,8 +116,10 @@ class Study:
         storage: str | BaseStorage | None,
         metric_name: str = "value",
         progress: bool = False,
+        total: Budget | None = None,
     ) -> None:
         self.study = study
+        self.total = total if total is not None else Budget()
         self.strategy = strategy
         self.space = space
         self.config = config
@@ -174,13 +194,68 @@ class Study:
         )
 
     # ----------------------------------------------------------- budget
-    def spent(self) -> Spent:
-        """What the study has spent so far, over every process that worked on it."""
-        return spent(self.study.get_trials(deepcopy=False))
+    @property
+    def session(self) -> dict[str, Any]:
+        """The current session: ``first_trial`` (its first trial number) and ``index`` (0, 1, ...)."""
+        return dict(self.study.user_attrs.get(SESSION_ATTR) or {"first_trial": 0, "index": 0})
+
+    def begin_session(self) -> dict[str, Any]:
+        """Start a session: the budget counts from the next trial on (workers that join share it)."""
+        old = self.study.user_attrs.get(SESSION_ATTR)
+        index = 0 if old is None else int(old["index"]) + 1
+        session = {"first_trial": len(self.study.get_trials(deepcopy=False)), "index": index}
+        self.study.set_user_attr(SESSION_ATTR, session)
+        return session
+
+    def spent(self, *, session: bool = False, exclude: int | None = None) -> Spent:
+        """What the study (or its current session) has spent, running trials included, over every process."""
+        since = int(self.session["first_trial"]) if session else 0
+        return spent(self.study.get_trials(deepcopy=False), since=since, exclude=exclude)
+
+    def limits(self, exclude: int | None = None) -> list[tuple[Budget, Spent]]:
+        """``(budget, spent by trials other than exclude)`` for the session budget and the total."""
+        out = []
+        if self.budget.limited:
+            out.append((self.budget, self.spent(session=True, exclude=exclude)))
+        if self.total.limited:
+            out.append((self.total, self.spent(exclude=exclude)))
+        return out
 
     def exhausted(self) -> bool:
-        """Whether the budget is spent."""
-        return self.budget.limited and self.budget.exhausted(self.spent())
+        """Whether the session's budget or the study's total is spent."""
+        return any(budget.exhausted(used) for budget, used in self.limits())
+
+    def _over_trial_budget(self, number: int) -> bool:
+        """Whether trials numbered below ``number`` (running ones included) already fill a trial budget."""
+        trials = self.study.get_trials(deepcopy=False)
+        first = int(self.session["first_trial"])
+        for budget, since in ((self.budget, first), (self.total, 0)):
+            if budget.n_trials is None:
+                continue
+            taken = sum(
+                1
+                for t in trials
+                if since <= t.number < number and (t.state == TrialState.RUNNING or counts(t))
+            )
+            if taken >= budget.n_trials:
+                return True
+        return False
+
+    def _guarded(self, func: Objective) -> Objective:
+        """``func`` behind a check that the trial budget is not taken by running trials."""
+
+        def objective(trial: optuna.trial.BaseTrial) -> Any:
+            number = getattr(trial, "number", None)
+            if number is not None and self._over_trial_budget(int(number)):
+                trial.set_user_attr(STATUS_ATTR, SKIPPED)
+                trial.set_user_attr(
+                    "stop_reason", "not run: running trials already took the study's trial budget"
+                )
+                self.study.stop()
+                raise TrialFailed("not run: running trials already took the study's trial budget")
+            return func(trial)
+
+        return objective
 
     # ----------------------------------------------------------- optimize
     def optimize(
@@ -192,12 +267,16 @@ class Study:
         catch: Iterable[type[Exception]] | type[Exception] = (),
         gc_after_trial: bool = False,
         show_progress_bar: bool | None = None,
+        join: bool = False,
     ) -> None:
-        """Run trials until ``n_trials``/``timeout`` of this call or the study's budget is reached.
+        """Run the study's budget (again), or until ``n_trials``/``timeout`` of this call or ``total``.
 
-        Interrupted trials left by killed processes are marked failed first (after their
-        heartbeat's grace period); finished trials are kept, so calling ``optimize`` on a
-        study loaded from its storage resumes it.
+        Optuna's convention: every call starts a session that may spend the study's
+        :attr:`budget` anew, as ``optuna.Study.optimize(n_trials=N)`` runs N more trials
+        each time; :attr:`total` caps the study as a whole (so ``total`` = ``budget``
+        resumes an interrupted study up to its budget and no further).  Interrupted
+        trials left by killed processes are marked failed first (after their heartbeat's
+        grace period); finished trials are kept.
 
         Args:
             objective: ``f(trial) -> float``; default: the study's training objective.
@@ -208,6 +287,8 @@ class Study:
                 (training errors always do).
             gc_after_trial: run the garbage collector after each trial.
             show_progress_bar: an overall bar over the budget (default: the study's ``progress``).
+            join: join the current session instead of starting one (a worker of a session
+                that another process started, see :func:`run_workers`).
 
         Raises:
             ValueError: on ``n_trials``/``timeout`` <= 0, or no objective for a study
@@ -232,17 +313,20 @@ class Study:
             )
         catch = (catch,) if isinstance(catch, type) else tuple(catch)
         fail_interrupted_trials(self.study)
-        before = self.spent()
-        if self.budget.limited and self.budget.exhausted(before):
+        if not join:
+            self.begin_session()
+        if self.exhausted():
             return
-        if self.budget.n_trials is not None:
-            left = self.budget.n_trials - before.trials
-            n_trials = left if n_trials is None else min(n_trials, left)
-        if self.budget.timeout is not None:
-            left_s = self.budget.timeout - before.wall_time
-            timeout = left_s if timeout is None else min(timeout, left_s)
+        for budget, used in self.limits():
+            if budget.n_trials is not None:
+                left = budget.n_trials - used.trials
+                n_trials = left if n_trials is None else min(n_trials, left)
+            if budget.timeout is not None:
+                left_s = budget.timeout - used.wall_time
+                timeout = left_s if timeout is None else min(timeout, left_s)
+        func = self._guarded(func)
         show = self.progress if show_progress_bar is None else show_progress_bar
-        bar = _BudgetBar(self, before) if show else None
+        bar = _BudgetBar(self, self.spent(session=True)) if show else None
         all_callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [self._after_trial]
         if bar is not None:
             all_callbacks.append(bar)
@@ -263,7 +347,7 @@ class Study:
         fail_interrupted_trials(self.study)
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.budget.limited and self.budget.exhausted(self.spent()):
+        if self.exhausted():
             study.stop()
 
 
@@ -274,7 +358,9 @@ class _BudgetBar:
         b = study.budget
         total: float | None
         initial: float
-        if b.nfe is not None:
+        if b.work is not None:
+            self.unit, total, initial = "work", b.work, before.work
+        elif b.nfe is not None:
             self.unit, total, initial = "NFE", b.nfe, before.nfe
         elif b.n_trials is not None:
             self.unit, total, initial = "trial", b.n_trials, before.trials
@@ -286,15 +372,15 @@ class _BudgetBar:
         self.bar = progress_bar(total, initial, desc=study.study_name, unit=self.unit)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        now = self.study.spent()
-        value = {"NFE": now.nfe, "trial": now.trials, "s": now.wall_time}[self.unit]
+        now = self.study.spent(session=True)
+        value = {"work": now.work, "NFE": now.nfe, "trial": now.trials, "s": now.wall_time}[self.unit]
         if self.bar.total is not None:
             value = min(value, self.bar.total)
         self.bar.n = value
         post = {"trial": trial.number, "state": trial.state.name.lower()}
         try:
             post["best"] = f"{study.best_value:.4g}"
-        except ValueError:
+        except (ValueError, RuntimeError):  # none complete yet, or a multi-objective study
             pass
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
@@ -313,6 +399,8 @@ def _description(
     sampler: dict[str, Any],
     pruner: dict[str, Any],
     metric_name: str,
+    total: Budget | None = None,
+    objectives: Sequence[str] = ("metric",),
 ) -> dict[str, Any]:
     from snopt import __version__
 
@@ -325,6 +413,8 @@ def _description(
         "config": config.to_dict() if config is not None else None,
         "objective": "training" if config is not None else "custom",
         "budget": budget.to_dict(),
+        "total": (total or Budget()).to_dict(),
+        "objectives": list(objectives),
         "seed": seed,
         "sampler": sampler,
         "pruner": pruner,
@@ -361,6 +451,8 @@ def create_study(
     grace_period: int | None = GRACE_PERIOD,
     trial_callbacks_factory: TrialCallbacksFactory | None = None,
     progress: bool = False,
+    total: Budget | Mapping[str, Any] | None = None,
+    objectives: Sequence[str] = ("metric",),
 ) -> Study:
     """Create (or reopen) a study of one strategy over a search space.
 
@@ -371,7 +463,8 @@ def create_study(
         strategy: ``feedback``, ``gradient``, ``tpe``, ``gp``, ``cmaes``, ``random``,
             ``grid`` or ``hybrid`` (see :data:`STRATEGIES`).
         space: the :class:`SearchSpace` (default: :func:`default_space` of the task).
-        budget: a :class:`Budget` (or a dict of its fields) for the whole study.
+        budget: a :class:`Budget` (or a dict of its fields) for each session: every
+            :meth:`Study.optimize` call runs it again (Optuna's convention).
         storage: a database URL (default ``sqlite:///snopt.db``), an Optuna storage, or
             None for in-memory.
         study_name: default ``f"{task}-{strategy}-s{seed}"``.
@@ -391,6 +484,11 @@ def create_study(
         trial_callbacks_factory: ``factory(trial, config) -> callbacks`` attached to each
             training run, e.g. to log every trial to MLflow.
         progress: progress bars (per trial and over the budget).
+        total: a :class:`Budget` for the study as a whole, over every session (None: no cap).
+        objectives: ``("metric",)``, or ``("metric", "nfe")`` for a multi-objective (Pareto)
+            study of the validation metric against the inference NFE.  Optuna cannot prune
+            or record intermediate values in a multi-objective study, so the pruner is then
+            ``none`` and a budget-cut trial is pruned without an intermediate value.
 
     Returns:
         The :class:`Study`.
@@ -403,6 +501,10 @@ def create_study(
     strategy = check_strategy(strategy)
     seed = _check_seed(seed)
     budget = _as_budget(budget)
+    total_budget = _as_budget(total)
+    objectives = check_objectives(objectives)
+    if len(objectives) > 1:
+        pruner = None  # Optuna cannot prune multi-objective trials
     if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
         raise ValueError(f"`worker` must be a non-negative integer, but got worker={worker!r}.")
     if direction is not None and direction not in ("maximize", "minimize"):
@@ -416,7 +518,8 @@ def create_study(
     if space is None:
         if custom:
             raise ValueError("A custom objective needs an explicit `space`.")
-        space = default_space(_base_config(task, seed).task)  # type: ignore[arg-type]
+        base = _base_config(task, seed)  # type: ignore[arg-type]
+        space = default_space(base.task, block_names(base))
     if not isinstance(space, SearchSpace):
         raise TypeError(f"`space` must be a SearchSpace, but got {type(space).__name__}.")
     s_spec = sampler_spec(strategy, sampler_kwargs)
@@ -448,6 +551,8 @@ def create_study(
         sampler=s_spec.to_dict(),
         pruner=p_spec.to_dict(),
         metric_name=metric_name,
+        total=total_budget,
+        objectives=objectives,
     )
     resolved = resolve_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     existing = _existing(study_name, resolved)
@@ -464,24 +569,24 @@ def create_study(
             )
         _check_compatible(study_name, old, desc)
         n_existing = len(existing.get_trials(deepcopy=False))
-        if existing.direction.name.lower() != direction:
-            raise ValueError(
-                f"Study {study_name!r} exists with direction {existing.direction.name.lower()!r}."
-            )
+        old_directions = [d.name.lower() for d in existing.directions]
+        if old_directions[0] != direction or len(old_directions) != len(objectives):
+            raise ValueError(f"Study {study_name!r} exists with directions {old_directions}.")
     names = sampled_names(strategy, space)
     sampler = make_sampler(s_spec, space, names, derive_seed(seed, strategy, worker, n_existing))
+    directions = [direction] + ["minimize"] * (len(objectives) - 1)
     study = optuna.create_study(
         storage=resolved,
         sampler=sampler,
         pruner=make_pruner(p_spec),
         study_name=study_name,
-        direction=direction,  # type: ignore[arg-type]
+        directions=directions,  # type: ignore[arg-type]
         load_if_exists=True,
     )
     study.set_user_attr(STUDY_ATTR, desc)
-    if existing is None and strategy in ("feedback", "gradient") and HORIZON in names:
-        # The first in-training run starts from the default T; later ones restart at random.
-        study.enqueue_trial({HORIZON: space[HORIZON].default_value()})
+    with warnings.catch_warnings():  # experimental in Optuna, but what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric_name if o == "metric" else "inference_nfe" for o in objectives])
     wrapper = Study(
         study,
         strategy=strategy,
@@ -493,16 +598,17 @@ def create_study(
         storage=storage if storage is not None else resolved,
         metric_name=metric_name,
         progress=progress,
+        total=total_budget,
     )
     if config is not None:
         wrapper.objective = TrainingObjective(
             config,
             space,
             strategy,
-            budget=budget if budget.limited else None,
-            spent_fn=wrapper.spent,
             trial_callbacks_factory=trial_callbacks_factory,
             progress=progress,
+            objectives=objectives,
+            limits=wrapper.limits if (budget.limited or total_budget.limited) else None,
         )
     else:
         wrapper.objective = CustomObjective(task, strategy)  # type: ignore[arg-type]
@@ -525,8 +631,11 @@ def _existing(study_name: str, storage: BaseStorage) -> optuna.Study | None:
 
 
 def _check_compatible(study_name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-    keys = ("strategy", "space", "config", "objective", "seed", "sampler", "pruner")
-    differ = [k for k in keys if _normalise(old.get(k)) != _normalise(new.get(k))]
+    keys = ("strategy", "space", "config", "objective", "seed", "sampler", "pruner", "objectives")
+    defaults = {"objectives": ["metric"]}
+    differ = [
+        k for k in keys if _normalise(old.get(k, defaults.get(k))) != _normalise(new.get(k, defaults.get(k)))
+    ]
     if differ:
         raise ValueError(
             f"Study {study_name!r} already exists with a different {', '.join(differ)}; "
@@ -551,6 +660,7 @@ def load_study(
     grace_period: int | None = GRACE_PERIOD,
     trial_callbacks_factory: TrialCallbacksFactory | None = None,
     progress: bool = False,
+    total: Budget | Mapping[str, Any] | None = None,
 ) -> Study:
     """Reopen a study created by :func:`create_study` from its storage (to resume it or to add a worker).
 
@@ -558,7 +668,8 @@ def load_study(
         study_name: the study's name.
         storage: its storage URL or object.
         objective: the custom objective, for a study created from one.
-        budget: replace the stored budget (default: keep it).
+        budget: replace the stored budget of a session (default: keep it).
+        total: replace the stored cap on the whole study (default: keep it).
         worker: index of this worker (decorrelates samplers of parallel workers).
         heartbeat_interval, grace_period, trial_callbacks_factory, progress: as in
             :func:`create_study`.
@@ -589,13 +700,15 @@ def load_study(
         strategy=desc["strategy"],
         space=SearchSpace.from_dict(desc["space"]),
         budget=_as_budget(budget) if budget is not None else Budget.from_dict(desc["budget"]),
+        total=_as_budget(total) if total is not None else Budget.from_dict(desc.get("total")),
+        objectives=desc.get("objectives", ["metric"]),
         storage=storage if isinstance(storage, (str, type(None))) else resolved,
         study_name=study_name,
         seed=desc["seed"],
         pruner=_pruner_name(desc["pruner"]["class"]),
         pruner_kwargs=desc["pruner"]["kwargs"],
         sampler_kwargs=_sampler_overrides(desc),
-        direction=existing.direction.name.lower(),
+        direction=existing.directions[0].name.lower(),
         load_if_exists=True,
         worker=worker,
         heartbeat_interval=heartbeat_interval,

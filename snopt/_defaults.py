@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 #: Built-in task names (:func:`snopt.get_task`).
-TASKS = ("digits", "toy2d", "timeseries")
+TASKS = ("digits", "toy2d", "timeseries", "multiblock")
 
 #: torchdiffeq methods with adaptive steps, and with a fixed grid.
 ADAPTIVE_METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")

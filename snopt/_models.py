@@ -489,3 +489,71 @@ class ODERNN(nn.Module):
                 raise ValueError("`until` must not be before the last observation time of its series.")
             h = self._evolve(h, gap)
         return self.head(h)
+
+
+class MultiBlockClassifier(nn.Module):
+    """An image classifier with three ODE blocks of different roles, and a layer between each.
+
+    ``head(block_2(mix(block_1(pool(block_0(stem(x)))))))``:
+
+    * ``blocks.0``: a :class:`ConvField` block on the full-resolution feature maps (local
+      features);
+    * ``blocks.1``: a :class:`ConvField` block after 2x2 average pooling (coarse features);
+    * ``blocks.2``: an :class:`MLPField` block on a vector of ``2 * width`` features after
+      pooling to 2x2 and a linear map (dynamics in the classifier's feature space).
+
+    The blocks see states of different size and meaning, so the horizon each one needs
+    differs: one T for all blocks cannot be right for each, which is where a per-block
+    horizon (searched, or controlled in training) can pay.
+
+    Args:
+        in_channels: channels of the input images (>= 1).
+        num_classes: number of classes (>= 2).
+        width: channels of the convolutional blocks (>= 1); the vector block has ``2 * width``.
+        t1: initial horizon of every block (> 0).
+        method, rtol, atol, adjoint, options: solver settings of every block.
+
+    Attributes:
+        stem, pool, mix, head: the layers around the blocks.
+        blocks: ``nn.ModuleList`` of the three ODE blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        *,
+        width: int = 8,
+        t1: float = 1.0,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = True,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        in_channels = _check_int("in_channels", in_channels, 1)
+        num_classes = _check_int("num_classes", num_classes, 2)
+        width = _check_int("width", width, 1)
+        kwargs = _solver_kwargs(t1, method, rtol, atol, adjoint, options)
+        dim = 2 * width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), _group_norm(width), nn.ReLU())
+        self.pool = nn.AvgPool2d(2)
+        self.mix = nn.Sequential(
+            _group_norm(width), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, dim)
+        )
+        self.blocks = nn.ModuleList(
+            [
+                ODEBlock(ConvField(width), **kwargs),
+                ODEBlock(ConvField(width), **kwargs),
+                ODEBlock(MLPField(dim, dim, 1, "tanh"), **kwargs),
+            ]
+        )
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[batch, num_classes]`` of images ``[batch, in_channels, H, W]``."""
+        h = self.blocks[0](self.stem(x))
+        h = self.blocks[1](self.pool(h))
+        h = self.blocks[2](self.mix(h))
+        return cast(Tensor, self.head(h))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ._defaults import TASKS
 from ._layers import _check_int
-from ._models import CNF, ODERNN, ODEClassifier
+from ._models import CNF, ODERNN, MultiBlockClassifier, ODEClassifier
 
 Batch = Sequence[Tensor]
 
@@ -174,6 +174,9 @@ class DigitsTask(Task):
 
     Args:
         val_fraction: fraction of the images held out for validation, in (0, 1).
+        test_fraction: if set, this fraction of all images is first held out as a test
+            split (:meth:`test_loader`; stratified, fixed by the seed) and ``val_fraction``
+            applies to the rest.  None (default): no test split, the two-way split above.
     """
 
     name = "digits"
@@ -182,8 +185,11 @@ class DigitsTask(Task):
     in_channels = 1
     num_classes = 10
 
-    def __init__(self, val_fraction: float = 0.2) -> None:
+    def __init__(self, val_fraction: float = 0.2, test_fraction: float | None = None) -> None:
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.test_fraction = (
+            None if test_fraction is None else _check_fraction("test_fraction", test_fraction)
+        )
 
     def build_model(
         self,
@@ -214,6 +220,9 @@ class DigitsTask(Task):
 
     def arrays(self, *, seed: int = 0) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """The split data as ``((x_train, y_train), (x_val, y_val))`` tensors."""
+        if self.test_fraction is not None:
+            train, val, _ = self.split(seed=seed)
+            return train, val
         from sklearn.model_selection import train_test_split
 
         seed = _check_seed(seed)
@@ -227,6 +236,35 @@ class DigitsTask(Task):
             (torch.from_numpy(x_tr[:, None].copy()), torch.from_numpy(y_tr.copy())),
             (torch.from_numpy(x_va[:, None].copy()), torch.from_numpy(y_va.copy())),
         )
+
+    def split(self, *, seed: int = 0) -> tuple[tuple[Tensor, Tensor], ...]:
+        """``((x_train, y_train), (x_val, y_val), (x_test, y_test))``, standardized by the training split.
+
+        Raises:
+            ValueError: without a ``test_fraction``.
+        """
+        from sklearn.model_selection import train_test_split
+
+        if self.test_fraction is None:
+            raise ValueError(f"Task {self.name!r} has no test split: set `test_fraction` in (0, 1).")
+        seed = _check_seed(seed)
+        images, labels = _digits_arrays()
+        x_rest, x_te, y_rest, y_te = train_test_split(
+            images, labels, test_size=self.test_fraction, random_state=seed, stratify=labels
+        )
+        x_tr, x_va, y_tr, y_va = train_test_split(
+            x_rest, y_rest, test_size=self.val_fraction, random_state=seed, stratify=y_rest
+        )
+        mean, std = float(x_tr.mean()), float(x_tr.std())
+        return tuple(
+            (torch.from_numpy(((x - mean) / std)[:, None].copy()), torch.from_numpy(y.copy()))
+            for x, y in ((x_tr, y_tr), (x_va, y_va), (x_te, y_te))
+        )
+
+    def test_loader(self, batch_size: int, *, seed: int = 0) -> DataLoader:
+        """An ordered loader of the held-out test split (needs ``test_fraction``)."""
+        _, _, test = self.split(seed=seed)
+        return DataLoader(TensorDataset(*test), batch_size=_check_int("batch_size", batch_size, 1))
 
     def loaders(self, batch_size: int, *, seed: int = 0) -> tuple[DataLoader, DataLoader]:
         """Training and validation loaders of ``(images, labels)``; see :meth:`Task.loaders`."""
@@ -246,6 +284,8 @@ class DigitsTask(Task):
         return loss, correct, int(y.shape[0])
 
     def __repr__(self) -> str:
+        if self.test_fraction is not None:
+            return f"DigitsTask(val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
         return f"DigitsTask(val_fraction={self.val_fraction})"
 
 
@@ -544,10 +584,82 @@ class TimeSeriesTask(Task):
         )
 
 
+class MultiBlockTask(DigitsTask):
+    """Digits with a three-block model whose blocks have different roles, and a test split.
+
+    The data are those of :class:`DigitsTask` (8x8 digits, accuracy), split three ways and
+    stratified by the seed: ``test_fraction`` of the images is held out for
+    :meth:`test_loader` (never seen by training or search), ``val_fraction`` of the rest
+    validates.  The model is :class:`MultiBlockClassifier`: a convolutional block at full
+    resolution, one after pooling and a vector block in the classifier's feature space, so
+    the horizons the blocks need differ.
+
+    Args:
+        val_fraction: fraction of the non-test images used for validation, in (0, 1).
+        test_fraction: fraction of all images held out as the test split, in (0, 1).
+    """
+
+    name = "multiblock"
+
+    def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2) -> None:
+        super().__init__(val_fraction, test_fraction)
+
+    def build_model(  # type: ignore[override]
+        self,
+        width: int = 8,
+        t1: float = 1.0,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = True,
+        options: dict[str, Any] | None = None,
+    ) -> MultiBlockClassifier:
+        """A :class:`MultiBlockClassifier` for 1x8x8 images and 10 classes."""
+        return MultiBlockClassifier(
+            self.in_channels,
+            self.num_classes,
+            width=width,
+            t1=t1,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            adjoint=adjoint,
+            options=options,
+        )
+
+    def __repr__(self) -> str:
+        return f"MultiBlockTask(val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
+
+
+def test_loader(task: Task, batch_size: int, *, seed: int = 0) -> DataLoader:
+    """The held-out test split of ``task`` (data no training or search saw).
+
+    ``multiblock`` has one built in, ``digits`` one with ``test_fraction`` set;
+    ``timeseries`` draws fresh series after the training and validation ones (same seed).
+
+    Raises:
+        ValueError: for a task without a test split.
+    """
+    own = getattr(task, "test_loader", None)
+    if callable(own):
+        return own(batch_size, seed=seed)
+    if isinstance(task, TimeSeriesTask):
+        rs = np.random.RandomState(_check_seed(seed))
+        task.generate(task.n_train, rs)
+        task.generate(task.n_val, rs)
+        test = task.generate(task.n_val, rs)
+        return DataLoader(TensorDataset(*test), batch_size=_check_int("batch_size", batch_size, 1))
+    raise ValueError(
+        f"Task {task.name!r} has no test split; `multiblock`, `timeseries` and `digits` with "
+        "`test_fraction` have one."
+    )
+
+
 _TASK_CLASSES: dict[str, type[Task]] = {
     "digits": DigitsTask,
     "toy2d": Toy2DTask,
     "timeseries": TimeSeriesTask,
+    "multiblock": MultiBlockTask,
 }
 
 

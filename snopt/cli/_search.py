@@ -31,6 +31,7 @@ from ..search import (
     resolve_storage,
     run_workers,
 )
+from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
@@ -41,6 +42,9 @@ from ._base import (
     print_table,
 )
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
+
+#: In-training strategies whose other hyperparameters a black-box sampler picks (``--sampler``).
+TUNING_IN_TRAINING = ("feedback", "gradient", "hybrid")
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
 #: digits, evaluated every 20 steps (the pruner's checkpoints).  The controller runs with the
@@ -54,9 +58,11 @@ COMPARE_DEFAULTS = RunConfig(
     batch_size=64,
     eval_every=20,
 )
-#: ``snopt compare``'s default budget per strategy (and seed): whichever comes first.  On two
-#: idle cores 24,000 NFE take 50-75 s; GP's own fitting time can make the 75 s bind first.
-COMPARE_BUDGET = {"nfe": 24000, "timeout": 75.0}
+#: ``snopt compare``'s default budget per strategy (and seed), in work (multiply-adds of the
+#: fields' layers, fair across widths), or 75 s of trials, whichever comes first.  One trial of
+#: the default configuration (width 8, tolerance 1e-2, 60 steps) costs 1.34e10 work (2,580
+#: NFE), so 1.2e11 is about nine of them, what the old 24,000-NFE budget bought.
+COMPARE_BUDGET = {"work": 1.2e11, "timeout": 75.0}
 SEARCH_DEFAULTS = COMPARE_DEFAULTS
 SEARCH_BUDGET = {"n_trials": 10}
 
@@ -98,12 +104,50 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
     g.add_argument(
         "--timeout", type=_positive_float, default=None, help="cumulative trial wall-clock in seconds"
     )
+    g.add_argument(
+        "--budget-work",
+        type=_positive_float,
+        default=None,
+        help="cumulative work: multiply-adds of the fields' Linear/Conv layers over every evaluation",
+    )
+    g.add_argument(
+        "--total",
+        default=None,
+        metavar="SPEC",
+        help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
+        "(by default every run continues the study and spends its budget again, as Optuna does)",
+    )
 
 
 def _budget(args: argparse.Namespace, defaults: dict[str, Any]) -> Budget:
-    if args.n_trials is None and args.budget_nfe is None and args.timeout is None:
+    if (
+        args.n_trials is None
+        and args.budget_nfe is None
+        and args.timeout is None
+        and args.budget_work is None
+    ):
         return Budget(**defaults)
-    return Budget(n_trials=args.n_trials, nfe=args.budget_nfe, timeout=args.timeout)
+    return Budget(n_trials=args.n_trials, nfe=args.budget_nfe, timeout=args.timeout, work=args.budget_work)
+
+
+def _total(args: argparse.Namespace) -> Budget | None:
+    if args.total is None:
+        return None
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in args.total.split(","))):
+        key, _, text = item.partition("=")
+        if key not in ("n_trials", "nfe", "timeout", "work") or not text:
+            raise UsageError(
+                f"--total items must be n_trials=N, nfe=N, timeout=S or work=W, but got {item!r}."
+            )
+        try:
+            values[key] = int(text) if key in ("n_trials", "nfe") else float(text)
+        except ValueError:
+            raise UsageError(f"--total item {item!r} must have a number.") from None
+    try:
+        return Budget(**values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +173,18 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes per study on this machine, sharing it through --storage",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--sampler",
+        choices=BLACK_BOX,
+        default=None,
+        help="the sampler that picks the other hyperparameters of the in-training strategies "
+        f"({', '.join(TUNING_IN_TRAINING)}; default tpe); black-box strategies keep their own",
+    )
+
+
+def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None:
+    """``{"sampler": name}`` for an in-training strategy when ``--sampler`` is given, else None."""
+    return {"sampler": sampler} if sampler is not None and strategy in TUNING_IN_TRAINING else None
 
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
@@ -214,7 +270,12 @@ class SearchCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser, defaults=SEARCH_DEFAULTS)
-        parser.add_argument("--strategy", choices=STRATEGIES, default="tpe", help="search strategy")
+        parser.add_argument(
+            "--strategy",
+            choices=STRATEGIES,
+            default="tpe",
+            help="search strategy: " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
+        )
         parser.add_argument(
             "--study-name", default=None, help="study name (default: <task>-<strategy>-s<seed>)"
         )
@@ -252,11 +313,15 @@ class SearchCommand(Command):
                 seed=config.seed,
                 pruner=args.pruner,
                 progress=not args.no_progress,
+                total=_total(args),
+                sampler_kwargs=_sampler_kwargs(args.sampler, args.strategy),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
             raise UsageError(str(exc)) from exc
+        before = len(study.trials)
         print(
-            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) in {study.storage_url}"
+            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()} per run) in "
+            f"{study.storage_url}; {before} trials there before this run"
         )
         with tracker or contextlib.nullcontext():
             if tracker is not None:
@@ -270,6 +335,7 @@ class SearchCommand(Command):
             if tracker is not None:
                 tracker.on_study_end(study)
         _print_study(study)
+        print(f"trials: {len(study.trials) - before} ran now, {before} were there before")
         _print_where(tracker, "study", args.storage)
         return 0
 
@@ -285,7 +351,7 @@ class CompareCommand(Command):
             "--strategies",
             type=_strategies,
             default=list(DEFAULT_STRATEGIES),
-            help=f"comma-separated, from {','.join(STRATEGIES)}",
+            help="comma-separated, from " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
         )
         parser.add_argument(
             "--seeds",
@@ -305,7 +371,18 @@ class CompareCommand(Command):
             "--epsilon",
             type=float,
             default=DEFAULT_EPSILON,
-            help="'reached' means within epsilon of the best value any strategy found",
+            help="'reached' means within epsilon of the seed's best black-box value",
+        )
+        parser.add_argument(
+            "--objectives",
+            default="metric",
+            help="'metric' or 'metric,nfe' (Pareto: the metric against the inference NFE; use "
+            "strategies such as feedback,nsga2,tpe)",
+        )
+        parser.add_argument(
+            "--test",
+            action="store_true",
+            help="retrain each study's best configuration and score it on the task's test split",
         )
         _add_budget_arguments(parser, COMPARE_BUDGET)
         _add_study_arguments(parser)
@@ -355,18 +432,25 @@ class CompareCommand(Command):
             pruner=args.pruner,
             workers=args.workers,
             progress=not args.no_progress,
+            total=_total(args),
+            objectives=args.objectives,
+            test=args.test,
+            sampler_kwargs={
+                s: kw for s in args.strategies if (kw := _sampler_kwargs(args.sampler, s)) is not None
+            },
             **(tracker.hooks() if tracker is not None else {}),
         )
 
     def _print(self, args: argparse.Namespace, report: Any) -> int:
         rows = []
+        keep = ("strategy", "n", "best", "test", "work", "nfe", "wall_time_s", "trials", "now", "before")
         for r in report.summary():
-            row = {k: v for k, v in r.items() if k != "hyperparams"}
-            rows.append(row)
+            rows.append({k: r[k] for k in (*keep, "pruned", "failed", "reached", "work_to_target")})
         print_table(
             rows,
-            title=f"{report.metric_name} ({report.direction}); target {report.target}, "
-            f"epsilon {report.epsilon:g}",
+            title=f"{report.metric_name} ({report.direction}), medians over {len(report.seeds)} seed(s) "
+            f"(n = {len(report.seeds)}); target: best black-box value per seed, epsilon {report.epsilon:g}; "
+            "trials: now ran / before",
         )
         print(
             f"report written to {os.path.abspath(report.files['markdown'])} "
@@ -417,6 +501,6 @@ class WorkerCommand(Command):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        study.optimize(n_trials=args.n_trials, timeout=args.timeout)
+        study.optimize(n_trials=args.n_trials, timeout=args.timeout, join=True)
         _print_study(study)
         return 0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .._training import Callback, FitResult, jsonable
 from ._common import (
     _OFFLINE_PREFIX,
+    _OPTUNA_STATE,
     _PARENT_TAG,
     _STATUS,
     DEFAULT_EXPERIMENT,
@@ -478,6 +479,8 @@ class MlflowCallback(Callback):
             for k, v in summary.items()
         }
         tags["snopt.status"] = str(result.status)
+        if self.parent_run_id is not None:  # a study's trial: the state Optuna gives it
+            tags["snopt.trial_state"] = _OPTUNA_STATE.get(str(result.status), "FAIL")
         if result.message:
             tags["snopt.message"] = result.message
             tags["mlflow.note.content"] = f"**{result.status}**: {result.message}"

@@ -36,6 +36,14 @@ _STATUS = {
     "pruned": "KILLED",
     "budget": "KILLED",
 }
+#: The Optuna trial state a study gives a run of each status (a budget stop is pruned, never complete).
+_OPTUNA_STATE = {
+    "completed": "COMPLETE",
+    "failed": "FAIL",
+    "interrupted": "FAIL",
+    "pruned": "PRUNED",
+    "budget": "PRUNED",
+}
 _TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _PARENT_TAG = "mlflow.parentRunId"
 _EXPERIMENT_KIND = "mlflow.experimentKind"

@@ -343,7 +343,11 @@ class StudyTracker:
             self.start(study)
             return
         if parent_run_id(study) is not None:
-            return  # resumed study: keep its run
+            if _is_mlflow_storage(_study_storage(study)):
+                return  # the study is its own run
+            # A re-run continues the study (a new session): this comparison's parent gets a run
+            # of its own for this session's trials, instead of staying an empty duplicate.
+            study.set_user_attr(PARENT_RUN_ATTR, "")
         parent = self.start()
         desc = study.user_attrs.get("snopt", {}) if hasattr(study, "user_attrs") else {}
         tags = dict(self.tags)

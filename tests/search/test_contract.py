@@ -66,12 +66,27 @@ def test_strategy_contract(strategy, tiny_config, tmp_path):
             assert all(lo - 1e-9 <= v <= hi + 1e-9 for v in t.user_attrs["t1_trajectory"]["t1"])
         else:
             assert t.user_attrs["t1_final"] == t.params["t1"]
+        # the final horizon of every block is a user attribute (the T that produced the value)
+        assert t.user_attrs["t1_final/blocks.0"] == pytest.approx(t.user_attrs["t1_final"])
+        assert "t1" not in t.params or strategy not in IN_TRAINING  # never the starting T as param
+    if strategy in IN_TRAINING:
+        assert trials[0].user_attrs["t1_initial"] == 1.0  # the first in-training run starts at the default
     if strategy in ("feedback", "gradient"):
-        assert trials[0].params["t1"] == 1.0  # the first in-training run starts at the default T
+        # the next trial starts from the best trial's final horizons (per block)
+        best = max(trials[:1], key=lambda t: t.value)
+        assert trials[1].user_attrs["t1_initial/blocks.0"] == pytest.approx(
+            best.user_attrs["t1_final/blocks.0"]
+        )
     if strategy == "hybrid":
         assert all(t.user_attrs["t1_initial"] == 1.0 for t in trials)
+    if strategy in ("feedback-only", "gradient-only"):
+        assert trials[1].user_attrs["t1_initial"] != 1.0  # a random restart
     # Seeds: the same seed reproduces params and values exactly; another seed samples elsewhere.
     again = _run(config, strategy, seed=3)
     assert _signature(again) == _signature(study)
     other = _run(config, strategy, seed=4)
-    assert [t.params for t in other.trials] != [t.params for t in study.trials]
+    assert _chosen(other) != _chosen(study)
+
+
+def _chosen(study):
+    return [(dict(t.params), t.user_attrs["t1_initial"]) for t in study.trials]

@@ -44,8 +44,11 @@ def test_unsampled_parameters_keep_defaults_and_strategy_sets_control(tiny_confi
     black_box = TrainingObjective(tiny_config(), SPACE, "random").config_for(values)
     assert black_box.control == "fixed" and black_box.t1_bounds is None
     gradient = TrainingObjective(tiny_config(), SPACE, "gradient")
-    assert gradient.sampled_names() == ["t1"]
+    assert gradient.sampled_names() == ["lr", "width"]  # a sampler tunes everything but T
     assert gradient.config_for(SPACE.defaults()).control == "gradient"
+    ablation = TrainingObjective(tiny_config(), SPACE, "feedback-only")
+    assert ablation.sampled_names() == []  # only the controller tunes
+    assert ablation.config_for(SPACE.defaults()).control == "feedback"
 
 
 def test_a_solver_failure_fails_the_trial_with_its_reason(tiny_config):
@@ -134,14 +137,20 @@ def test_nan_metric_is_a_failure(tiny_config, monkeypatch):
     assert trial.user_attrs["snopt_status"] == "failed"
 
 
-@pytest.mark.parametrize("strategy", ["feedback", "tpe"])
-def test_every_strategy_is_prunable(tiny_config, strategy):
+@pytest.mark.parametrize("strategy, warmup, first", [("feedback", 1, 4), ("tpe", 1, 1)])
+def test_every_strategy_is_prunable_in_training_ones_after_warmup_and_3_updates(
+    tiny_config, strategy, warmup, first
+):
     study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
-    study.optimize(TrainingObjective(tiny_config(), SPACE, strategy), n_trials=1)
+    config = tiny_config(max_steps=8, t1_warmup=warmup, t1_every=1)
+    study.optimize(TrainingObjective(config, SPACE, strategy), n_trials=1)
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert trial.user_attrs["snopt_status"] == "pruned" and trial.user_attrs["nfe_total"] > 0
-    assert len(trial.user_attrs["t1_trajectory"]["t1"]) == 2  # T0 and T after the one step
+    # in-training: the pruner first judges at warm-up + 3 updates; values before are still reported
+    assert trial.user_attrs["steps"] == first
+    assert sorted(trial.intermediate_values) == list(range(1, first + 1))
+    assert len(trial.user_attrs["t1_trajectory"]["t1"]) == first + 1  # T0 and T after each step
 
 
 @pytest.mark.parametrize(

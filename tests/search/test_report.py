@@ -4,6 +4,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -27,6 +28,7 @@ def _independent(url, name, strategies, seeds, epsilon):
             done.sort(key=lambda t: (t.datetime_complete, t.number))
             secs = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
             nfes = [t.user_attrs["nfe_total"] for t in done]
+            works = [t.user_attrs["work"] for t in done]
             values = [t.value for t in done if t.state == TrialState.COMPLETE]
             cum_t = [sum(secs[: i + 1]) for i in range(len(done))]
             cum_n = [sum(nfes[: i + 1]) for i in range(len(done))]
@@ -40,17 +42,22 @@ def _independent(url, name, strategies, seeds, epsilon):
                 "pruned": sum(t.state == TrialState.PRUNED for t in done),
                 "wall": sum(secs),
                 "nfe": sum(nfes),
+                "work": sum(works),
                 "best": max(values) if values else None,
                 "best_so_far": best_so_far,
                 "cum_t": cum_t,
                 "cum_n": cum_n,
             }
-    target = max(p["best"] for p in per.values() if p["best"] is not None)
-    for p in per.values():
-        hit = [i for i, b in enumerate(p["best_so_far"]) if b is not None and b >= target - epsilon]
+    # the target of a seed: the best black-box value with that seed (both strategies here are)
+    targets = {
+        seed: max(per[s, seed]["best"] for s in strategies if per[s, seed]["best"] is not None)
+        for seed in seeds
+    }
+    for (_, seed), p in per.items():
+        hit = [i for i, b in enumerate(p["best_so_far"]) if b is not None and b >= targets[seed] - epsilon]
         p["nfe_to_target"] = p["cum_n"][hit[0]] if hit else None
         p["time_to_target"] = p["cum_t"][hit[0]] if hit else None
-    return target, per
+    return targets, per
 
 
 def test_report_numbers_match_the_storage(tiny_config, tmp_path):
@@ -75,12 +82,14 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     )
     assert hooks[0] == ("start", "digits-random-s0") and hooks[-1] == ("report", "digits")
     assert len(hooks) == 2 * 4 + 1
-    target, per = _independent(url, "digits", strategies, seeds, eps)
-    assert report.target == target
+    targets, per = _independent(url, "digits", strategies, seeds, eps)
+    assert report.targets == targets and report.target == statistics.median(targets.values())
     for s in report.studies:
         p = per[s.strategy, s.seed]
         assert s.study_name == f"digits-{s.strategy}-s{s.seed}"
         assert (s.n_trials, s.n_pruned, s.nfe) == (p["n"], p["pruned"], p["nfe"])
+        assert s.work == pytest.approx(p["work"]) and s.work > 0
+        assert (s.n_now, s.n_before) == (p["n"], 0)
         assert s.wall_time == pytest.approx(p["wall"])
         assert s.best_value == p["best"]
         assert s.nfe_to_target == p["nfe_to_target"]
@@ -95,22 +104,32 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     rows = {r["strategy"]: r for r in report.summary()}
     for strategy in strategies:
         bests = [per[strategy, seed]["best"] for seed in seeds]
-        assert rows[strategy]["best"] == max(bests)
-        assert rows[strategy]["best_mean"] == pytest.approx(statistics.fmean(bests))
+        assert rows[strategy]["best"] == pytest.approx(statistics.median(bests))  # medians, not maxima
+        # the 4 bootstrap resamples of two seeds have medians a, (a+b)/2 twice, b
+        a, b = sorted(bests)
+        resampled = tuple(np.quantile([a, (a + b) / 2, (a + b) / 2, b], [0.025, 0.975]))
+        assert rows[strategy]["n"] == 2 and rows[strategy]["best_ci"] == pytest.approx(resampled)
         assert rows[strategy]["trials"] == sum(per[strategy, seed]["n"] for seed in seeds)
-        assert rows[strategy]["nfe"] == pytest.approx(
-            statistics.fmean(per[strategy, seed]["nfe"] for seed in seeds)
-        )
+        for axis in ("nfe", "work"):
+            assert rows[strategy][axis] == pytest.approx(
+                statistics.median(per[strategy, seed][axis] for seed in seeds)
+            )
         reached = [
             per[strategy, seed]["nfe_to_target"] for seed in seeds if per[strategy, seed]["nfe_to_target"]
         ]
         assert rows[strategy]["reached"] == f"{len(reached)}/2"
         assert rows[strategy]["nfe_to_target"] == (statistics.median(reached) if reached else None)
+    # paired differences against each black-box strategy, per seed
+    pair = next(p for p in report.paired() if (p["strategy"], p["baseline"]) == ("tpe", "random"))
+    assert pair["val"]["diffs"] == pytest.approx(
+        [per["tpe", seed]["best"] - per["random", seed]["best"] for seed in seeds]
+    )
     # Files: Markdown, JSON (the same numbers), four figures.
     files = {k: Path(v) for k, v in report.files.items()}
     assert set(files) == {
         "markdown",
         "json",
+        "best_vs_work",
         "best_vs_wallclock",
         "best_vs_nfe",
         "t1_trajectories",
@@ -119,7 +138,12 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     assert all(f.exists() and f.stat().st_size > 0 for f in files.values())
     assert all(f.read_bytes()[:4] == b"\x89PNG" for k, f in files.items() if k not in ("markdown", "json"))
     data = json.loads(files["json"].read_text())
-    assert data["target"] == target and data["budget"] == {"n_trials": None, "timeout": None, "nfe": 50}
+    assert data["target"] == report.target and data["budget"] == {
+        "n_trials": None,
+        "timeout": None,
+        "nfe": 50,
+        "work": None,
+    }
     assert [s["nfe"] for s in data["studies"]] == [s.nfe for s in report.studies]
     md = files["markdown"].read_text()
     assert (
@@ -130,11 +154,12 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     # The report can be rebuilt from the storage alone.
     again = report_from_storage("digits", strategies, seeds, url, epsilon=eps)
     assert again.summary() == report.summary()
-    # Running the comparison again resumes: the budget is spent, no new trial runs.
+    # Running the comparison again continues every study and runs its budget again (Optuna's
+    # convention); the report says what ran now and what was there before.
     n_before = sum(
         len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies
     )
-    compare(
+    second = compare(
         tiny_config(),
         strategies=strategies,
         budget=Budget(nfe=50),
@@ -147,7 +172,10 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
         warm_up=False,
     )
     n_after = sum(len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies)
-    assert n_after == n_before
+    assert n_after > n_before
+    for first, again in zip(report.studies, second.studies):
+        assert again.n_before == first.n_trials and again.n_now == again.n_trials - first.n_trials > 0
+        assert 50 <= again.spent_now["nfe"] < 50 + 2 * 8
 
 
 def test_reach_and_target_on_hand_made_curves():
@@ -198,3 +226,51 @@ def test_reach_and_target_on_hand_made_curves():
     assert low.target == 0.2 and low.studies[0].nfe_to_target == 2
     with pytest.raises(KeyError, match="No study for strategy='gp'"):
         r.study("gp", 0)
+
+
+def test_seeds_without_a_result_are_named_and_budget_cuts_counted():
+    # A study whose only trial the budget cut has no result: the summary says "1/2 (none in
+    # s1)", the paired differences name the seeds they pair, and the cut is counted.
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+    from snopt.search._budget import STATUS_ATTR
+    from snopt.search._report import study_result
+
+    def trial(number, state, value, status):
+        return create_trial(
+            state=state,
+            value=value if state == TrialState.COMPLETE else None,
+            params={"lr": 0.01},
+            distributions={"lr": FloatDistribution(1e-3, 1e-1, log=True)},
+            user_attrs={STATUS_ATTR: status, "nfe_total": 10, "work": 100.0},
+        )
+
+    def study(strategy, seed, trials):
+        for i, t in enumerate(trials):
+            t.number = i
+        return study_result(strategy, seed, f"x-{strategy}-s{seed}", trials, maximize=True)
+
+    studies = [
+        study("random", 0, [trial(0, TrialState.COMPLETE, 0.9, "completed")]),
+        study("random", 1, [trial(0, TrialState.PRUNED, None, "budget")]),
+        study("tpe", 0, [trial(0, TrialState.COMPLETE, 0.8, "completed")]),
+        study(
+            "tpe",
+            1,
+            [trial(0, TrialState.COMPLETE, 0.7, "completed"), trial(1, TrialState.PRUNED, None, "pruned")],
+        ),
+    ]
+    assert [(s.n_pruned, s.n_budget) for s in studies] == [(0, 0), (1, 1), (0, 0), (1, 0)]
+    assert studies[1].best_value is None
+    settings = {"name": "x", "metric_name": "accuracy", "direction": "maximize", "epsilon": 0.0}
+    r = ComparisonReport.build(studies=studies, storage=None, budget={"work": 200.0}, **settings)
+    rows = {row["strategy"]: row for row in r.summary()}
+    assert (rows["random"]["results"], rows["random"]["no_result_seeds"]) == ("1/2", [1])
+    assert (rows["tpe"]["results"], rows["tpe"]["no_result_seeds"]) == ("2/2", [])
+    assert (rows["random"]["budget_cut"], rows["tpe"]["budget_cut"]) == (1, 0)
+    pair = next(p for p in r.paired() if (p["strategy"], p["baseline"]) == ("tpe", "random"))
+    assert pair["val"]["seeds"] == [0] and pair["val"]["diffs"] == pytest.approx([-0.1])
+    md = r.to_markdown()
+    assert "| 1/2 (none in s1) |" in md and "| 2/2 |" in md
+    assert "| s0 -0.1 |" in md  # the seed named, seed 1 (no random result) left out
+    assert "| random | 1 | `x-random-s1` | – |" in md and "| 1 (1) |" in md

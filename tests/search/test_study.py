@@ -38,14 +38,17 @@ def test_optuna_surface(tiny_config, tmp_path):
     assert desc["space"] == SPACE.to_dict()
 
 
-def test_optimize_n_trials_is_per_call_and_budget_per_study(tiny_config):
-    study = _study(tiny_config(), budget=Budget(n_trials=3))
-    study.optimize(n_trials=2)
-    assert len(study.trials) == 2
-    study.optimize(n_trials=5)  # the study's budget allows one more
-    assert len(study.trials) == 3
+def test_each_optimize_runs_the_budget_again_and_total_caps_the_study(tiny_config):
+    # Optuna's convention: optimize(n_trials=N) runs N more trials each call.
+    study = _study(tiny_config(), budget=Budget(n_trials=3), total=Budget(n_trials=7))
+    study.optimize(n_trials=2)  # this call's own cap
+    assert len(study.trials) == 2 and study.session == {"first_trial": 0, "index": 0}
+    study.optimize()  # a new session: the budget runs again
+    assert len(study.trials) == 5 and study.session == {"first_trial": 2, "index": 1}
+    study.optimize()  # the total caps the study as a whole
+    assert len(study.trials) == 7 and study.exhausted()
     study.optimize()
-    assert len(study.trials) == 3 and study.exhausted()
+    assert len(study.trials) == 7
 
 
 def test_nfe_budget_stops_the_last_trial_where_it_runs_out(tiny_config):
@@ -56,10 +59,15 @@ def test_nfe_budget_stops_the_last_trial_where_it_runs_out(tiny_config):
     trials = study.trials
     per_step = trials[0].user_attrs["nfe_total"] // 3
     assert [t.user_attrs["snopt_status"] for t in trials] == ["completed", "completed", "budget"]
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert trials[2].user_attrs["steps"] == -(-(60 - 2 * 3 * per_step) // per_step)
+    # A budget-cut trial is pruned, never complete: samplers must not learn from a truncated run.
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    steps = -(-(60 - 2 * 3 * per_step) // per_step)
+    assert trials[2].user_attrs["steps"] == steps
     assert 60 <= study.spent().nfe < 60 + per_step
-    assert trials[2].value is not None and "budget" in trials[2].user_attrs["stop_reason"]
+    assert "budget ran out (NFE" in trials[2].user_attrs["stop_reason"]
+    # its truncated score is kept as an intermediate value (Optuna shows a pruned trial's last
+    # one as its value) and a user attribute, not as a complete result
+    assert trials[2].intermediate_values[steps] == trials[2].user_attrs["metric"] == trials[2].value
 
 
 def test_resume_tops_up_to_the_budget_and_keeps_finished_trials(tiny_config, tmp_path):
@@ -67,7 +75,8 @@ def test_resume_tops_up_to_the_budget_and_keeps_finished_trials(tiny_config, tmp
     study = _study(tiny_config(), storage=url, budget=Budget(n_trials=3), seed=1)
     study.optimize(n_trials=2)
     before = [(t.number, t.params, t.value) for t in study.trials]
-    again = load_study("digits-random-s1", url)
+    # resuming an interrupted study up to its budget: cap the whole study with `total`
+    again = load_study("digits-random-s1", url, total=Budget(n_trials=3))
     assert again.strategy == "random" and again.budget == Budget(n_trials=3) and again.space == SPACE
     again.optimize()
     after = [(t.number, t.params, t.value) for t in again.trials]
@@ -121,7 +130,9 @@ def test_bad_input_raises_clear_errors(tiny_config, kwargs, error, message):
 
 
 def test_bad_task_and_custom_objective_rules():
-    with pytest.raises(ValueError, match=r"`task` must be one of \['digits', 'toy2d', 'timeseries'\]"):
+    with pytest.raises(
+        ValueError, match=r"`task` must be one of \['digits', 'toy2d', 'timeseries', 'multiblock'\]"
+    ):
         create_study("mnist", storage=None)
     with pytest.raises(ValueError, match="needs a task or a RunConfig"):
         create_study(lambda t: 0.0, strategy="feedback", space=SPACE, storage=None)
@@ -158,8 +169,8 @@ def test_custom_objective_black_box(tmp_path):
     resumed = load_study(
         "quadratic-tpe-s0", f"sqlite:///{tmp_path / 'q.db'}", objective=quadratic, budget=Budget(nfe=70)
     )
-    resumed.optimize()
-    assert len(resumed.trials) == 7
+    resumed.optimize()  # a second session runs its budget again
+    assert len(resumed.trials) == 12
 
 
 @pytest.mark.parametrize(

@@ -38,18 +38,25 @@ def _same(a, b) -> bool:
 
 
 def test_registry() -> None:
-    assert TASKS == ("digits", "toy2d", "timeseries")
+    assert TASKS == ("digits", "toy2d", "timeseries", "multiblock")
     assert isinstance(get_task("digits"), DigitsTask)
     assert isinstance(get_task("toy2d", dataset="checkerboard"), Toy2DTask)
     assert isinstance(get_task("timeseries", n_train=8), TimeSeriesTask)
-    with pytest.raises(ValueError, match=r"`name` must be one of \['digits', 'toy2d', 'timeseries'\]"):
+    with pytest.raises(
+        ValueError, match=r"`name` must be one of \['digits', 'toy2d', 'timeseries', 'multiblock'\]"
+    ):
         get_task("mnist")
     with pytest.raises(TypeError):
         Task()  # abstract
 
 
 def test_task_attributes() -> None:
-    expected = {"digits": ("accuracy", True), "toy2d": ("nll", False), "timeseries": ("mse", False)}
+    expected = {
+        "digits": ("accuracy", True),
+        "toy2d": ("nll", False),
+        "timeseries": ("mse", False),
+        "multiblock": ("accuracy", True),
+    }
     for name in TASKS:
         task = get_task(name)
         assert task.name == name
@@ -210,3 +217,36 @@ def test_one_epoch_of_adam_on_digits() -> None:
 def test_invalid_arguments(build, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_multiblock_task_has_three_blocks_and_a_disjoint_test_split():
+    import torch
+
+    from snopt import ode_blocks
+    from snopt._tasks import get_task, test_loader
+
+    task = get_task("multiblock")
+    model = task.build_model(width=4, method="rk4", options={"step_size": 0.5})
+    assert [n for n, _ in ode_blocks(model)] == ["blocks.0", "blocks.1", "blocks.2"]
+    train, val = task.loaders(64, seed=1)
+    test = test_loader(task, 64, seed=1)
+    sizes = [len(loader.dataset) for loader in (train, val, test)]
+    assert sum(sizes) == 1797 and sizes[2] == pytest.approx(0.2 * 1797, abs=1)
+    # no test image is a training or validation image (standardisation is shared, so compare exactly)
+    seen = {tuple(x.flatten().tolist()) for loader in (train, val) for x in loader.dataset.tensors[0]}
+    dup = sum(tuple(x.flatten().tolist()) in seen for x in test.dataset.tensors[0])
+    assert dup <= 5  # the digits set itself holds a few identical images
+    x, y = next(iter(test))
+    assert model(x).shape == (x.shape[0], 10) and y.dtype == torch.int64
+
+
+def test_timeseries_test_split_is_fresh_series():
+    from snopt._tasks import get_task, test_loader
+
+    task = get_task("timeseries", n_train=8, n_val=4)
+    _, val = task.loaders(4, seed=0)
+    test = test_loader(task, 4, seed=0)
+    assert len(test.dataset) == 4
+    assert not (test.dataset.tensors[4] == val.dataset.tensors[4]).all()
+    with pytest.raises(ValueError, match="has no test split"):
+        test_loader(get_task("toy2d"), 4)

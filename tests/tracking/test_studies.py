@@ -359,6 +359,46 @@ def test_study_tracked_while_mlflow_is_down_is_synced_with_its_structure(
         assert [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")] == [1, 2, 3]
 
 
+def test_comparison_rerun_gets_a_parent_with_this_runs_studies(mlflow_server, tmp_path):
+    # Issue 14: a second compare continues the studies; its parent holds this run's study runs
+    # and trials instead of being an empty duplicate of the first.
+    search = pytest.importorskip("snopt.search")
+    from snopt import RunConfig
+
+    config = RunConfig(
+        task="digits",
+        task_kwargs={"val_fraction": 0.05},
+        model_kwargs={"width": 4},
+        method="rk4",
+        max_steps=1,
+        batch_size=16,
+        epochs=None,
+    )
+    parents = []
+    for _ in range(2):
+        tracker = StudyTracker(
+            kind="comparison", name="cmp", tracking_uri=mlflow_server.uri, system_metrics=False
+        )
+        with tracker:
+            search.compare(
+                config,
+                strategies=["random"],
+                budget=search.Budget(n_trials=1),
+                space=search.SearchSpace({"lr": search.Float(1e-3, 5e-2, log=True)}),
+                storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                output_dir=None,
+                progress=False,
+                warm_up=False,
+                **tracker.hooks(),
+            )
+        parents.append(tracker.parent_run_id)
+    client = MlflowClient(mlflow_server.uri)
+    assert parents[0] != parents[1]
+    for parent in parents:
+        (study_run,) = children(client, parent)
+        assert len(children(client, study_run.info.run_id)) == 1  # this run's one trial
+
+
 def test_best_mode_keeps_artifacts_of_trials_that_beat_the_best_so_far():
     import optuna
 
