@@ -184,6 +184,18 @@ def _unflatten(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
+def _add_samples(previous: Tensor | None, terms: Tensor) -> Tensor:
+    """Per-sample dL/dT terms after one more backward pass.
+
+    Two passes over the same batch (same size) add up, like ``.grad``. A batch of another
+    size is other samples: its terms replace the old ones (``t1_grad`` still sums both),
+    so a loop that never calls ``zero_t1_grad`` keeps working on a final partial batch.
+    """
+    if previous is None or previous.shape != terms.shape:
+        return terms
+    return previous + terms
+
+
 def _check_time(name: str, value: float) -> float:
     try:
         value = float(value)
@@ -404,7 +416,7 @@ class ODEBlock(nn.Module):
                 else:
                     terms = self._per_sample_dot(_unflatten(grad, shapes), f1)
                 terms = terms.to(torch.float64)
-                self.t1_grad_samples = terms if self.t1_grad_samples is None else self.t1_grad_samples + terms
+                self.t1_grad_samples = _add_samples(self.t1_grad_samples, terms)
                 total = terms.sum()
                 self.t1_grad = total if self.t1_grad is None else self.t1_grad + total
 

@@ -13,7 +13,8 @@ What is logged
   ``nfe_total``, ``t1/<block>`` for every ODE block and every controller value) and, on
   evaluation steps, ``val_loss`` and ``metric``.  They are buffered and sent with
   ``log_batch`` every ``flush_every`` steps, every ``flush_interval`` seconds, at every
-  evaluation and checkpoint, and at the end.  The final totals are logged as ``stats/...``;
+  evaluation and checkpoint, and at the end.  The final totals are tags ``summary.<name>``
+  and a ``summary.json`` artifact (not single-point metric charts);
 * **system metrics** (``system/cpu_utilization_percentage``, memory, disk, network, GPU)
   sampled by MLflow's own monitors where psutil is installed, sent through the same buffer;
 * **tags**: ``task``, ``strategy``, ``optimizer`` (and whatever else the caller passes),

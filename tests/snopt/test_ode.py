@@ -52,6 +52,23 @@ def test_gradients_match_matrix_exponential(adjoint):
 
 
 @pytest.mark.parametrize("adjoint", [True, False])
+def test_horizon_terms_of_a_partial_batch_without_zeroing(adjoint):
+    """A plain loop that never zeroes: same-batch passes add up, a smaller batch replaces."""
+    a, x0, w = _problem()
+    block = ODEBlock(Linear(a), 0.0, 0.7, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    e = torch.linalg.matrix_exp(a * 0.7)
+    per_sample = (w * (x0 @ e.T @ a.T)).sum(1)  # closed-form dL_i/dT
+    _loss(block, x0.clone().requires_grad_(), w).backward()
+    _loss(block, x0.clone().requires_grad_(), w).backward()
+    torch.testing.assert_close(block.t1_grad_samples, 2 * per_sample, rtol=1e-7, atol=1e-10)
+    _loss(block, x0[:3].clone().requires_grad_(), w[:3]).backward()  # the final, partial batch
+    torch.testing.assert_close(block.t1_grad_samples, per_sample[:3], rtol=1e-7, atol=1e-10)
+    assert block.t1_grad.item() == pytest.approx(
+        (2 * per_sample.sum() + per_sample[:3].sum()).item(), rel=1e-7
+    )
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
 @pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", {"step_size": 0.01})])
 def test_horizon_and_parameter_gradients_match_finite_differences(adjoint, method, options):
     torch.manual_seed(1)
