@@ -11,7 +11,8 @@ What is logged
 * **metrics** at ``step=record["step"]``: every numeric value of the step's history record
   (``train_loss``, ``lr``, ``wall_time``, ``epoch``, ``nfe_forward``/``nfe_backward``/
   ``nfe_total``, ``t1/<block>`` for every ODE block and every controller value) and, on
-  evaluation steps, ``val_loss`` and ``metric``.  They are buffered and sent with
+  evaluation steps, ``val_loss`` and the task's metric under its name (``accuracy``,
+  ``mse``, ``nll``).  They are buffered and sent with
   ``log_batch`` every ``flush_every`` steps, every ``flush_interval`` seconds, at every
   evaluation and checkpoint, and at the end.  The final totals are tags ``summary.<name>``
   and a ``summary.json`` artifact (not single-point metric charts);
