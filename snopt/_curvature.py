@@ -481,7 +481,8 @@ class CurvatureCollector:
         return self.sample_step * (block.t1 - block.t0)
 
     def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, call: object) -> None:
-        """Add one sample of solve ``call``: evaluate the field at ``(t, state)``, pull ``adjoint`` back to each layer."""
+        """Add one sample of solve ``call``: evaluate the field at ``(t, state)``, pull ``adjoint``
+        back to each layer."""
         layers = self._blocks.get(id(block))
         if not layers:
             return

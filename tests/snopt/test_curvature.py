@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from snopt._curvature import time_weights, CurvatureCollector, adapter_for
+from snopt._curvature import CurvatureCollector, adapter_for, time_weights
 from snopt._models import CNF, ODEClassifier
 from snopt._ode import ODEBlock
 
@@ -222,8 +222,13 @@ def test_adaptive_solver_factors_match_a_brute_force_integral_on_a_fine_grid(adj
     # The old equal weighting of the step starts (t0 excluded) from the same solve.
     state, adj = _closed_form_affine(field, x0, w, T)
     starts = [t for t in times if t > 0] if adjoint else [t for t in times if t < T]
-    a_old = sum(torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1).T.matmul(
-        torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)) / n for t in starts) * (T / len(starts))
+    a_old = sum(
+        torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1).T.matmul(
+            torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        )
+        / n
+        for t in starts
+    ) * (T / len(starts))
     b_old = sum(n * adj(t).T @ adj(t) for t in starts) * (T / len(starts))
     old = max(((a_old - a_ref).norm() / a_ref.norm()).item(), ((b_old - b_ref).norm() / b_ref.norm()).item())
     assert old > 10 * max(err_a, err_b), (old, err_a, err_b)
