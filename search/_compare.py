@@ -15,6 +15,7 @@ from typing import Any
 
 from optuna.storages import BaseStorage
 
+from snopt._progress import progress_bar
 from snopt._run import RunConfig
 
 from ._budget import Budget
@@ -158,11 +159,7 @@ def compare(
         _warm_up(task_or_objective)
     overall = None
     if progress:
-        from tqdm.auto import tqdm
-
-        overall = tqdm(
-            total=len(seeds) * len(strategies), desc=f"compare {name}", unit="study", dynamic_ncols=True
-        )
+        overall = progress_bar(len(seeds) * len(strategies), desc=f"compare {name}", unit="study")
     results = []
     settings: dict[str, Any] = {"samplers": {}}
     metric_name, study_direction = "value", "minimize"

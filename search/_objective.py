@@ -27,7 +27,7 @@ import optuna
 
 from snopt._ode import SolverError
 from snopt._run import RunConfig, build_run, run_training
-from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError
+from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError, jsonable
 
 from ._budget import STATUS_ATTR, Budget, Spent
 from ._space import HORIZON, SearchSpace
@@ -235,7 +235,7 @@ class TrainingObjective:
         values = self.hyperparams(trial)
         config = self.config_for(values)
         trial.set_user_attr("strategy", self.strategy)
-        trial.set_user_attr("hyperparams", _jsonable(values))
+        trial.set_user_attr("hyperparams", jsonable(values))
         spent = self.spent_fn() if (self.spent_fn is not None and self.budget is not None) else None
         monitor = _TrialMonitor(self.budget, spent)
         callbacks: list[Callback] = [monitor, PruningCallback(trial)]
@@ -318,7 +318,7 @@ class TrainingObjective:
         if reason:
             attrs["fail_reason" if status == "failed" else "stop_reason"] = reason
         for key, value in attrs.items():
-            trial.set_user_attr(key, _jsonable(value))
+            trial.set_user_attr(key, jsonable(value))
 
 
 class CustomObjective:
@@ -349,13 +349,3 @@ class CustomObjective:
         if HORIZON in trial.params and "t1_final" not in trial.user_attrs:
             trial.set_user_attr("t1_final", float(trial.params[HORIZON]))
         return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value

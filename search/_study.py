@@ -17,9 +17,10 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from snopt._progress import progress_bar
 from snopt._run import RunConfig
 
-from ._budget import Budget, Spent, spent, trial_nfe
+from ._budget import Budget, Spent, spent
 from ._objective import CustomObjective, TrainingObjective, TrialCallbacksFactory, TrialFailed
 from ._space import HORIZON, SearchSpace, default_space
 from ._storage import (
@@ -114,6 +115,11 @@ class Study:
     def study_name(self) -> str:
         """The study's name in its storage."""
         return self.study.study_name
+
+    @property
+    def storage(self) -> str | BaseStorage | None:
+        """The storage this study was opened with: a URL, a storage object, or None (in memory)."""
+        return self._storage
 
     @property
     def storage_url(self) -> str | None:
@@ -265,8 +271,6 @@ class _BudgetBar:
     """Overall progress bar over the study's budget (NFE, trials or seconds)."""
 
     def __init__(self, study: Study, before: Spent) -> None:
-        from tqdm.auto import tqdm
-
         b = study.budget
         total: float | None
         initial: float
@@ -279,9 +283,7 @@ class _BudgetBar:
         else:
             self.unit, total, initial = "trial", None, before.trials
         self.study = study
-        self.bar = tqdm(
-            total=total, initial=initial, desc=study.study_name, unit=self.unit, dynamic_ncols=True
-        )
+        self.bar = progress_bar(total, initial, desc=study.study_name, unit=self.unit)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         now = self.study.spent()
@@ -609,13 +611,3 @@ def _pruner_name(cls_name: str) -> str:
 
 def _sampler_overrides(desc: Mapping[str, Any]) -> dict[str, Any]:
     return dict(desc["sampler"]["kwargs"])
-
-
-def best_trial_summary(study: Study) -> dict[str, Any]:
-    """The best trial as a flat dict: number, value, final T, hyperparameters, NFE."""
-    trial = study.best_trial
-    row: dict[str, Any] = {"trial": trial.number, study.metric_name: trial.value}
-    row["T"] = trial.user_attrs.get("t1_final", trial.params.get(HORIZON))
-    row.update(trial.user_attrs.get("hyperparams", trial.params))
-    row["nfe"] = trial_nfe(trial)
-    return row

@@ -10,7 +10,7 @@ configuration and the command line share them, so one input gets one message eve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 #: ``check(name, value) -> value``: the shape every validator here has.
@@ -118,3 +118,46 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(name, "True or False", value)
     return value
+
+
+def keywords(
+    name: str, value: Any, fn: Callable[..., Any], *, reserved: Sequence[str] = (), owner: str = ""
+) -> dict[str, Any]:
+    """A mapping of keyword arguments that ``fn`` accepts, minus the ``reserved`` ones.
+
+    Args:
+        name: the argument's name in messages (``model_kwargs``).
+        value: the mapping to check.
+        fn: the callable the keywords go to; its signature says which names exist.
+        reserved: names ``fn`` accepts but that are set elsewhere (by their own setting).
+        owner: what ``fn`` builds, for the message (``"the digits model"``).
+
+    Raises:
+        ValueError: an unknown or reserved key; the message suggests the closest name.
+    """
+    import difflib
+    import inspect
+
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a mapping of keyword arguments, but got {name}={value!r}.")
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [
+        p for p, spec in params.items() if spec.kind in (spec.KEYWORD_ONLY, spec.POSITIONAL_OR_KEYWORD)
+    ]
+    allowed = [p for p in accepted if p not in reserved and p != "self"]
+    for key in value:
+        if key in reserved:
+            raise ValueError(
+                f"`{name}` must not set {key!r}: it has a setting of its own ({key}), "
+                f"but got {name}={dict(value)!r}."
+            )
+        if key not in allowed and not takes_any:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            where = f" of {owner}" if owner else ""
+            raise ValueError(
+                f"`{name}` has an unknown argument {key!r}{where}:{hint} (accepted: {', '.join(allowed)}), "
+                f"but got {name}={dict(value)!r}."
+            )
+    return dict(value)

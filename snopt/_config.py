@@ -96,6 +96,8 @@ class RunConfig:
         t1_penalty, t1_cost, t1_every, t1_bounds, t1_momentum, t1_max_step, t1_warmup: the
             controller's cost weight and shape, update interval, bounds, running-average
             momentum, trust region (None: none) and warm-up steps (see :class:`snopt.Controller`).
+        t1_curvature, t1_feedback: the feedback policy's curvature (``gauss_newton`` or
+            ``fisher``) and whether it uses the feedback term.
         epochs, max_steps, batch_size, eval_every: the training budget.
         seed, device, max_grad_norm: run settings.
         checkpoint, resume: where the run checkpoints, and whether it resumes from there.
@@ -197,6 +199,16 @@ class RunConfig:
     )
     t1_warmup: int = _setting(
         D.CONTROL["warmup"], _CTRL, "training steps before the controller's first estimate", _nonneg_int
+    )
+    t1_curvature: str = _setting(
+        D.CONTROL["curvature"],
+        _CTRL,
+        "curvature of the feedback policy: gauss_newton (invariant to the loss scale) or fisher",
+        _choice(D.CURVATURES),
+        choices=D.CURVATURES,
+    )
+    t1_feedback: bool = _setting(
+        D.CONTROL["feedback"], _CTRL, "feedback term Q_Ttheta dtheta of the feedback policy", check.flag
     )
     epochs: int | None = _setting(
         D.TRAINING["epochs"], _TRAIN, "passes over the training data", check.optional(_pos_int)

@@ -67,18 +67,22 @@ SNOPT: MappingProxyType[str, Any] = MappingProxyType(
 #: Policies of :class:`snopt.Controller`, and the costs on the horizons.
 POLICIES = ("fixed", "gradient", "feedback")
 COSTS = ("quadratic", "linear")
+#: Curvature estimators of the feedback policy (see :mod:`snopt.control`).
+CURVATURES = ("gauss_newton", "fisher")
 #: Step size ``eta`` of each policy when none is given.
-POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 3.0, "feedback": 0.5})
+POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 3.0, "feedback": 1.0})
 #: :class:`snopt.Controller`'s defaults.
 CONTROL: MappingProxyType[str, Any] = MappingProxyType(
     {
         "policy": "feedback",
         "penalty": 1e-3,
         "cost": "quadratic",
-        "every": 50,
+        "every": 5,
         "momentum": 0.9,
-        "max_step": 1.0,
-        "warmup": 0,
+        "max_step": 0.5,
+        "warmup": 10,
+        "curvature": "gauss_newton",
+        "feedback": True,
     }
 )
 

@@ -379,6 +379,10 @@ class ODEBlock(nn.Module):
             # A block called several times in one forward (an ODE-RNN) must sample each
             # adjoint solve with that call's own grid record and shapes.
             out.register_hook(self._restore_run_hook(run, self._shapes))
+        if self.horizon_grad and torch.is_grad_enabled() and not out.requires_grad:
+            # A frozen field on an input that needs no grad: dL/dt1 is still wanted whenever
+            # the output enters the loss, so it joins the graph through a fresh scalar leaf.
+            out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
         if self.horizon_grad and out.requires_grad:
             out.register_hook(self._horizon_hook(t[-1], out.detach(), self._shapes))
         return _unflatten(out, self._shapes) if self._shapes is not None else out

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ._config import RunConfig
-from ._control import Controller
 from ._training import Callback, FitResult, fit
+from .control import Controller
 
 __all__ = ["Run", "RunConfig", "build_controller", "build_optimizer", "build_run", "run_training"]
 
@@ -71,6 +71,8 @@ def build_controller(config: RunConfig, model: torch.nn.Module, optimizer: torch
         momentum=config.t1_momentum,
         max_step=config.t1_max_step,
         warmup=config.t1_warmup,
+        curvature=config.t1_curvature,
+        feedback=config.t1_feedback,
     )
 
 
@@ -87,13 +89,33 @@ class Run:
     controller: Any
 
 
+#: Model arguments that have a RunConfig setting of their own (``--t1``, ``--method``...).
+_MODEL_SETTINGS = ("t1", "method", "rtol", "atol", "adjoint")
+
+
 def build_run(config: RunConfig) -> Run:
-    """Build task, data, model, optimizer and controller of ``config`` (seeded)."""
-    from ._tasks import get_task
+    """Build task, data, model, optimizer and controller of ``config`` (seeded).
+
+    Raises:
+        ValueError: ``task_kwargs`` or ``model_kwargs`` name an argument the task or its model
+            does not take (checked before anything is built).
+    """
+    from . import _checks as check
+    from ._tasks import _TASK_CLASSES, get_task
     from ._training import seed_everything
 
+    check.keywords(
+        "task_kwargs", config.task_kwargs, _TASK_CLASSES[config.task], owner=f"the {config.task} task"
+    )
     seed_everything(config.seed)
     task = get_task(config.task, **config.task_kwargs)
+    check.keywords(
+        "model_kwargs",
+        config.model_kwargs,
+        task.build_model,
+        reserved=_MODEL_SETTINGS,
+        owner=f"the {config.task} model",
+    )
     model = task.build_model(
         t1=config.t1,
         method=config.method,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._ode import SolverError, as_solver_error, ode_blocks
+from ._progress import progress_bar
 
 
 class Status(str, enum.Enum):
@@ -129,17 +130,18 @@ class FitResult:
             "status": str(self.status),
             "message": self.message,
             "final": self.final,
-            "stats": _jsonable(self.stats),
+            "stats": jsonable(self.stats),
             "checkpoint": self.checkpoint,
             "history": self.history,
         }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors, numpy scalars and tuples made plain JSON data (dict keys as str)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (np.floating, np.integer)):
@@ -441,7 +443,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         if self.controller is not None:
-            self.controller.step()
+            # The closure recomputes this batch's loss; the controller calls it on update steps.
+            self.controller.step(lambda: self.objective.loss(model, batch))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_time += time.perf_counter() - start
@@ -480,7 +483,9 @@ class Trainer:
             seed_everything(self.seed)
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        bar = _progress_bar(self.total_steps, self.step, enabled=self.progress)
+        bar = progress_bar(
+            self.total_steps, self.step, desc="train", unit="step", enabled=self.progress, leave=False
+        )
         status, message, error = Status.COMPLETED, "", None
         try:
             for batch in self._batches():
@@ -634,14 +639,6 @@ def _postfix(record: dict[str, float], last_eval: dict[str, float]) -> dict[str,
     return post
 
 
-def _progress_bar(total: int | None, initial: int, *, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False)
-
-
 def fit(
     model: nn.Module,
     train_loader: Iterable,
@@ -678,7 +675,8 @@ def fit(
         metric_fn: with ``loss_fn``: ``metric_fn(model(x), y)`` averaged over batches.
         epochs: number of passes over ``train_loader``.
         max_steps: number of optimizer steps (the smaller budget wins).
-        controller: a :class:`snopt.Controller`, stepped after the optimizer.
+        controller: a :class:`snopt.Controller`, stepped after the optimizer with a closure
+            that recomputes the step's loss.
         preconditioner: an object with ``step()`` called between backward and the
             optimizer step (SNOpt's preconditioner form).
         scheduler: an LR scheduler, stepped after every optimizer step.

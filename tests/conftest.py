@@ -20,6 +20,17 @@ def _seeded_tmp_cwd(tmp_path, monkeypatch):
     yield
 
 
+#: Fixtures that start a server, a database, a browser or a process: tests using one are
+#: marked ``integration`` here, so that no such test can miss the mark.
+INTEGRATION_FIXTURES = frozenset({"mlflow_server", "postgres_url", "ui_server", "processes"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_configure(config):
     # One thread: on a loaded 2-core CI machine two threads made steps several times slower.
     torch.set_num_threads(1)

@@ -1,12 +1,15 @@
 """The installed ``snopt`` command, run in a subprocess."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.integration  # every test here runs the installed command
 
 
 def snopt_command() -> list[str]:
@@ -23,16 +26,29 @@ def run(*args, timeout=300):
     return subprocess.run([*snopt_command(), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _listed(text, pattern):
+    """The names a help text lists at the start of its entries (``pattern`` matches one)."""
+    return {m.group(1) for m in re.finditer(rf"^\s{{2,}}({pattern})(?:[ ,=]|$)", text, re.MULTILINE)}
+
+
 def test_help_lists_every_command():
+    from snopt.cli import COMMANDS
+
     out = run("--help")
     assert out.returncode == 0
-    for name in ("train", "search", "compare", "worker", "ui"):
-        assert name in out.stdout
+    listed = _listed(out.stdout, r"[a-z]+")
+    assert set(COMMANDS) <= listed and {"train", "search", "compare", "worker", "ui", "tracking"} <= listed
+    for name, spec in COMMANDS.items():  # each with its own help line
+        assert re.search(rf"^\s+{name}\s+{re.escape(spec.help.split()[0])}", out.stdout, re.MULTILINE), name
 
 
 def test_train_help_describes_flags():
     out = run("train", "--help")
     assert out.returncode == 0
+    assert out.stdout.startswith("usage: snopt train ")
+    # The flags an option entry declares: its invocation, before the gap that starts its help.
+    entries = [m.group(1) for m in re.finditer(r"^\s{2}(-.*?)(?:\s{2,}|$)", out.stdout, re.MULTILINE)]
+    listed = {flag for entry in entries for flag in re.findall(r"--[a-z0-9-]+", entry)}
     for flag in (
         "--task",
         "--optimizer",
@@ -46,7 +62,7 @@ def test_train_help_describes_flags():
         "--t1-bounds",
         "--no-tracking",
     ):
-        assert flag in out.stdout, flag
+        assert flag in listed, flag
 
 
 def test_train_writes_a_json_summary(tmp_path):

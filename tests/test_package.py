@@ -55,6 +55,7 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].replace("pip install -c", "pip install -q -c") in ci
 
 
+@pytest.mark.integration
 def test_built_wheel_maps_search_into_snopt(tmp_path):
     """The package-dir mapping is unusual; check the wheel itself, not an editable install."""
     out = subprocess.run(
@@ -69,3 +70,49 @@ def test_built_wheel_maps_search_into_snopt(tmp_path):
     assert "snopt/py.typed" in names
     assert not any(n.startswith("mlflow/") for n in names)
     assert not any(n.startswith("search/") for n in names)
+
+
+@pytest.mark.parametrize("package", ["snopt", "snopt.tracking"])
+def test_facade_type_checking_imports_match_the_lazy_exports(package):
+    """The names type checkers see are exactly the names the package resolves at run time."""
+    import ast
+
+    module = importlib.import_module(package)
+    tree = ast.parse(Path(module.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    static = {
+        (f".{node.module}" if node.level else node.module, alias.name)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    lazy = {(module, name) for module, names in module._EXPORTS.items() for name in names}
+    assert static == lazy
+    assert sorted(module.__all__) == sorted(name for _, name in lazy)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import snopt",
+        "import snopt.tracking",
+        "from snopt.cli import main; main(['--version'])",
+        "from snopt.cli import main; main(['--help'])",
+        "from snopt.cli import main; main(['train', '--help'])",
+        "from snopt.cli import main; main(['ui', '--help'])",
+    ],
+)
+def test_start_up_loads_no_heavy_module(statement):
+    """``import snopt`` and the CLI's help and version answer without torch, Optuna or MLflow."""
+    code = (
+        f"import sys\ntry:\n    {statement}\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "HEAVY []", out.stdout[-500:]
+
+
+def test_unknown_public_name_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        snopt.Nope  # noqa: B018

@@ -2,14 +2,19 @@
 
 Every subcommand is a :class:`Command` with ``add_arguments`` and ``run``, registered once in
 :data:`COMMANDS`; usage errors print the subcommand's help, ``--debug`` shows tracebacks.
-This package is the only user of argparse in snopt.
+Only the module of the subcommand that runs is imported, so ``snopt --help`` and
+``snopt --version`` answer without loading torch, Optuna or MLflow.  Misspelled subcommands
+and flags get a "did you mean" suggestion.  This package is the only user of argparse in snopt.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import import_module
 
 from ._base import Command, UsageError, format_table, print_table, write_json
 
@@ -25,62 +30,146 @@ __all__ = [
 ]
 
 
-#: Every subcommand, by name: the module of ``snopt.cli`` and the class that implements it.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("._train", "TrainCommand"),
-    "search": ("._search", "SearchCommand"),
-    "compare": ("._search", "CompareCommand"),
-    "worker": ("._search", "WorkerCommand"),
-    "ui": ("._tracking", "UiCommand"),
-    "tracking": ("._tracking", "TrackingCommand"),
+@dataclass(frozen=True)
+class CommandSpec:
+    """Where a subcommand lives (module of ``snopt.cli`` and class) and its one-line help."""
+
+    module: str
+    cls: str
+    help: str
+
+    def load(self) -> Command:
+        """Import the subcommand's module and instantiate its :class:`Command`."""
+        command: Command = getattr(import_module(self.module, __name__), self.cls)()
+        return command
+
+
+#: Every subcommand, by name.
+COMMANDS: dict[str, CommandSpec] = {
+    "train": CommandSpec("._train", "TrainCommand", "train a Neural ODE on a built-in task"),
+    "search": CommandSpec(
+        "._search", "SearchCommand", "search T and hyperparameters with one strategy (an Optuna study)"
+    ),
+    "compare": CommandSpec(
+        "._search",
+        "CompareCommand",
+        "compare in-training feedback with black-box search under one budget and write a report",
+    ),
+    "worker": CommandSpec(
+        "._search",
+        "WorkerCommand",
+        "run trials of an existing study from its storage (one more worker, on any machine)",
+    ),
+    "ui": CommandSpec(
+        "._tracking",
+        "UiCommand",
+        "start the MLflow UI for the local tracking store (127.0.0.1 unless --host)",
+    ),
+    "tracking": CommandSpec(
+        "._tracking",
+        "TrackingCommand",
+        "replay (sync) or list (status) runs kept locally while MLflow was unreachable",
+    ),
 }
 
 
-def _commands() -> list[Command]:
-    from importlib import import_module
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors show a one-line usage (the full one is in ``--help``)."""
 
-    return [getattr(import_module(module, __name__), cls)() for module, cls in COMMANDS.values()]
+    def print_usage(self, file=None):  # type: ignore[no-untyped-def]
+        has_options = any(a.option_strings for a in self._actions if a.dest != "help")
+        tail = " [options]" if has_options else ""
+        self._print_message(f"usage: {self.prog}{tail} ... (see {self.prog} --help)\n", file or sys.stderr)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser], dict[str, Command]]:
-    """The top-level parser, its subparsers and commands by name."""
+def _suggest_flags(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-"):
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="snopt",
         description="Second-order training of Neural ODEs (SNOpt), horizon control and studies, "
         "tracked in MLflow.",
     )
     parser.add_argument("--version", action="version", version=f"snopt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    return parser, sub
+
+
+def build_parser(
+    commands: Sequence[str] | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser], dict[str, Command]]:
+    """The top-level parser, its subparsers and commands by name.
+
+    Args:
+        commands: the subcommands whose arguments to declare (their modules are imported);
+            ``None`` declares all of them.  The others are listed with their help only.
+    """
+    wanted = list(COMMANDS) if commands is None else list(commands)
+    parser, sub = _top_parser()
     subparsers: dict[str, argparse.ArgumentParser] = {}
-    commands: dict[str, Command] = {}
-    for command in _commands():
+    loaded: dict[str, Command] = {}
+    for name, spec in COMMANDS.items():
         p = sub.add_parser(
-            command.name,
-            help=command.help,
-            description=command.help,
+            name,
+            help=spec.help,
+            description=spec.help,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
+        if name not in wanted:
+            continue
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        command.add_arguments(p)
-        subparsers[command.name] = p
-        commands[command.name] = command
-    return parser, subparsers, commands
+        loaded[name] = spec.load()
+        loaded[name].add_arguments(p)
+        subparsers[name] = p
+    return parser, subparsers, loaded
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``snopt`` command; returns the exit code."""
-    parser, subparsers, commands = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _command_of(argv)
+    if name is not None and name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(
+            f"snopt: error: unknown command {name!r}{hint} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
+    parser, subparsers, commands = build_parser([] if name is None else [name])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, with the closest flags it knows
+        target = subparsers.get(args.command, parser)
+        target.error(f"unrecognized arguments: {' '.join(unknown)}{_suggest_flags(target, unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
+    return _run(commands[args.command], subparsers[args.command], args)
+
+
+def _run(command: Command, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
-        return commands[args.command].run(args)
+        return command.run(args)
     except UsageError as exc:
-        subparsers[args.command].print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         print(f"snopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

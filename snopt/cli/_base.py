@@ -181,7 +181,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, defaults: RunConfig | 
         groups[meta["group"]].add_argument(flag_of(f.name), **kwargs)
 
 
-def _name_the_flag(message: str) -> str:
+def name_the_flag(message: str) -> str:
     """Point a RunConfig message at the flag: "`t1_lr` must ..." -> "--t1-lr: `t1_lr` must ..."."""
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for word in message.split("`")[1::2]:
@@ -206,7 +206,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
             base = RunConfig.from_file(args.config, base=base)
         return RunConfig.from_dict(given, base=base)
     except (TypeError, ValueError) as exc:
-        raise UsageError(_name_the_flag(str(exc))) from exc
+        raise UsageError(name_the_flag(str(exc))) from exc
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:

@@ -40,7 +40,7 @@ from ._base import (
     config_from_args,
     print_table,
 )
-from ._tracking import add_tracking_arguments, study_tracker
+from ._tracking import add_tracking_arguments, study_tracker, where_logged
 
 #: The training run of every trial of ``snopt compare`` unless flags change it: 60 steps of
 #: digits, the settings of ``benchmarks/search.py``.  The controller waits 10 steps, then
@@ -197,11 +197,25 @@ def _print_study(study: Study) -> None:
     )
 
 
+def _print_where(tracker: Any, what: str, storage: str) -> None:
+    """The closing lines of a study command: where the studies and the MLflow runs are."""
+    from .._redact import redact_url
+
+    print(
+        f"Optuna studies in {redact_url(storage)}; browse them with `optuna-dashboard {redact_url(storage)}`"
+    )
+    if tracker is not None:
+        print(
+            where_logged(
+                tracker.parent_run_id, tracker.tracking_uri, what=what, experiment=tracker.experiment
+            )
+        )
+
+
 class SearchCommand(Command):
     """``snopt search``: one study of one strategy."""
 
     name = "search"
-    help = "search T and hyperparameters with one strategy (an Optuna study)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser, defaults=SEARCH_DEFAULTS)
@@ -223,7 +237,7 @@ class SearchCommand(Command):
         tracker = study_tracker(
             args,
             kind="study",
-            name=args.study_name or f"{config.task}-{args.strategy}",
+            name=args.study_name or f"{config.task} · {args.strategy} · seed {config.seed}",
             tags={"task": config.task, "strategy": args.strategy, "optimizer": config.optimizer},
             params={
                 "strategy": args.strategy,
@@ -261,6 +275,7 @@ class SearchCommand(Command):
             if tracker is not None:
                 tracker.on_study_end(study)
         _print_study(study)
+        _print_where(tracker, "study", args.storage)
         return 0
 
 
@@ -268,7 +283,6 @@ class CompareCommand(Command):
     """``snopt compare``: every strategy under one budget, with a report."""
 
     name = "compare"
-    help = "compare in-training feedback with black-box search under one budget and write a report"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser, defaults=COMPARE_DEFAULTS)
@@ -317,7 +331,7 @@ class CompareCommand(Command):
         tracker = study_tracker(
             args,
             kind="comparison",
-            name=args.study_name or config.task,
+            name=f"compare {args.study_name or config.task}",
             tags={"task": config.task, "optimizer": config.optimizer},
             params={
                 "strategies": ",".join(args.strategies),
@@ -328,7 +342,9 @@ class CompareCommand(Command):
         )
         with tracker or contextlib.nullcontext():
             report = self._compare(args, config, space, budget, seeds, tracker)
-        return self._print(args, report)
+        code = self._print(args, report)
+        _print_where(tracker, "comparison", args.storage)
+        return code
 
     def _compare(self, args, config, space, budget, seeds, tracker):  # type: ignore[no-untyped-def]
         return compare(
@@ -368,7 +384,6 @@ class WorkerCommand(Command):
     """``snopt worker``: join a study stored in a shared database and run its trials."""
 
     name = "worker"
-    help = "run trials of an existing study from its storage (one more worker, on any machine)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--storage", required=True, help="the study's storage URL")

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._training import Callback
-from ..tracking._callback import MlflowCallback
 from ..tracking._common import DEFAULT_EXPERIMENT, _mlflow, _resolve_uri, default_fallback_dir
-from ..tracking._journal import pending_journals, sync_fallback
-from ..tracking._studies import StudyTracker
 from ._base import Command, UsageError, print_table
+
+if TYPE_CHECKING:  # imported where used: `snopt train --help` must not load torch or MLflow
+    from .._training import Callback
+    from ..tracking._studies import StudyTracker
 
 
 # --------------------------------------------------------------------------- CLI
@@ -30,6 +30,13 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     g.add_argument("--run-name", default=None, help="MLflow run name (default: task-optimizer-strategy)")
+    g.add_argument(
+        "--log-models",
+        choices=("best", "all", "none"),
+        default="best",
+        help="which runs keep their model and figures: in a study, best = each trial that beats the "
+        "best so far (so the best trial has them); a single run keeps them unless none",
+    )
     g.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
@@ -50,15 +57,55 @@ def tracking_callbacks(
     """
     if not tracking_enabled(args):
         return []
+    from ..tracking._callback import MlflowCallback
+
     return [
         MlflowCallback(
             config_dict,
+            log_model=getattr(args, "log_models", "best") != "none",
+            log_figures=getattr(args, "log_models", "best") != "none",
             tracking_uri=getattr(args, "tracking_uri", None),
             experiment=getattr(args, "experiment", None) or DEFAULT_EXPERIMENT,
             run_name=getattr(args, "run_name", None),
             tags=tags,
         )
     ]
+
+
+def where_logged(
+    run_id: str | None,
+    tracking_uri: str | None,
+    *,
+    what: str = "run",
+    experiment: str = DEFAULT_EXPERIMENT,
+    journal: Path | None = None,
+) -> str:
+    """One line that says where a run went and how to look at it (the URI redacted).
+
+    Args:
+        run_id: the MLflow run id (None: nothing was logged).
+        tracking_uri: where it was logged (None: the default store).
+        what: ``"run"``, ``"study"`` or ``"comparison"``.
+        experiment: the MLflow experiment.
+        journal: the local fallback journal when MLflow was unreachable.
+    """
+    from .._redact import redact_url
+
+    uri = _resolve_uri(tracking_uri)
+    if journal is not None or (run_id or "").startswith("offline:"):
+        return (
+            f"MLflow at {redact_url(uri)} was unreachable: the {what} is kept in "
+            f"{journal or default_fallback_dir()}; replay it with `snopt tracking sync`"
+        )
+    if run_id is None:
+        return f"nothing was logged to MLflow ({redact_url(uri)})"
+    if uri.startswith(("http://", "https://")):
+        experiment_id = _experiment_of(run_id, uri)
+        link = redact_url(uri).rstrip("/")
+        link = run_url(link, experiment_id, run_id) if experiment_id is not None else link
+        return f"MLflow {what} {run_id} (experiment {experiment!r}): open {link}"
+    ui = "snopt ui" if uri == _resolve_uri(None) else f"snopt ui --backend-store-uri {redact_url(uri)}"
+    return f"MLflow {what} {run_id} (experiment {experiment!r}) in {redact_url(uri)}; browse it with `{ui}`"
 
 
 def study_tracker(
@@ -80,6 +127,8 @@ def study_tracker(
     """
     if not tracking_enabled(args):
         return None
+    from ..tracking._studies import StudyTracker
+
     return StudyTracker(
         kind=kind,
         name=getattr(args, "run_name", None) or name,
@@ -87,14 +136,53 @@ def study_tracker(
         experiment=getattr(args, "experiment", None) or DEFAULT_EXPERIMENT,
         tags=tags,
         params=params,
+        log_models=getattr(args, "log_models", "best"),
     )
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs.
+
+    MLflow 3's UI opens an experiment on its GenAI traces page unless its "Model training"
+    toggle was used once in that browser; the ``workflowType`` query selects the runs view.
+    """
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of one run."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _experiment_of(run_id: str, uri: str) -> str | None:
+    """The experiment id of ``run_id`` in ``uri`` (None if the store cannot say)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a courtesy; the run id is printed anyway
+        return None
+
+
+def _experiment_links(store: str, base: str) -> list[str]:
+    """``name: url`` lines for the experiments of a local store that hold runs."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiments = MlflowClient(tracking_uri=store).search_experiments()
+    except Exception:  # noqa: BLE001 - the UI itself reports a store it cannot read
+        return []
+    return [
+        f"  experiment {e.name!r}: {experiment_url(base, e.experiment_id)}"
+        for e in experiments
+        if e.name != "Default" or e.experiment_id != "0"
+    ]
 
 
 class UiCommand(Command):
     """``snopt ui``: start the MLflow UI on the local store and print its URL."""
 
     name = "ui"
-    help = "start the MLflow UI for the local tracking store (127.0.0.1 unless --host)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Declare ``--backend-store-uri``, ``--host``, ``--port`` and ``--artifacts-destination``."""
@@ -145,6 +233,13 @@ class UiCommand(Command):
         if store.startswith(("http://", "https://")):
             print(f"{store} is a tracking server; it serves its own UI: open {store}")
             return 0
+        missing = _missing_store(store)
+        if missing is not None:
+            print(
+                f"warning: no MLflow store at {missing}: the UI will show no runs. Run `snopt train` or "
+                "`snopt compare` in this folder first, or pass --backend-store-uri.",
+                file=sys.stderr,
+            )
         _mlflow()
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{host}:{args.port}"
@@ -152,6 +247,8 @@ class UiCommand(Command):
         # The job runner serves GenAI features snopt does not use; it doubles the start-up time.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         print(f"MLflow UI for {store}: {url}  (Ctrl-C stops it)", flush=True)
+        for line in _experiment_links(store, url) if missing is None else []:
+            print(line, flush=True)
         proc = subprocess.Popen(self.command_line(args), env=env)
         try:
             return proc.wait()
@@ -164,11 +261,24 @@ class UiCommand(Command):
             return 0
 
 
+def _missing_store(store: str) -> Path | None:
+    """The local file or folder ``store`` names when it does not exist yet, else None."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(store)
+    if parsed.scheme == "sqlite":
+        path = Path(store.split(":///", 1)[1]) if ":///" in store else None
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else store)
+    else:
+        return None  # a database server: MLflow creates its tables
+    return path if path is not None and not path.exists() else None
+
+
 class TrackingCommand(Command):
     """``snopt tracking sync|status``: replay or list runs kept in the local fallback."""
 
     name = "tracking"
-    help = "replay (sync) or list (status) runs kept locally while MLflow was unreachable"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Declare the ``sync`` and ``status`` actions."""
@@ -187,6 +297,7 @@ class TrackingCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         """Sync or list; returns 1 when some journal could not be replayed."""
+        from ..tracking._journal import pending_journals, sync_fallback
 
         directory = Path(args.dir) if args.dir else default_fallback_dir()
         if args.action == "status":

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from .._run import RunConfig
-from ._base import Command, add_run_arguments, config_from_args, print_table, write_json
-from ._tracking import add_tracking_arguments, tracking_callbacks
+from .._config import RunConfig
+from ._base import (
+    Command,
+    UsageError,
+    add_run_arguments,
+    config_from_args,
+    name_the_flag,
+    print_table,
+    write_json,
+)
+from ._tracking import add_tracking_arguments, tracking_callbacks, where_logged
 
 
 class TrainCommand(Command):
     """``snopt train``: train one model and print a summary."""
 
     name = "train"
-    help = "train a Neural ODE on a built-in task"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser)
@@ -37,8 +45,16 @@ class TrainCommand(Command):
         from .._training import TrainingError
 
         config = config_from_args(args, checkpoint=args.checkpoint, resume=args.resume)
-        run = build_run(config)
-        callbacks = _tracking_callbacks(args, config, run)
+        print(
+            f"snopt train: {config.task}, optimizer {config.optimizer}, control {config.control}; "
+            "building the model...",
+            flush=True,
+        )
+        try:
+            run = build_run(config)
+        except ValueError as exc:  # e.g. a --model-kwargs key the model does not take
+            raise UsageError(name_the_flag(str(exc))) from exc
+        callbacks = _tracking_callbacks(args, config)
         try:
             result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
         except TrainingError as exc:
@@ -57,10 +73,13 @@ class TrainCommand(Command):
             print(result.message)
         if args.output_json:
             write_json(args.output_json, {"config": config.resolved().to_dict(), **result.to_dict()})
-            print(f"summary written to {args.output_json}")
+            print(f"summary written to {os.path.abspath(args.output_json)}")
+        for cb in callbacks:
+            if isinstance(getattr(cb, "run_id", None), str):
+                print(where_logged(cb.run_id, cb.tracking_uri, experiment=cb.experiment, journal=cb.journal))
         return 0 if result.status == "completed" else 130
 
 
-def _tracking_callbacks(args: argparse.Namespace, config: RunConfig, run: Any) -> list[Any]:
+def _tracking_callbacks(args: argparse.Namespace, config: RunConfig) -> list[Any]:
     tags = {"task": config.task, "optimizer": config.optimizer, "strategy": config.control}
     return list(tracking_callbacks(args, config, tags))

@@ -74,40 +74,52 @@ whereas ``MlflowStorage`` issues several requests per trial and sampler call and
 experiment of its own.
 """
 
-from ._callback import MlflowCallback
-from ._common import (
-    DEFAULT_EXPERIMENT,
-    PARENT_RUN_ATTR,
-    TrackingWarning,
-    default_fallback_dir,
-    default_tracking_uri,
-    flatten_params,
-)
-from ._journal import SyncResult, pending_journals, sync_fallback
-from ._studies import (
-    StudyTracker,
-    end_parent_run,
-    log_report,
-    parent_run_id,
-    start_parent_run,
-    tracking_callback_factory,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_EXPERIMENT",
-    "PARENT_RUN_ATTR",
-    "MlflowCallback",
-    "StudyTracker",
-    "SyncResult",
-    "TrackingWarning",
-    "default_fallback_dir",
-    "default_tracking_uri",
-    "end_parent_run",
-    "flatten_params",
-    "log_report",
-    "parent_run_id",
-    "pending_journals",
-    "start_parent_run",
-    "sync_fallback",
-    "tracking_callback_factory",
-]
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
+    from ._callback import MlflowCallback
+    from ._common import (
+        DEFAULT_EXPERIMENT,
+        PARENT_RUN_ATTR,
+        TrackingWarning,
+        default_fallback_dir,
+        default_tracking_uri,
+        flatten_params,
+    )
+    from ._journal import SyncResult, pending_journals, sync_fallback
+    from ._studies import (
+        StudyTracker,
+        end_parent_run,
+        log_report,
+        parent_run_id,
+        start_parent_run,
+        tracking_callback_factory,
+    )
+
+#: Every public name, by the module that defines it; imported on first use, so that the CLI
+#: can read a constant without loading MLflow.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._callback": ("MlflowCallback",),
+    "._common": (
+        "DEFAULT_EXPERIMENT",
+        "PARENT_RUN_ATTR",
+        "TrackingWarning",
+        "default_fallback_dir",
+        "default_tracking_uri",
+        "flatten_params",
+    ),
+    "._journal": ("SyncResult", "pending_journals", "sync_fallback"),
+    "._studies": (
+        "StudyTracker",
+        "end_parent_run",
+        "log_report",
+        "parent_run_id",
+        "start_parent_run",
+        "tracking_callback_factory",
+    ),
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._training import Callback, FitResult
+from .._training import Callback, FitResult, jsonable
 from ._common import (
     _OFFLINE_PREFIX,
     _PARENT_TAG,
@@ -22,9 +22,9 @@ from ._common import (
     DEFAULT_EXPERIMENT,
     TrackingWarning,
     _describe,
-    _jsonable,
     _logger,
     _metric_key,
+    _mlflow,
     _now_ms,
     _param_value,
     _resolve_uri,
@@ -50,6 +50,14 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------- callback
+#: Optimizer settings that are implementation switches, not hyperparameters (never logged).
+_TORCH_INTERNALS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize"})
+
+
+def _wanted(option: bool | Callable[[FitResult], bool], result: FitResult) -> bool:
+    return bool(option(result)) if callable(option) else bool(option)
+
+
 class MlflowCallback(Callback):
     """Log a training run to MLflow (see the module documentation for what is logged).
 
@@ -59,9 +67,12 @@ class MlflowCallback(Callback):
     Args:
         config: the resolved configuration (a :class:`snopt.RunConfig`, or any mapping),
             logged as params and as ``config.json``.
-        tracking_uri: where to log (default: ``MLFLOW_TRACKING_URI``, else
+        tracking_uri: where to log (default: MLflow's own, ``mlflow.get_tracking_uri()``: the
+            URI of ``mlflow.set_tracking_uri``, else ``MLFLOW_TRACKING_URI``, else
             ``sqlite:///<cwd>/mlflow.db``).
-        experiment: experiment name (created when missing).
+        experiment: experiment name, created when missing (default: the experiment of
+            ``mlflow.set_experiment`` or ``MLFLOW_EXPERIMENT_NAME``, else ``"snopt"``).  Inside
+            ``with mlflow.start_run():`` the run nests under that active run, in its experiment.
         run_name: name of the run (default ``<task>-<optimizer>-<strategy>`` from the tags).
         tags: run tags, e.g. ``{"task": ..., "strategy": ..., "optimizer": ...}``.
         parent_run_id: nest the run under this run (a study or comparison).
@@ -69,9 +80,10 @@ class MlflowCallback(Callback):
             ``mlflow run`` when ``MLFLOW_RUN_ID`` is set).
         end_run: set the run's final status; default True, False for a run owned by
             ``mlflow.optuna.MlflowStorage``.
-        log_model: log the final model with ``mlflow.pytorch.log_model``.
+        log_model: log the final model with ``mlflow.pytorch.log_model``; a callable
+            ``keep(result) -> bool`` decides at the end of the run (a study's "best so far").
         log_checkpoint: log the last checkpoint file.
-        log_figures: log loss/metric/T/NFE figures.
+        log_figures: log loss/metric/T/NFE figures (a bool, or a callable as for ``log_model``).
         system_metrics: sample system metrics (default: when psutil is installed).
         system_metrics_interval: seconds between system-metric samples.
         flush_every: send buffered metrics after this many steps.
@@ -86,15 +98,15 @@ class MlflowCallback(Callback):
         config: Mapping[str, Any] | Any = None,
         *,
         tracking_uri: str | None = None,
-        experiment: str = DEFAULT_EXPERIMENT,
+        experiment: str | None = None,
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
         run_id: str | None = None,
         end_run: bool = True,
-        log_model: bool = True,
+        log_model: bool | Callable[[FitResult], bool] = True,
         log_checkpoint: bool = True,
-        log_figures: bool = True,
+        log_figures: bool | Callable[[FitResult], bool] = True,
         system_metrics: bool | None = None,
         system_metrics_interval: float = 10.0,
         flush_every: int = 100,
@@ -102,7 +114,7 @@ class MlflowCallback(Callback):
         fallback_dir: str | os.PathLike | None = None,
         sync_on_end: bool = True,
     ) -> None:
-        if not isinstance(experiment, str) or not experiment.strip():
+        if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
             raise ValueError(f"`experiment` must be a non-empty string, but got experiment={experiment!r}.")
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(
@@ -117,8 +129,12 @@ class MlflowCallback(Callback):
         if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
             raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
         self.config: dict[str, Any] | None = None if config is None else config_dict(config)
+        self._uri_given = tracking_uri is not None and tracking_uri != ""
         self.tracking_uri = _resolve_uri(tracking_uri)
-        self.experiment = experiment
+        self._experiment_given = experiment is not None
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        #: The task's metric name (``accuracy``, ``mse``, ``nll``): ``metric`` is logged under it.
+        self.metric_name = "metric"
         self.run_name = run_name
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.parent_run_id = parent_run_id
@@ -194,15 +210,17 @@ class MlflowCallback(Callback):
             params["model.class"] = type(model).__name__
             params["model.n_params"] = str(sum(p.numel() for p in model.parameters()))
             params["optimizer.class"] = type(trainer.optimizer).__name__
-            group = trainer.optimizer.param_groups[0]
-            for key, value in group.items():
-                if key != "params" and isinstance(value, (int, float, str, bool, tuple, type(None))):
-                    params[f"optimizer.{key}"] = _param_value(value)
             if trainer.controller is not None:
                 params["controller.class"] = type(trainer.controller).__name__
+        # A run configuration (one with the solver settings) says all of this once already.
+        if trainer is not None and not {"method", "optimizer"} <= set(self.config or {}):
+            group = trainer.optimizer.param_groups[0]
+            for key, value in group.items():
+                if key not in _TORCH_INTERNALS and isinstance(value, (int, float, str, bool, tuple)):
+                    params[f"optimizer.{key}"] = _param_value(value)
             from .._ode import ode_blocks
 
-            for name, block in ode_blocks(model):
+            for name, block in ode_blocks(trainer.model):
                 prefix = f"ode.{name or 'block'}"
                 params[f"{prefix}.method"] = block.method
                 params[f"{prefix}.rtol"] = str(block.rtol)
@@ -217,6 +235,18 @@ class MlflowCallback(Callback):
             params["git_commit"] = commit
         return params
 
+    def _summary(self, result: FitResult) -> dict[str, Any]:
+        """The run's totals: final values and statistics, flat (``nfe/forward``), metric renamed."""
+        out: dict[str, Any] = {}
+        for key, value in {**result.final, **result.stats}.items():
+            key = self.metric_name if key == "metric" else key
+            if isinstance(value, Mapping):
+                out.update({f"{key}/{sub}": v for sub, v in value.items()})
+            else:
+                out[key] = value
+        out["status"] = str(result.status)
+        return out
+
     def _run_name(self) -> str | None:
         if self.run_name:
             return self.run_name
@@ -228,7 +258,7 @@ class MlflowCallback(Callback):
                 parts[2] or self.config.get("control"),
             ]
         names = [str(p) for p in parts if p]
-        return "-".join(names) if names else None
+        return " · ".join(names) if names else None
 
     def _add_metrics(self, values: Mapping[str, Any], step: int, timestamp: int | None = None) -> None:
         ts = _now_ms() if timestamp is None else timestamp
@@ -239,7 +269,8 @@ class MlflowCallback(Callback):
                     value = float(value)  # 0-dim tensors, numpy scalars
                 except (TypeError, ValueError):
                     continue
-            rows.append((_metric_key(key), float(value), ts, int(step)))
+            name = self.metric_name if key == "metric" else key
+            rows.append((_metric_key(name), float(value), ts, int(step)))
         with self._pending_lock:
             self._pending.extend(rows)
 
@@ -276,6 +307,9 @@ class MlflowCallback(Callback):
         self._logged_step, self._logged_keys = None, set()
         with self._pending_lock:
             self._pending = []
+        self._follow_mlflow_state()
+        task = getattr(trainer.objective, "task", None)
+        self.metric_name = str(getattr(task, "metric_name", None) or "metric")
         self._resume_from_checkpoint(trainer)
         self.sink = _RunSink(
             self.tracking_uri, self.experiment, fallback_dir=self.fallback_dir, run_id=self._attach_to
@@ -294,6 +328,25 @@ class MlflowCallback(Callback):
             except Exception as exc:  # noqa: BLE001 - system metrics are optional
                 _logger.info("No system metrics: %s", _describe(exc))
                 self._sampler = None
+
+    def _follow_mlflow_state(self) -> None:
+        """Honour ``mlflow.set_tracking_uri``, ``mlflow.set_experiment`` and an active run."""
+        mlflow = _mlflow()
+        if not self._uri_given:
+            self.tracking_uri = mlflow.get_tracking_uri()
+        if self.tracking_uri != mlflow.get_tracking_uri():
+            return  # another store than MLflow's current one: its experiment and run live elsewhere
+        if not self._experiment_given:
+            # MLflow has no public getter for the experiment chosen with mlflow.set_experiment.
+            from mlflow.tracking import fluent
+
+            chosen = getattr(fluent, "_active_experiment_id", None) or os.environ.get("MLFLOW_EXPERIMENT_ID")
+            if chosen:
+                with contextlib.suppress(Exception):  # a stale id: keep the default experiment
+                    self.experiment = mlflow.MlflowClient(self.tracking_uri).get_experiment(chosen).name
+        active = mlflow.active_run()
+        if active is not None and self.parent_run_id is None and self._attach_to is None:
+            self.parent_run_id = active.info.run_id  # the child goes into its parent's experiment
 
     def _system_metrics(self, values: dict[str, float], step: int) -> None:
         self._add_metrics(values, step)
@@ -362,7 +415,7 @@ class MlflowCallback(Callback):
             self._safely("send metrics", self.flush)
             self._safely("log the final stats", lambda: self._log_end(trainer, result))
             self._safely("log artifacts", lambda: self._log_artifacts(trainer, result))
-            if self.log_model and result.status in ("completed", "interrupted"):
+            if _wanted(self.log_model, result) and result.status in ("completed", "interrupted"):
                 self._safely("log the model", lambda: self.sink.log_model(trainer.model))  # type: ignore[union-attr]
             if self.end_run:
                 status = _STATUS.get(result.status, "FAILED")
@@ -417,17 +470,14 @@ class MlflowCallback(Callback):
 
     def _log_end(self, trainer: Trainer, result: FitResult) -> None:
         assert self.sink is not None
-        step = int(result.stats.get("steps", trainer.step))
-        stats: dict[str, Any] = {}
-        for key, value in result.stats.items():
-            if isinstance(value, Mapping):
-                for sub, v in value.items():
-                    stats[f"stats/{key}/{sub}"] = v
-            else:
-                stats[f"stats/{key}"] = value
-        self._add_metrics(stats, step)
-        self.flush()
-        tags = {"snopt.status": str(result.status)}
+        # Totals are one value each: a summary (tags, shown in the run's overview and as columns
+        # of the runs table, and summary.json), not single-point metric charts.
+        summary = self._summary(result)
+        tags = {
+            f"summary.{k}": _param_value(f"{v:.6g}" if isinstance(v, float) else v)
+            for k, v in summary.items()
+        }
+        tags["snopt.status"] = str(result.status)
         if result.message:
             tags["snopt.message"] = result.message
             tags["mlflow.note.content"] = f"**{result.status}**: {result.message}"
@@ -438,17 +488,19 @@ class MlflowCallback(Callback):
         with tempfile.TemporaryDirectory(prefix="snopt-mlflow-") as tmp:
             folder = Path(tmp)
             config = {"config": self.config, "versions": package_versions(), "git_commit": git_commit()}
-            (folder / "config.json").write_text(json.dumps(_jsonable(config), indent=2, default=str))
+            (folder / "config.json").write_text(json.dumps(jsonable(config), indent=2, default=str))
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "config.json"), "artifact_path": None}
             )
-            (folder / "result.json").write_text(
-                json.dumps(_jsonable(result.to_dict()), indent=2, default=str)
+            (folder / "summary.json").write_text(json.dumps(jsonable(self._summary(result)), indent=2))
+            self.sink.submit(
+                {"op": "log_artifact", "path": str(folder / "summary.json"), "artifact_path": None}
             )
+            (folder / "result.json").write_text(json.dumps(jsonable(result.to_dict()), indent=2, default=str))
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "result.json"), "artifact_path": None}
             )
-            if self.log_figures and result.history:
+            if _wanted(self.log_figures, result) and result.history:
                 task = getattr(trainer.objective, "task", None)
                 figures = _history_figures(result.history, getattr(task, "metric_name", None) or "metric")
                 fig_dir = folder / "figures"

@@ -22,6 +22,8 @@ _logger = logging.getLogger("snopt.tracking")
 DEFAULT_EXPERIMENT = "snopt"
 #: Optuna study user attribute holding the MLflow run id of the study's parent run.
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+#: Optuna trial user attribute: the MLflow run of the trial.
+RUN_ID_ATTR = "mlflow_run_id"
 #: Optuna study user attributes holding where the parent run lives.
 TRACKING_URI_ATTR = "mlflow_tracking_uri"
 EXPERIMENT_ATTR = "mlflow_experiment"
@@ -167,12 +169,6 @@ def flatten_params(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[st
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    from .._training import _jsonable as convert
-
-    return convert(value)
-
-
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages a run depends on (those that are installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -214,7 +210,13 @@ _http_saved: dict[str, str | None] = {}
 
 @contextlib.contextmanager
 def _short_http_retries() -> Iterator[None]:
-    """Lower MLflow's HTTP retries while runs are active (user settings win)."""
+    """Lower MLflow's HTTP retries while runs are active (user settings win).
+
+    The one process-wide change snopt makes, scoped to active runs and undone after the last:
+    MLflow 3.17 has no public per-client retry or timeout setting, it reads
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and friends from the environment at each request. With
+    its defaults a dead server stalls training for minutes before the fallback journal takes over.
+    """
     global _http_users
     with _http_lock:
         if _http_users == 0:

@@ -183,20 +183,33 @@ def _model_requirements() -> list[str]:
 def _log_model(
     client: Any, tracking_uri: str, run_id: str, model: Any, name: str, pip_requirements: list[str] | None
 ) -> None:
-    mlflow = _mlflow()
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    """Log ``model`` as an MLflow logged model of ``run_id``, through ``client`` only.
 
+    ``mlflow.pytorch.log_model`` writes to the process-wide tracking URI; saving locally and
+    uploading through the client's logged-model API keeps the user's global MLflow state as it is.
+    """
+    import tempfile
+
+    mlflow = _mlflow()
     experiment_id = client.get_run(run_id).info.experiment_id
-    with _use_tracking_uri(tracking_uri), _quiet_mlflow():
-        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
-        mlflow.pytorch.log_model(
+    with tempfile.TemporaryDirectory(prefix="snopt-model-") as tmp, _quiet_mlflow():
+        local = Path(tmp) / name
+        mlflow.pytorch.save_model(
             model,
-            name=name,
-            model_id=logged.model_id,
-            run_id=run_id,
+            str(local),
             pip_requirements=pip_requirements or _model_requirements(),
             serialization_format="pickle",
         )
+        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
+        try:
+            client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
 
 
 @contextlib.contextmanager

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._training import Callback
+from .._training import Callback, jsonable
 from ._callback import MlflowCallback
 from ._common import (
     _MAX_TAG_LENGTH,
@@ -21,9 +22,9 @@ from ._common import (
     DEFAULT_EXPERIMENT,
     EXPERIMENT_ATTR,
     PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
     TRACKING_URI_ATTR,
     _describe,
-    _jsonable,
     _logger,
     _metric_key,
     _now_ms,
@@ -47,15 +48,13 @@ from ._sink import _RunSink
 
 
 # ---------------------------------------------------------------------- studies
-def _optuna_study(study: Any) -> Any:
-    """The ``optuna.Study`` inside a :class:`snopt.search.Study` (or the study itself)."""
-    inner = getattr(study, "__dict__", {}).get("study")
-    return inner if inner is not None and hasattr(inner, "_study_id") else study
-
-
 def _study_storage(study: Any) -> Any:
-    storage = getattr(_optuna_study(study), "_storage", None)
-    return getattr(storage, "_backend", storage)
+    """The storage of a :class:`snopt.search.Study` or an ``optuna.Study`` (a URL, object or None)."""
+    if hasattr(study, "storage"):
+        return study.storage
+    # optuna.Study has no public accessor for its storage (Optuna 5.0); only an MlflowStorage
+    # object matters here, and Optuna never wraps one.
+    return getattr(study, "_storage", None)
 
 
 def _is_mlflow_storage(storage: Any) -> bool:
@@ -68,7 +67,7 @@ def _is_mlflow_storage(storage: Any) -> bool:
 def parent_run_id(study: Any) -> str | None:
     """The MLflow parent run of an Optuna study (set by :func:`start_parent_run`), or None."""
     if _is_mlflow_storage(_study_storage(study)):
-        return str(_optuna_study(study)._study_id)
+        return str(_study_storage(study).get_study_id_from_name(study.study_name))
     value = study.user_attrs.get(PARENT_RUN_ATTR)
     return str(value) if value else None
 
@@ -222,7 +221,9 @@ class StudyTracker:
         experiment: experiment name.
         tags: tags of the parent run and of every trial run.
         params: params of the parent run (budget, strategies, base configuration...).
-        log_models: log each trial's final model (off by default: studies run many trials).
+        log_models: which trials keep their final model and figures: ``"best"`` (default:
+            every trial that beats the study's best so far when it ends, so the study's best
+            trial always has them), ``"all"`` or ``"none"``.
         parent_run_id: an existing parent run to use instead of creating one.
         fallback_dir: where runs go if MLflow is unreachable.
         **callback_kwargs: further :class:`MlflowCallback` arguments for the trial runs
@@ -238,7 +239,7 @@ class StudyTracker:
         experiment: str = DEFAULT_EXPERIMENT,
         tags: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
-        log_models: bool = False,
+        log_models: str = "best",
         parent_run_id: str | None = None,
         fallback_dir: str | os.PathLike | None = None,
         **callback_kwargs: Any,
@@ -258,6 +259,10 @@ class StudyTracker:
         self.experiment = experiment
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.params = dict(params or {})
+        if log_models not in LOG_MODELS:
+            raise ValueError(
+                f"`log_models` must be one of {list(LOG_MODELS)}, but got log_models={log_models!r}."
+            )
         self.log_models = log_models
         # Under `mlflow run`, that run is the parent unless told otherwise.
         env_run = os.environ.get("MLFLOW_RUN_ID") or None
@@ -265,8 +270,6 @@ class StudyTracker:
         self._from_env = parent_run_id is None and env_run is not None
         self._owns_parent = False  # set when start() creates the run
         self.fallback_dir = str(fallback_dir) if fallback_dir is not None else None
-        # Per-trial figures repeat what the UI charts from the metrics; studies run many trials.
-        callback_kwargs.setdefault("log_figures", False)
         self.callback_kwargs = callback_kwargs
 
     @classmethod
@@ -350,7 +353,7 @@ class StudyTracker:
                 tags[key] = str(value)
         start_parent_run(
             study,
-            name=study.study_name,
+            name=_study_run_name(study, tags, desc),
             kind="study",
             tracking_uri=self.tracking_uri,
             experiment=self.experiment,
@@ -426,13 +429,14 @@ class StudyTracker:
                     uri = attrs.get(TRACKING_URI_ATTR) or uri
                     experiment = attrs.get(EXPERIMENT_ATTR) or experiment
                 if _is_mlflow_storage(_study_storage(study)):
+                    # MlflowStorage's trial id is the trial's run id. Optuna has no public trial id
+                    # and MlflowStorage lacks get_trial_id_from_study_id_trial_number (MLflow 3.17).
                     kwargs["run_id"] = str(trial._trial_id)
                     kwargs.setdefault("end_run", False)
-            if getattr(trial, "params", None):
-                cfg = dict(cfg or {})
-                cfg["trial"] = dict(trial.params)
             prefix = tags.get("strategy")
-            run_name = run_name or (f"{prefix}-trial-{trial.number}" if prefix else f"trial-{trial.number}")
+            run_name = run_name or (f"{prefix} #{trial.number}" if prefix else f"trial #{trial.number}")
+        keep = _keep_artifacts(self.log_models, trial)
+        kwargs.setdefault("log_figures", keep)
         return MlflowCallback(
             cfg,
             tracking_uri=uri,
@@ -440,14 +444,18 @@ class StudyTracker:
             run_name=run_name,
             tags=tags,
             parent_run_id=parent,
-            log_model=self.log_models,
+            log_model=keep,
             fallback_dir=self.fallback_dir,
             **kwargs,
         )
 
     def __call__(self, trial: Any = None, config: Mapping[str, Any] | Any = None) -> list[Callback]:
-        """``trial_callbacks_factory(trial, config)`` of :mod:`snopt.search`: ``[callback]``."""
-        return [self.callback(trial, config)]
+        """``trial_callbacks_factory(trial, config)`` of :mod:`snopt.search`: the trial's run
+        callback, and one that records the run id in the trial (user attr ``mlflow_run_id``)."""
+        callback = self.callback(trial, config)
+        if trial is None or not hasattr(trial, "set_user_attr"):
+            return [callback]
+        return [callback, _RecordRunId(trial, callback)]
 
     def hooks(self) -> dict[str, Any]:
         """The keyword arguments that make :func:`snopt.search.compare` log to this tracker."""
@@ -457,6 +465,57 @@ class StudyTracker:
             "on_study_end": self.on_study_end,
             "on_report": self.on_report,
         }
+
+
+def _study_run_name(study: Any, tags: Mapping[str, str], desc: Mapping[str, Any]) -> str:
+    """``digits · tpe · seed 0``: a study's run inside a comparison."""
+    task = tags.get("task") or (desc.get("config") or {}).get("task")
+    parts = [str(p) for p in (task, tags.get("strategy")) if p]
+    if "seed" in tags:
+        parts.append(f"seed {tags['seed']}")
+    return " · ".join(parts) or str(study.study_name)
+
+
+#: What ``StudyTracker(log_models=...)`` accepts.
+LOG_MODELS = ("best", "all", "none")
+
+
+def _keep_artifacts(mode: str, trial: Any) -> bool | Callable[[Any], bool]:
+    """``log_model``/``log_figures`` of a trial's callback for ``mode`` (see :class:`StudyTracker`)."""
+    if mode != "best":
+        return mode == "all"
+    study = getattr(trial, "study", None)
+    if study is None:
+        return True
+
+    def beats_the_best(result: Any) -> bool:
+        value = result.final.get("metric")
+        if value is None or not math.isfinite(float(value)):
+            return False
+        try:
+            best = float(study.best_value)
+        except (ValueError, RuntimeError):  # no completed trial yet (or a multi-objective study)
+            return True
+        direction = getattr(study, "direction", None)
+        maximize = str(getattr(direction, "name", direction)).upper().endswith("MAXIMIZE")
+        return float(value) > best if maximize else float(value) < best
+
+    return beats_the_best
+
+
+class _RecordRunId(Callback):
+    """Writes the MLflow run id of a trial into the trial (``mlflow_run_id``) once it exists."""
+
+    def __init__(self, trial: Any, callback: MlflowCallback) -> None:
+        self.trial, self.callback = trial, callback
+
+    def on_fit_start(self, trainer: Any) -> None:
+        run_id = self.callback.run_id
+        if run_id and not run_id.startswith(_OFFLINE_PREFIX):
+            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+    def on_fit_end(self, trainer: Any, result: Any) -> None:
+        self.on_fit_start(trainer)  # an offline run that was replayed has its real id now
 
 
 def tracking_callback_factory(
@@ -542,7 +601,7 @@ def log_report(
         table = report.summary()
         # Per-trial curves stay in report.json; the table keeps one line per study.
         studies = [
-            {k: v for k, v in _jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
+            {k: v for k, v in jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
             for s in getattr(report, "studies", [])
         ] or None
         if metrics is None:
@@ -576,7 +635,7 @@ def log_report(
                     {"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/studies.json"}
                 )
             if hasattr(report, "to_dict"):
-                text = json.dumps(_jsonable(report.to_dict()), indent=2, default=str)
+                text = json.dumps(jsonable(report.to_dict()), indent=2, default=str)
                 (folder / "report.json").write_text(text)
                 sink.submit(
                     {"op": "log_artifact", "path": str(folder / "report.json"), "artifact_path": artifact_dir}
@@ -609,7 +668,7 @@ def _table_data(table: Any) -> dict[str, list[Any]]:
         table = table.to_dict(orient="list")
 
     def cell(value: Any) -> Any:
-        value = _jsonable(value)
+        value = jsonable(value)
         return json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
 
     if isinstance(table, Mapping):

@@ -10,6 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here runs the installed command
+
 TINY = [
     "--task",
     "digits",

@@ -14,8 +14,8 @@ def test_all_names_import_and_have_docstrings():
 
 
 def test_search_commands_are_registered_snopt_commands():
-    from snopt.cli import Command, _commands
+    from snopt.cli import COMMANDS, Command
 
-    commands = {c.name: c for c in _commands()}
     for name in ("search", "compare", "worker"):
-        assert isinstance(commands[name], Command) and commands[name].help
+        command = COMMANDS[name].load()
+        assert isinstance(command, Command) and command.name == name and COMMANDS[name].help

@@ -12,6 +12,8 @@ import pytest
 from optuna.trial import TrialState
 from snopt.search import Budget, Float, SearchSpace, create_study, load_study, run_workers
 
+pytestmark = pytest.mark.integration  # worker processes, SQLite and PostgreSQL shared between them
+
 SPACE = SearchSpace({"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True)})
 
 # A study process whose third trial (number 2) blocks in training after writing a marker.

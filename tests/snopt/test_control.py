@@ -127,13 +127,23 @@ class MLP(nn.Module):
 
 @pytest.mark.parametrize("adjoint", [True, False], ids=["adjoint", "direct"])
 @pytest.mark.parametrize("cost", ["quadratic", "linear"])
-def test_q_t_and_gauss_newton_match_finite_differences(float64, adjoint, cost):
+def test_q_t_and_fisher_match_finite_differences(float64, adjoint, cost):
     torch.manual_seed(1)
     block = ODEBlock(MLP(), 0.0, 0.7, method="dopri5", rtol=1e-11, atol=1e-11, adjoint=adjoint)
     x = torch.randn(6, 3)
     y = torch.randn(6, 3)
     c = 0.05
-    ctl = Controller(block, policy="feedback", lr=0.1, penalty=c, cost=cost, every=1, momentum=0.0)
+    ctl = Controller(
+        block,
+        warmup=0,
+        policy="feedback",
+        lr=0.1,
+        penalty=c,
+        cost=cost,
+        every=1,
+        momentum=0.0,
+        curvature="fisher",
+    )
 
     def losses(t1):
         block.set_t1(t1)
@@ -188,12 +198,13 @@ def optimal_horizon(x0, y, c=C):
 
 def control_decay(policy, lr, t0, x0, y, updates, *, adjoint=False, bounds=None, max_step=1.0):
     block = ODEBlock(GaussianDecay(A), 0.0, t0, method="dopri5", rtol=1e-7, atol=1e-7, adjoint=adjoint)
-    ctl = Controller(block, policy=policy, lr=lr, penalty=C, every=1, bounds=bounds, max_step=max_step)
+    ctl = Controller(
+        block, warmup=0, policy=policy, lr=lr, penalty=C, every=1, bounds=bounds, max_step=max_step
+    )
     trajectory = [t0]
     for _ in range(updates):
-        block.zero_t1_grad()
         ((block(x0) - y) ** 2).mean().backward()
-        ctl.step()
+        ctl.step(lambda: ((block(x0) - y) ** 2).mean())
         trajectory.append(block.t1)
     return trajectory, ctl
 
@@ -207,10 +218,10 @@ def test_feedback_reaches_the_optimal_horizon_faster_than_gradient(float64, star
     x0, y = decay_data()
     t_star = optimal_horizon(x0, y)
     assert 0.8 < t_star < 0.95  # the penalty pulls T* below the horizon that generated the data
-    trajectory, ctl = control_decay("feedback", 0.5, start * t_star, x0, y, 20)
+    trajectory, ctl = control_decay("feedback", 1.0, start * t_star, x0, y, 20)
     inside = within(trajectory, t_star)
     reached = inside.index(True)
-    assert reached <= 8 and all(inside[reached:])  # gets within 2% of T* and stays there
+    assert reached <= 5 and all(inside[reached:])  # gets within 2% of T* and stays there
     assert trajectory[-1] == pytest.approx(t_star, rel=1e-3)
     # The first-order baseline, whatever its step size, is not there yet after as many updates.
     for lr in (0.3, 1.0, 3.0):
@@ -253,7 +264,9 @@ def test_without_bounds_the_horizon_stays_above_t0(float64):
     x0, y = decay_data()
     block = ODEBlock(GaussianDecay(A), 0.0, 0.5, method="rk4", options={"step_size": 0.05})
     # A huge linear cost drives T down as far as it may go.
-    ctl = Controller(block, policy="gradient", lr=1.0, penalty=100.0, cost="linear", every=1, max_step=None)
+    ctl = Controller(
+        block, warmup=0, policy="gradient", lr=1.0, penalty=100.0, cost="linear", every=1, max_step=None
+    )
     for _ in range(3):
         block.zero_t1_grad()
         ((block(x0) - y) ** 2).mean().backward()
@@ -279,64 +292,17 @@ def test_two_blocks_get_independent_horizons(float64):
     xa, ya = decay_data(seed=1, t_true=0.7)
     xb, yb = decay_data(seed=2, t_true=1.4)
     model = TwoBlocks()
-    ctl = Controller(model, policy="feedback", lr=0.5, penalty=C, every=1)
+    ctl = Controller(model, warmup=0, policy="feedback", lr=0.5, penalty=C, every=1)
     assert ctl.names == ["t1/first", "t1/second"]
     x, y = torch.cat([xa, xb], 1), torch.cat([ya, yb], 1)
     for _ in range(15):
-        for block in (model.first, model.second):
-            block.zero_t1_grad()
         # The loss is a sum of one mean per block, so each horizon sees its own problem.
         ((model(x) - y) ** 2).mean(0).sum().backward()
-        ctl.step()
+        ctl.step(lambda: ((model(x) - y) ** 2).mean(0).sum())
     values = ctl.values
     assert values["t1/first"] == pytest.approx(optimal_horizon(xa, ya), rel=0.02)
     assert values["t1/second"] == pytest.approx(optimal_horizon(xb, yb), rel=0.02)
     assert optimal_horizon(xb, yb) > 1.3 * optimal_horizon(xa, ya)
-
-
-# ----------------------------------------------------------- cross term (feedback)
-def test_feedback_term_matches_a_brute_force_sum(float64):
-    torch.manual_seed(0)
-    block = ODEBlock(MLP(2), 0.0, 0.6, method="rk4", options={"step_size": 0.05}, adjoint=False)
-    head = nn.Linear(2, 1)
-    model = nn.Sequential(block, head)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    beta, every = 0.6, 3
-    ctl = Controller(
-        model,
-        policy="feedback",
-        lr=0.2,
-        penalty=0.0,
-        every=every,
-        momentum=beta,
-        optimizer=opt,
-        max_step=None,
-    )
-    params = list(model.parameters())
-    flat = lambda ts: torch.cat([t.detach().reshape(-1).clone() for t in ts])  # noqa: E731
-    x, y = torch.randn(16, 2), torch.randn(16, 1)
-    records = []
-    for _ in range(every):
-        before = flat(params)
-        opt.zero_grad()
-        block.zero_t1_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        records.append((float(block.t1_grad), flat(p.grad for p in params), before))
-        opt.step()
-        ctl.step()
-    theta_now = flat(params)
-    weights = [beta ** (every - 1 - s) for s in range(every)]
-    expected = sum(
-        w * g * float(gt @ (theta_now - before)) for w, (g, gt, before) in zip(weights, records)
-    ) / sum(weights)
-    grad_avg = sum(w * g for w, (g, _, _) in zip(weights, records)) / sum(weights)
-    stats = ctl.stats
-    assert expected != 0.0 and stats["t1/0/limited"] == 0
-    assert stats["t1/0/feedback"] == pytest.approx(expected, rel=1e-9)
-    assert stats["t1/0/Q_phi"] == pytest.approx(grad_avg, rel=1e-9)
-    assert stats["t1/0/delta"] == pytest.approx(
-        -0.2 * (grad_avg + expected) / (stats["t1/0/Q_phiphi"] + 1e-8)
-    )
 
 
 # ---------------------------------------------------- declared (non-horizon) parameters
@@ -382,7 +348,7 @@ def gaussian_nll(out, y):
 def control_damping(adjoint, k0, updates=20):
     x0, y, k_star = damping_data()
     block = ODEBlock(DampedField(k0), 0.0, 1.0, method="dopri5", rtol=1e-8, atol=1e-8, adjoint=adjoint)
-    ctl = Controller(block, policy="feedback", lr=0.5, every=4, momentum=1.0, horizons=False)
+    ctl = Controller(block, warmup=0, policy="feedback", lr=0.5, every=4, momentum=1.0, horizons=False)
     assert ctl.names == ["field.func.damping"]
     loader = DataLoader(
         TensorDataset(x0, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
@@ -390,9 +356,8 @@ def control_damping(adjoint, k0, updates=20):
     trajectory = [k0]
     for _ in range(updates):
         for xb, yb in loader:  # one update per epoch: 4 batches of 64
-            block.zero_t1_grad()
             gaussian_nll(block(xb), yb).backward()
-            ctl.step()
+            ctl.step(lambda xb=xb, yb=yb: gaussian_nll(block(xb), yb))
         trajectory.append(ctl.values["field.func.damping"])
     return trajectory, ctl, k_star, block
 
@@ -410,8 +375,7 @@ def test_declared_parameter_gets_its_adjoint_gradient(float64):
     x0 = torch.tensor([[1.0], [2.0]], requires_grad=True)
     (block(x0) ** 2).mean().backward()
     grad = block.func.damping.grad
-    if grad is None:
-        pytest.skip("this ODEBlock does not pass buffers that require grad to the adjoint solve yet")
+    assert grad is not None, "the adjoint solve must give declared parameters their gradient"
     # d/dk mean (x0 e^{-k})^2 = -2 mean(x0^2) e^{-2k}
     assert float(grad) == pytest.approx(-2 * 2.5 * math.exp(-1.0), rel=1e-7)
 
@@ -426,13 +390,12 @@ def test_unused_control_parameter_warns():
             return -x
 
     block = ODEBlock(Unused(), method="rk4", options={"step_size": 0.5}, adjoint=False)
-    ctl = Controller(block, every=2)
+    ctl = Controller(block, warmup=0, every=2)
     x = torch.ones(2, 1, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="'field.func.k' received no gradient"):
         for _ in range(2):
-            block.zero_t1_grad()
             block(x).sum().backward()
-            ctl.step()
+            ctl.step(lambda: block(x).sum())
     assert ctl.stats["field.func.k/skipped"] == 1 and ctl.stats["t1/updates"] == 1
 
 
@@ -476,7 +439,14 @@ def train(optimizer="sgd", max_steps=10, checkpoint=None, resume=False, policy="
 
         opt = SNOpt(model, lr=0.1, update_freq=3)
     ctl = Controller(
-        model, policy=policy, lr=0.3, penalty=1e-3, every=2, bounds={"t1/1": (0.1, 2.0)}, optimizer=opt
+        model,
+        warmup=0,
+        policy=policy,
+        lr=0.3,
+        penalty=1e-3,
+        every=2,
+        bounds={"t1/1": (0.1, 2.0)},
+        optimizer=opt,
     )
     train_loader, val_loader = make_loaders()
     result = fit(
@@ -517,7 +487,11 @@ def test_resumed_run_follows_the_same_trajectory(tmp_path):
     for key in ("t1/1", "1.field.func.scale", "train_loss"):
         assert [r[key] for r in resumed.history] == [r[key] for r in full.history]
     assert ctl_resumed.values == ctl_full.values
-    assert ctl_resumed.stats == ctl_full.stats
+
+    def counted(stats):  # the time spent in the curvature passes is not reproducible
+        return {k: v for k, v in stats.items() if k != "curvature_time"}
+
+    assert counted(ctl_resumed.stats) == counted(ctl_full.stats)
 
 
 def test_fixed_policy_never_moves_and_values_use_history_keys():

@@ -191,6 +191,31 @@ def test_scheduler_and_clipping_are_applied():
     assert [r["lr"] for r in result.history] == [0.1, 0.1, 0.05, 0.05]
 
 
+@pytest.mark.parametrize("max_norm", [None, 1e-3])
+def test_gradient_clipping_bounds_the_step(max_norm):
+    """One SGD step of lr 1 moves the parameters by exactly the clipped gradient norm."""
+    model = make_model()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    train, _ = make_loaders()
+    first = [next(iter(train))]
+    probe = make_model()  # the unclipped gradient norm of that batch, computed by hand
+    nn.functional.cross_entropy(probe(first[0][0]), first[0][1]).backward()
+    raw = torch.cat([p.grad.flatten() for p in probe.parameters()]).norm()
+    fit(
+        model,
+        first,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        loss_fn=nn.functional.cross_entropy,
+        max_steps=1,
+        max_grad_norm=max_norm,
+        progress=False,
+    )
+    moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm()
+    assert raw > 1e-2  # so that clipping to 1e-3 binds
+    expected = raw if max_norm is None else torch.tensor(max_norm)
+    torch.testing.assert_close(moved, expected.to(moved.dtype), rtol=1e-4, atol=1e-7)
+
+
 def test_nfe_of_a_block_called_twice_per_step_counts_every_call():
     calls = []
 

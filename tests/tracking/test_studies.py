@@ -123,8 +123,10 @@ def _check_study_runs(client, parent, study):
     assert sorted(kids) == [0, 1, 2]
     for number, kid in kids.items():
         assert kid.data.tags["snopt.kind"] == "trial"
-        assert kid.info.run_name == f"trial-{number}"
-        assert kid.data.params["trial.lr"] == kid.data.params["lr"]
+        assert kid.info.run_name == f"trial #{number}"
+        assert "trial.lr" not in kid.data.params and kid.data.params["lr"]  # said once
+        # Optuna's trial and MLflow's run point at each other.
+        assert study.trials[number].user_attrs["mlflow_run_id"] == kid.info.run_id
         expected = 2 if number == 1 else 4  # the pruned trial stopped at step 2
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")]
         assert sorted(steps) == list(range(1, expected + 1)), (number, steps)
@@ -153,7 +155,7 @@ def test_study_parent_with_trial_children_from_two_workers(mlflow_server, tmp_pa
     _check_study_runs(*_run_study(mlflow_server, tmp_path, toy, second_worker))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_study_trials_from_a_worker_process(mlflow_server, tmp_path, toy):
     def second_worker(storage, objective):
         # A separate process joins the study through its storage alone.
@@ -243,12 +245,16 @@ def test_comparison_of_two_strategies(mlflow_server, tmp_path):
     assert sorted(studies) == ["random", "tpe"]
     for strategy, study_run in studies.items():
         assert study_run.data.tags["snopt.kind"] == "study" and study_run.info.status == "FINISHED"
-        assert study_run.info.run_name == f"digits-{strategy}-s0"  # the study's name
+        assert study_run.info.run_name == f"digits · {strategy} · seed 0"
         assert study_run.data.metrics["trials"] == 1
         trials = children(client, study_run.info.run_id)
         assert len(trials) == 1
         for trial_run in trials:
             assert trial_run.data.tags["strategy"] == strategy
+            assert trial_run.info.run_name == f"{strategy} #0"
+            # The study's best trial (its only one) keeps its model and figures.
+            assert trial_run.outputs.model_outputs
+            assert any(a.path == "figures" for a in client.list_artifacts(trial_run.info.run_id))
             assert trial_run.info.status == "FINISHED"
             steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_loss")]
             assert sorted(steps) == [1, 2]
@@ -347,7 +353,29 @@ def test_study_tracked_while_mlflow_is_down_is_synced_with_its_structure(
     )
     assert "report/summary.json" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     kids = children(client, run.info.run_id)
-    assert sorted(k.info.run_name for k in kids) == ["trial-0", "trial-1"]
+    assert sorted(k.info.run_name for k in kids) == ["trial #0", "trial #1"]
     for kid in kids:
         assert kid.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(kid.info.run_id, "train_loss")] == [1, 2, 3]
+
+
+def test_best_mode_keeps_artifacts_of_trials_that_beat_the_best_so_far():
+    import optuna
+
+    from snopt import FitResult
+    from snopt.tracking._studies import _keep_artifacts
+
+    def result(metric):
+        return FitResult(status="completed", final={"metric": metric}, history=[], stats={})
+
+    for direction, better, worse in (("maximize", 0.9, 0.7), ("minimize", 0.7, 0.9)):
+        study = optuna.create_study(direction=direction)
+        trial = study.ask()
+        keep = _keep_artifacts("best", trial)
+        assert keep(result(0.5))  # nothing completed yet: the first trial is the best so far
+        study.tell(trial, 0.8)
+        keep = _keep_artifacts("best", study.ask())
+        assert keep(result(better)) and not keep(result(worse)) and not keep(result(float("nan")))
+    assert _keep_artifacts("all", None) is True and _keep_artifacts("none", None) is False
+    with pytest.raises(ValueError, match="`log_models` must be one of"):
+        StudyTracker(log_models=True)

@@ -26,7 +26,6 @@ from snopt.tracking import (
 )
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 
 from mlflow import MlflowClient  # noqa: E402
 
@@ -83,6 +82,11 @@ def assert_complete_run(client: MlflowClient, run, result, tracking_uri: str, *,
     for pkg in ("torch", "torchdiffeq", "optuna", "mlflow", "snopt"):
         assert params[f"version.{pkg}"], pkg
     assert params["version.mlflow"] == mlflow.__version__
+    # No torch switches and no key said twice (the configuration already names the solver).
+    assert not [k for k in params if k.split(".")[-1] in ("fused", "foreach", "capturable", "differentiable")]
+    prefixes = ("ode.", "optimizer.", "trial.")
+    repeated = [k for k in params if k.startswith(prefixes) and k != "optimizer.class"]
+    assert not repeated, sorted(params)
     # Tags.
     tags = run.data.tags
     assert tags["task"] == "digits" and tags["strategy"] == "fixed" and tags["optimizer"] == "adam"
@@ -93,16 +97,23 @@ def assert_complete_run(client: MlflowClient, run, result, tracking_uri: str, *,
     for key in ("train_loss", "lr", "wall_time", "nfe_forward", "nfe_backward", "nfe_total", "t1/blocks.0"):
         got = history_of(client, run_id, key)
         assert got == [(int(r["step"]), float(r[key])) for r in history], key
-    for key in ("val_loss", "metric"):
-        got = history_of(client, run_id, key)
+    # The validation metric is logged under the task's name for it.
+    for key, logged_as in (("val_loss", "val_loss"), ("metric", "accuracy")):
+        got = history_of(client, run_id, logged_as)
         assert got == [(int(r["step"]), float(r[key])) for r in history if key in r], key
         assert [s for s, _ in got] == [5, 10]
-    assert history_of(client, run_id, "stats/steps") == [(STEPS, float(STEPS))]
+    assert "metric" not in run.data.metrics
+    # Totals are a summary (tags and summary.json), not single-point charts.
+    assert not [k for k in run.data.metrics if k.startswith("stats/")], sorted(run.data.metrics)
+    assert tags["summary.steps"] == str(STEPS)
+    assert tags["summary.nfe_total"] == str(result.stats["nfe_total"])
+    assert float(tags["summary.accuracy"]) == pytest.approx(result.final["metric"], rel=1e-5)
     # Artifacts.
     paths = artifact_paths(client, run_id)
     for name in (
         "config.json",
         "result.json",
+        "summary.json",
         "figures/loss.png",
         "figures/metric.png",
         "figures/horizons.png",
@@ -111,13 +122,18 @@ def assert_complete_run(client: MlflowClient, run, result, tracking_uri: str, *,
     assert any(p.startswith("checkpoint/") for p in paths), paths
     local = client.download_artifacts(run_id, "config.json")
     assert json.loads(Path(local).read_text())["config"]["model_kwargs"] == {"width": 4}
-    # The model, logged with mlflow.pytorch.log_model, loads back and predicts like the trained one.
+    # The model, a READY logged model of the run, loads back and predicts like the trained one.
     outputs = client.get_run(run_id).outputs
     assert outputs is not None and len(outputs.model_outputs) == 1
     model_id = outputs.model_outputs[0].model_id
-    with _use_tracking_uri(tracking_uri), warnings.catch_warnings():
+    logged = client.get_logged_model(model_id)
+    assert str(logged.status) == "READY" and logged.source_run_id == run_id
+    local_model = mlflow.artifacts.download_artifacts(
+        artifact_uri=logged.artifact_location, tracking_uri=tracking_uri
+    )
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        loaded = mlflow.pytorch.load_model(f"models:/{model_id}")
+        loaded = mlflow.pytorch.load_model(local_model)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     model.eval()
     loaded.eval()
@@ -146,7 +162,7 @@ def test_training_run_logs_everything(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.uri)
     logged = only_run(client, "run-logging")
     assert logged.info.run_id == callback.run_id
-    assert logged.info.run_name == "digits-adam-fixed"
+    assert logged.info.run_name == "digits · adam · fixed"
     assert_complete_run(client, logged, result, mlflow_server.uri, model=run.model)
     assert logged.data.tags["metric_name"] == "accuracy"
     import subprocess
@@ -360,6 +376,32 @@ def test_sqlite_store_keeps_its_artifacts_next_to_its_file(tmp_path, toy):
     assert run.info.artifact_uri.startswith((store.parent / "mlruns" / "a_b").as_uri())
     assert (store.parent / "mlruns" / "a_b" / callback.run_id / "artifacts" / "config.json").exists()
     assert not (tmp_path / "mlruns").exists()  # not in the working directory
+
+
+def test_callback_follows_set_tracking_uri_set_experiment_and_nests_under_the_active_run(
+    tmp_path, toy, monkeypatch
+):
+    from mlflow.tracking import fluent
+
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)  # set_experiment sets both: undo them
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(store)
+    try:
+        mlflow.set_experiment("mine")
+        with mlflow.start_run(run_name="outer") as outer:
+            callback = MlflowCallback({}, system_metrics=False, log_model=False, log_figures=False)
+            toy.fit([callback], max_steps=1, eval_every=None)
+        client = MlflowClient(store)
+        inner = client.get_run(callback.run_id)
+        assert callback.tracking_uri == store and callback.experiment == "mine"
+        assert inner.data.tags["mlflow.parentRunId"] == outer.info.run_id
+        assert inner.info.experiment_id == outer.info.experiment_id
+        assert client.get_experiment(inner.info.experiment_id).name == "mine"
+        assert inner.info.status == "FINISHED" and client.get_run(outer.info.run_id).info.status == "FINISHED"
+        assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_tracking_arguments_reach_the_callback():

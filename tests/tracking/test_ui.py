@@ -19,7 +19,7 @@ from snopt.tracking import MlflowCallback
 
 STEPS = 6
 EXPERIMENT = "snopt"
-RUN_NAME = "toy-sgd-fixed"
+RUN_NAME = "toy · sgd · fixed"
 
 
 def _chromium() -> tuple[str | None, str | None]:
@@ -32,7 +32,8 @@ def _chromium() -> tuple[str | None, str | None]:
 def ui_server(tmp_path_factory, processes, toy):
     """A run in the default store of a fresh folder, and ``snopt ui`` started there.
 
-    Yields ``(url, run_id, log_text)``; the UI process group is stopped afterwards.
+    Yields ``(url, run_id, experiment_link)``, the link as `snopt ui` printed it; the UI process
+    group is stopped afterwards.
     """
     root = tmp_path_factory.mktemp("ui")
     callback = MlflowCallback(
@@ -67,8 +68,13 @@ def ui_server(tmp_path_factory, processes, toy):
         assert match is not None, f"`snopt ui` printed no URL:\n{log.read_text()[-3000:]}"
         assert match.group(1) == f"sqlite:///{root / 'mlflow.db'}"
         url = match.group(2)
+        link = None
+        while link is None and time.monotonic() < deadline and proc.poll() is None:
+            link = re.search(rf"experiment '{EXPERIMENT}': (http://\S+)", log.read_text())
+            time.sleep(0.1)
+        assert link is not None, f"`snopt ui` printed no experiment link:\n{log.read_text()[-3000:]}"
         processes.wait_healthy(url, proc, 180, log)
-        yield url, callback.run_id
+        yield url, callback.run_id, link.group(1)
     finally:
         processes.stop_group(proc)
 
@@ -76,13 +82,14 @@ def ui_server(tmp_path_factory, processes, toy):
 def test_snopt_ui_serves_the_default_store_on_localhost(ui_server):
     from mlflow import MlflowClient
 
-    url, run_id = ui_server
+    url, run_id, link = ui_server
     assert url == f"http://127.0.0.1:{url.rsplit(':', 1)[1]}"
     client = MlflowClient(url)
     run = client.get_run(run_id)
     assert run.info.run_name == RUN_NAME
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     assert len(client.get_metric_history(run_id, "train_loss")) == STEPS
+    assert link.startswith(f"{url}/#/experiments/{run.info.experiment_id}")
 
 
 def test_browser_finds_the_run_and_renders_its_loss_chart(ui_server, tmp_path):
@@ -100,7 +107,7 @@ def test_browser_finds_the_run_and_renders_its_loss_chart(ui_server, tmp_path):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, run_id = ui_server
+    url, run_id, link = ui_server
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in (
@@ -120,14 +127,10 @@ def test_browser_finds_the_run_and_renders_its_loss_chart(ui_server, tmp_path):
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     screenshot = tmp_path / "mlflow-ui-train-loss.png"
     try:
-        wait = WebDriverWait(driver, 90)
-        driver.get(f"{url}/#/experiments")
-        # The experiment list: switch the UI to its model-training view, then open the experiment.
-        wait.until(
-            EC.element_to_be_clickable((By.XPATH, "//*[@role='button'][normalize-space()='Model training']"))
-        )
-        driver.find_element(By.XPATH, "//*[@role='button'][normalize-space()='Model training']").click()
-        wait.until(EC.element_to_be_clickable((By.XPATH, f"//a[normalize-space()='{EXPERIMENT}']"))).click()
+        wait = WebDriverWait(driver, 60)
+        # The experiment's link as `snopt ui` printed it, in a fresh browser profile: it must open
+        # on the runs (MLflow 3 otherwise opens an experiment on its GenAI traces page).
+        driver.get(link)
         # Its runs: open ours.
         run_link = wait.until(EC.element_to_be_clickable((By.XPATH, f"//a[normalize-space()='{RUN_NAME}']")))
         assert run_id in run_link.get_attribute("href")
@@ -150,13 +153,21 @@ def test_browser_finds_the_run_and_renders_its_loss_chart(ui_server, tmp_path):
                        points: p.querySelectorAll('.point').length}));"""
             )
 
+        # Only the searched chart is left once the filter has applied, and it is drawn.
         drawn = wait.until(
-            lambda drv: [c for c in charts(drv) if c["points"] == STEPS and c["line"] > 0] or None
+            lambda drv: (
+                (c := charts(drv)) and len(c) == 1 and c[0]["points"] == STEPS and c[0]["line"] > 0 and c
+            )
         )
-        assert len(charts(driver)) == 1, charts(driver)  # only the searched chart is left
         assert "train_loss" in driver.find_element(By.TAG_NAME, "body").text
         assert drawn[0]["points"] == STEPS
         assert driver.save_screenshot(str(screenshot))
+    except Exception:
+        # Leave what the browser showed next to the test's files, for whoever reads the failure.
+        driver.save_screenshot(str(tmp_path / "failure.png"))
+        (tmp_path / "failure.txt").write_text(driver.find_element(By.TAG_NAME, "body").text)
+        print(f"browser state at failure: {tmp_path / 'failure.png'}, {tmp_path / 'failure.txt'}")
+        raise
     finally:
         driver.quit()
     data = screenshot.read_bytes()
