@@ -29,8 +29,13 @@ and a loss averaged over the batch so that ``n g_r`` is a per-sample gradient)::
     A_call = (1 / R) sum_r z_r z_r^T
     B_call = (1 / R) sum_r (n g_r)(n g_r)^T
 
-Field layers: ``A = (t1 - t0) * sum_j w_j A_j / sum_j w_j`` over the samples ``j`` of the
-step, and the same for ``B``: the time average of the per-time factors times the horizon.
+Field layers: ``A = H * sum_j w_j A_j / sum_j w_j`` over the samples ``j`` of the step,
+and the same for ``B``, with ``H`` the sum of the horizons ``t1 - t0`` of the step's solves:
+the time average of the per-time factors times the total time integrated.  A block that is
+solved once per forward has ``H = t1 - t0``; one solved ``K`` times per forward (an
+ODE-RNN's gaps, a block reused in sequence) sums the ``K`` integrals in its gradient, so its
+factors carry all ``K`` horizons (their average understates the curvature by ``K`` per
+factor; on the time series SNOpt then diverged at every learning rate of the benchmark).
 The weight ``w_j`` of a sample is the time it represents within its own solve
 (:func:`time_weights`): the trapezoid rule over the sampled times of that solve, which
 include both ends ``t0`` and ``t1`` (the block samples them from the gradients of its
@@ -202,6 +207,7 @@ class TrackedLayer:
     a_sum: Tensor | None = None
     b_sum: Tensor | None = None
     weight_sum: float = 0.0
+    horizon_sum: float = 0.0
     span: float = 1.0
     locations: int = 1
     count: int = 0
@@ -251,6 +257,7 @@ class TrackedLayer:
         """Weight the pending field samples by the time they represent and add them to the sums."""
         for record in self.pending.values():
             weights = time_weights(record.times, record.t0, record.t1)
+            self.horizon_sum += record.t1 - record.t0
             for w, a, b in zip(weights, record.a, record.b):
                 self._add(a.mul_(w), b.mul_(w), w)
         self.pending.clear()
@@ -275,13 +282,18 @@ class TrackedLayer:
         self._settle()
         if self.a_sum is None or self.b_sum is None or self.weight_sum <= 0:
             return None
-        scale = self.span / self.weight_sum
+        # Field layers: the sum over the step's solves of each solve's horizon times its time
+        # average (a block called K times per forward, as in an ODE-RNN, carries K horizons);
+        # outer layers: the average over calls (span 1).
+        horizon = self.horizon_sum if self.block is not None else self.span
+        scale = horizon / self.weight_sum
         return self.a_sum * scale, self.b_sum * scale, self.locations
 
     def reset(self) -> None:
         """Forget the gathered statistics."""
         self.a_sum = self.b_sum = None
         self.weight_sum = 0.0
+        self.horizon_sum = 0.0
         self.count = 0
         self.captures.clear()
         self.pending.clear()

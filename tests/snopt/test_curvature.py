@@ -115,6 +115,40 @@ def test_affine_field_factors_equal_brute_force_on_the_grid(adjoint):
     torch.testing.assert_close(B, b_ref, rtol=1e-6, atol=1e-12)
 
 
+def _affine_reference(field, x0, w, T, times):
+    """Closed-form time-weighted factors of one solve of an affine field (batch-mean loss)."""
+    n = len(x0)
+    state, adj = _closed_form_affine(field, x0, w, T)
+    a_ref = torch.zeros(4, 4, dtype=DT)
+    b_ref = torch.zeros(3, 3, dtype=DT)
+    for t, wt in zip(times, _trapezoid(times)):
+        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        a = adj(t)
+        a_ref += wt * z.T @ z / n
+        b_ref += wt * n * a.T @ a
+    return a_ref, b_ref
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_a_block_solved_twice_per_forward_carries_both_horizons(adjoint):
+    """Two solves of one block in a step (an ODE-RNN's gaps): the factors are the sum of each
+    solve's closed-form factors, since the gradient sums both integrals (not their average)."""
+    g = torch.Generator().manual_seed(5)
+    T, h, n = 1.0, 0.05, 5
+    field = AffineField(3, g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=h / T)
+    x1, x2, w1, w2 = (torch.randn(n, 3, generator=g, dtype=DT) for _ in range(4))
+    ((w1 * block(x1)).sum(1).mean() + (w2 * block(x2)).sum(1).mean()).backward()
+    times = _grid_times(T, h, adjoint)
+    a1, b1 = _affine_reference(field, x1, w1, T, times)
+    a2, b2 = _affine_reference(field, x2, w2, T, times)
+    (layer,) = collector.layers
+    A, B, _ = layer.factors()
+    torch.testing.assert_close(A, a1 + a2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(B, b1 + b2, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("adjoint", [True, False])
 def test_nonlinear_field_factors_equal_explicit_jacobian_products(adjoint):
     """Two layers; g of the inner layer needs the chain rule through tanh and W2."""
