@@ -263,7 +263,10 @@ def memory_worker(task: str, variant: str, lr: float | None, steps: int) -> floa
     """Peak resident memory (MB) of ``steps`` training steps above the memory after building."""
     torch.set_num_threads(1)
     run = build_run(_config(task, variant, lr, 0))
-    batches = [b for _, b in zip(range(steps), run.train_loader)]
+    # Full batches only: a short last batch would meet the per-sample horizon-gradient
+    # buffers of the previous one (the trainer resets them; this bare loop does not).
+    size = run.config.batch_size
+    batches = [b for b in run.train_loader if len(b[0]) == size][:steps]
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
