@@ -88,7 +88,8 @@ class RunConfig:
         lr: learning rate (None: the optimizer's default, :data:`snopt._defaults.LR`).
         momentum: SGD's and SNOpt's momentum (None: the optimizer's default).
         weight_decay: L2 penalty (every optimizer).
-        snopt_eps, snopt_update_freq, snopt_alpha, snopt_sample_step, snopt_full_precond:
+        snopt_curvature, snopt_damping, snopt_update_growth, snopt_eps, snopt_update_freq, snopt_alpha,
+        snopt_sample_step, snopt_full_precond:
             SNOpt's hyperparameters.
         control: ``fixed``, ``gradient`` or ``feedback`` policy for the horizons.
         t1_lr: the policy's step size (None: the policy's own default).
@@ -134,12 +135,28 @@ class RunConfig:
         default_text=f"per optimizer: {_listed(D.MOMENTUM)}",
     )
     weight_decay: float = _setting(0.0, _OPT, "weight decay", check.nonnegative)
-    snopt_eps: float = _setting(D.SNOPT["eps"], _OPT, "SNOpt: damping eps", check.positive)
+    snopt_curvature: str = _setting(
+        D.SNOPT["curvature"],
+        _OPT,
+        "SNOpt: curvature strategy",
+        _choice(("kfac", "reference")),
+        choices=("kfac", "reference"),
+    )
+    snopt_damping: float = _setting(
+        D.SNOPT["damping"], _OPT, "SNOpt (kfac): damping as a fraction of the mean eigenvalue", check.positive
+    )
+    snopt_update_growth: float = _setting(
+        D.SNOPT["update_growth"],
+        _OPT,
+        "SNOpt: growth of the refresh interval per refresh, in units of update_freq",
+        check.nonnegative,
+    )
+    snopt_eps: float = _setting(D.SNOPT["eps"], _OPT, "SNOpt (reference): damping eps", check.positive)
     snopt_update_freq: int = _setting(
-        D.SNOPT["update_freq"], _OPT, "SNOpt: steps between curvature refreshes", _pos_int
+        D.SNOPT["update_freq"], _OPT, "SNOpt: steps to the second curvature refresh", _pos_int
     )
     snopt_alpha: float = _setting(
-        D.SNOPT["alpha"], _OPT, "SNOpt: decay of the second moment, in [0, 1]", check.fraction
+        D.SNOPT["alpha"], _OPT, "SNOpt (reference): decay of the second moment, in [0, 1]", check.fraction
     )
     snopt_sample_step: float = _setting(
         D.SNOPT["sample_step"],

@@ -13,10 +13,11 @@ callbacks in adjoint mode, tensor hooks on the solver state in direct mode).  Th
 collector then evaluates the field once, explicitly, on that state with forward hooks on
 the field's layers recording each layer's input ``z`` and output ``h``, and takes the
 vector-Jacobian product of the adjoint through the field down to every ``h``:
-``g = (dh f)^T a``.  The solver's own evaluations also run through the hooks (in
-adjoint mode even the no-grad forward solve does), but the hooks only count them: they
-record during the explicit evaluation alone, so neither the solver nor the inner
-autograd call of a CNF's trace contributes to the curvature.
+``g = (dh f)^T a``.  The hooks are installed on refresh steps only; there the solver's own
+evaluations also run through them (in adjoint mode even the no-grad forward solve does),
+but the hooks only count them: they record during the explicit evaluation alone, so
+neither the solver nor the inner autograd call of a CNF's trace contributes to the
+curvature.
 
 Layers outside the ODE blocks (a stem, a head) get the ordinary K-FAC statistics of their
 forward and backward pass on refresh steps.
@@ -28,12 +29,19 @@ and a loss averaged over the batch so that ``n g_r`` is a per-sample gradient)::
     A_call = (1 / R) sum_r z_r z_r^T
     B_call = (1 / R) sum_r (n g_r)(n g_r)^T
 
-Field layers: ``A = (t1 - t0) * sum_j w_j A_j / sum_j w_j`` over the samples ``j`` of the
-step, ``w_j`` the weight the block hands over (the grid spacing), and the same for
-``B``: the time average of the per-time factors times the horizon.  When the samples
-cover every grid cell (a fixed-grid solver whose step equals the spacing) this is the
-plain quadrature ``sum_j spacing * A_j``; with an adaptive solver that steps over cells
-it still integrates over the whole horizon.  Both factors carry the horizon because
+Field layers: ``A = H * sum_j w_j A_j / sum_j w_j`` over the samples ``j`` of the step,
+and the same for ``B``, with ``H`` the sum of the horizons ``t1 - t0`` of the step's solves:
+the time average of the per-time factors times the total time integrated.  A block that is
+solved once per forward has ``H = t1 - t0``; one solved ``K`` times per forward (an
+ODE-RNN's gaps, a block reused in sequence) sums the ``K`` integrals in its gradient, so its
+factors carry all ``K`` horizons (their average understates the curvature by ``K`` per
+factor; on the time series SNOpt then diverged at every learning rate of the benchmark).
+The weight ``w_j`` of a sample is the time it represents within its own solve
+(:func:`time_weights`): the trapezoid rule over the sampled times of that solve, which
+include both ends ``t0`` and ``t1`` (the block samples them from the gradients of its
+input and output) and the solver's step starts in between (at most one per grid cell of
+``sample_step``), so uneven adaptive steps are weighted by their length and each solve's
+weights sum to its horizon.  Both factors carry the horizon because
 the gradient of a field layer is the time integral ``int_0^T g z^T dt``, whose per-sample
 second moment is ``≈ (T mean A_j) ⊗ (T mean B_j)``.
 Outer layers: ``A`` and ``B`` are the averages of ``A_call`` and ``B_call`` over the
@@ -199,10 +207,12 @@ class TrackedLayer:
     a_sum: Tensor | None = None
     b_sum: Tensor | None = None
     weight_sum: float = 0.0
+    horizon_sum: float = 0.0
     span: float = 1.0
     locations: int = 1
     count: int = 0
     captures: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    pending: dict[int, _Solve] = field(default_factory=dict)
 
     @property
     def weight(self) -> Tensor:
@@ -216,8 +226,8 @@ class TrackedLayer:
         bias: Tensor | None = self.module.bias  # type: ignore[assignment]
         return bias
 
-    def accumulate(self, z: Tensor, g: Tensor, weight: float) -> None:
-        """Add ``weight * (A_call, B_call)`` of one call with input ``z`` and output gradient ``g``."""
+    def _call_factors(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(A_call, B_call, L)`` of one call with input ``z`` and output gradient ``g``."""
         z = z.detach()
         g = g.detach()
         n = z.shape[0] if z.dim() >= 2 else 1
@@ -225,31 +235,113 @@ class TrackedLayer:
         rows_g = self.adapter.output_rows(self.module, g)
         r = rows_z.shape[0]
         a = rows_z.T @ rows_z
-        a.mul_(weight / r)
+        a.div_(r)
         b = rows_g.T @ rows_g
-        b.mul_(weight * n * n / r)
+        b.mul_(n * n / r)
+        return a, b, locations
+
+    def add_sample(self, solve: Any, t: float, t0: float, t1: float, z: Tensor, g: Tensor) -> None:
+        """Keep the factors of a field sample at time ``t`` of ``solve`` (weighted in :meth:`factors`)."""
+        a, b, locations = self._call_factors(z, g)
+        record = self.pending.get(id(solve))
+        if record is None:
+            record = self.pending[id(solve)] = _Solve(solve, t0, t1)
+        record.times.append(t)
+        record.a.append(a)
+        record.b.append(b)
+        self.locations = locations
+        self.span = t1 - t0
+        self.count += 1
+
+    def _settle(self) -> None:
+        """Weight the pending field samples by the time they represent and add them to the sums."""
+        for record in self.pending.values():
+            weights = time_weights(record.times, record.t0, record.t1)
+            self.horizon_sum += record.t1 - record.t0
+            for w, a, b in zip(weights, record.a, record.b):
+                self._add(a.mul_(w), b.mul_(w), w)
+        self.pending.clear()
+
+    def _add(self, a: Tensor, b: Tensor, weight: float) -> None:
         if self.a_sum is None or self.b_sum is None:
             self.a_sum, self.b_sum = a, b
         else:
             self.a_sum.add_(a)
             self.b_sum.add_(b)
         self.weight_sum += weight
+
+    def accumulate(self, z: Tensor, g: Tensor, weight: float) -> None:
+        """Add ``weight * (A_call, B_call)`` of one call with input ``z`` and output gradient ``g``."""
+        a, b, locations = self._call_factors(z, g)
+        self._add(a.mul_(weight), b.mul_(weight), weight)
         self.locations = locations
         self.count += 1
 
     def factors(self) -> tuple[Tensor, Tensor, int] | None:
         """``(A, B, L)`` of the statistics gathered since the last reset, or None without any."""
+        self._settle()
         if self.a_sum is None or self.b_sum is None or self.weight_sum <= 0:
             return None
-        scale = self.span / self.weight_sum
+        # Field layers: the sum over the step's solves of each solve's horizon times its time
+        # average (a block called K times per forward, as in an ODE-RNN, carries K horizons);
+        # outer layers: the average over calls (span 1).
+        horizon = self.horizon_sum if self.block is not None else self.span
+        scale = horizon / self.weight_sum
         return self.a_sum * scale, self.b_sum * scale, self.locations
 
     def reset(self) -> None:
         """Forget the gathered statistics."""
         self.a_sum = self.b_sum = None
         self.weight_sum = 0.0
+        self.horizon_sum = 0.0
         self.count = 0
         self.captures.clear()
+        self.pending.clear()
+
+
+@dataclass(eq=False)
+class _Solve:
+    """The field samples of one solve (a block call and its backward pass), before weighting."""
+
+    solve: Any  # kept alive so that its id is not reused while pending
+    t0: float
+    t1: float
+    times: list[float] = field(default_factory=list)
+    a: list[Tensor] = field(default_factory=list)
+    b: list[Tensor] = field(default_factory=list)
+
+
+def time_weights(times: list[float], t0: float, t1: float) -> list[float]:
+    """Quadrature weights of samples at ``times`` for an integral over ``[t0, t1]``.
+
+    The trapezoid rule over the sorted sample times, with the pieces before the first
+    and after the last sample given to that sample (constant extension; empty when the
+    ends are sampled, as the ODE blocks do).  The weights sum to ``t1 - t0``; they come
+    back in the order of ``times``.
+
+    Args:
+        times: the sample times, each in ``[t0, t1]``, in any order.
+        t0: start of the interval.
+        t1: end of the interval.
+
+    Returns:
+        One weight per sample.
+    """
+    if not times:
+        return []
+    order = sorted(range(len(times)), key=lambda i: times[i])
+    ts = [times[i] for i in order]
+    weights = [0.0] * len(ts)
+    for k in range(len(ts) - 1):
+        half = 0.5 * (ts[k + 1] - ts[k])
+        weights[k] += half
+        weights[k + 1] += half
+    weights[0] += ts[0] - t0
+    weights[-1] += t1 - ts[-1]
+    out = [0.0] * len(ts)
+    for rank, i in enumerate(order):
+        out[i] = weights[rank]
+    return out
 
 
 class _LayerHook:
@@ -317,7 +409,8 @@ class CurvatureCollector:
     It installs itself as ``block.sampler`` of every :class:`~snopt._ode.ODEBlock` of the
     model and a forward hook on every supported layer.  Collection happens only while it
     is armed (:meth:`arm` with ``refresh=True``, which the optimizer does before a
-    refresh step); otherwise the hooks only count calls.  See the module docstring for
+    refresh step); the forward hooks are installed only while it is armed, so
+    other steps run the model without them.  See the module docstring for
     the normalisation of the factors.
 
     Args:
@@ -385,8 +478,8 @@ class CurvatureCollector:
             else:
                 self._blocks[id(block)].append(layer)
                 self.layers.append(layer)
-            self._handles.append(module.register_forward_hook(_LayerHook(self, layer)))
         self.layers.extend(outer)
+        self._removed = False
         for block in self._block_refs:
             block.sampler = self
 
@@ -399,8 +492,9 @@ class CurvatureCollector:
         """``sample_step * (t1 - t0)``."""
         return self.sample_step * (block.t1 - block.t0)
 
-    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, weight: float) -> None:
-        """Add one sample: evaluate the field at ``(t, state)``, pull ``adjoint`` back to each layer."""
+    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, call: object) -> None:
+        """Add one sample of solve ``call``: evaluate the field at ``(t, state)``, pull ``adjoint``
+        back to each layer."""
         layers = self._blocks.get(id(block))
         if not layers:
             return
@@ -435,8 +529,7 @@ class CurvatureCollector:
                     grads = ()
             for (layer, z, _), g in zip(captured, grads):
                 if g is not None:
-                    layer.span = span
-                    layer.accumulate(z, g, weight)
+                    layer.add_sample(call, t, block.t0, block.t0 + span, z, g)
         finally:
             for layer in layers:
                 layer.captures.clear()
@@ -458,7 +551,15 @@ class CurvatureCollector:
         """
         if sample_step is not None:
             self.sample_step = _check_sample_step(sample_step)
-        self._armed = bool(refresh)
+        self._armed = bool(refresh) and not self._removed
+        if self._armed and not self._handles:
+            self._handles = [
+                layer.module.register_forward_hook(_LayerHook(self, layer)) for layer in self.layers
+            ]
+        elif not self._armed and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     def reset(self) -> None:
         """Forget the statistics of every layer."""
@@ -470,6 +571,7 @@ class CurvatureCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._removed = True
         for block in self._block_refs:
             if block.sampler is self:
                 block.sampler = None

@@ -38,20 +38,29 @@ ODE: MappingProxyType[str, Any] = MappingProxyType(
 #: Parameter optimizers a run can use.
 OPTIMIZERS = ("adam", "sgd", "snopt")
 #: Learning rate of each optimizer when a run gives none.
-LR: MappingProxyType[str, float] = MappingProxyType({"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2})
+LR: MappingProxyType[str, float] = MappingProxyType({"adam": 1e-2, "sgd": 0.1, "snopt": 0.1})
 #: Momentum of each optimizer that has one, when a run gives none.
-MOMENTUM: MappingProxyType[str, float] = MappingProxyType({"sgd": 0.9, "snopt": 0.9})
+MOMENTUM: MappingProxyType[str, float] = MappingProxyType({"sgd": 0.9, "snopt": 0.0})
 
-#: :class:`snopt.SNOpt`'s keyword defaults (its ``lr`` is :data:`LR` ``["snopt"]``).
+#: :class:`snopt.SNOpt`'s keyword defaults (its ``lr`` is :data:`LR` ``["snopt"]``).  ``eps`` and
+#: ``alpha`` belong to ``curvature="reference"``, ``damping`` and ``factor_decay`` to ``"kfac"``;
+#: ``diag_scale`` makes the untracked parameters' Adam step Adam's default learning rate.
 SNOPT: MappingProxyType[str, Any] = MappingProxyType(
     {
         "momentum": MOMENTUM["snopt"],
         "weight_decay": 0.0,
+        "curvature": "kfac",
+        "damping": 0.1,
+        "factor_decay": 0.5,
+        "kl_clip": 1e-2,
         "eps": 0.05,
-        "update_freq": 100,
+        "update_freq": 10,
+        "update_growth": 0.5,
         "alpha": 0.75,
         "sample_step": 0.01,
         "full_precond": True,
+        "untracked": "adam",
+        "diag_scale": LR["adam"] / LR["snopt"],
     }
 )
 

@@ -106,8 +106,14 @@ class StateSampler(Protocol):
     def sample_spacing(self, block: ODEBlock) -> float:
         """Grid spacing, in units of time: at most one sample per grid cell."""
 
-    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, weight: float) -> None:
-        """Take one sample: the state and dL/dstate at time ``t``, both detached."""
+    def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, call: object) -> None:
+        """Take one sample: the state and dL/dstate at time ``t``, both detached.
+
+        ``call`` identifies the solve (one forward call of the block and its backward pass)
+        the sample belongs to, so that samples can be weighted by the time they represent
+        within their own solve: :func:`snopt._curvature.time_weights`.  Each solve is
+        sampled at both ends ``t0`` and ``t1`` and at step starts in between.
+        """
 
 
 class _Field(nn.Module):
@@ -350,10 +356,13 @@ class ODEBlock(nn.Module):
             sampler = None
         spacing = sampler.sample_spacing(self) if sampler is not None else 1.0
         self._run = run = _Run(sampler, self.t0, spacing)
-        if sampler is not None and not self.adjoint and not y0.requires_grad:
-            # Direct mode samples through tensor hooks on the solver state; a leaf that
-            # requires grad gives the adjoint at t0 too.
+        if sampler is not None and not y0.requires_grad:
+            # Sampling needs the adjoint at t0: a leaf that requires grad gets it (direct mode
+            # also samples through tensor hooks on the solver state).
             y0 = y0.detach().requires_grad_()
+        if sampler is not None and self.adjoint:
+            # The adjoint solve's step starts never include t0: sample it from y0's gradient.
+            y0.register_hook(self._end_sample_hook(run, self.t0, y0.detach(), self._shapes))
         t = torch.tensor(
             [self.t0, t1], dtype=y0.dtype if y0.is_floating_point() else torch.float32, device=y0.device
         )
@@ -375,6 +384,9 @@ class ODEBlock(nn.Module):
         finally:
             run.backward_phase = True
         out = ys[-1]
+        if not self.adjoint and out.requires_grad and run.sampler is not None:
+            # The forward steps of a direct solve never start at t1: sample it from out's gradient.
+            out.register_hook(self._end_sample_hook(run, t1, out.detach(), self._shapes))
         if self.adjoint and out.requires_grad and run.sampler is not None:
             # A block called several times in one forward (an ODE-RNN) must sample each
             # adjoint solve with that call's own grid record and shapes.
@@ -386,6 +398,17 @@ class ODEBlock(nn.Module):
         if self.horizon_grad and out.requires_grad:
             out.register_hook(self._horizon_hook(t[-1], out.detach(), self._shapes))
         return _unflatten(out, self._shapes) if self._shapes is not None else out
+
+    def _end_sample_hook(
+        self, run: _Run, t: float, state: Tensor, shapes: list[torch.Size] | None
+    ) -> Callable[[Tensor], None]:
+        """A tensor hook that samples an end of the solve of ``run`` (time ``t``, ``state``)."""
+
+        def hook(grad: Tensor) -> None:
+            if run.sampler is not None:
+                self._take_sample(run, t, state, grad, shapes)
+
+        return hook
 
     def _restore_run_hook(self, run: _Run, shapes: list[torch.Size] | None) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -449,26 +472,30 @@ class ODEBlock(nn.Module):
         sampler = run.sampler
         if sampler is None:
             return
-        t = float(t0)
+        t = float(t0)  # a host sync, on sampled (refresh) passes only
+        shapes = self._shapes
         if adjoint_state is not None:
             if run.new_cell(t):
-                self._take_sample(sampler, t, y0, adjoint_state, run.spacing)
+                self._take_sample(run, t, y0, adjoint_state, shapes)
         elif not self.adjoint and y0.requires_grad and run.new_cell(t):
             state = y0.detach()
 
             def hook(grad: Tensor) -> None:
-                self._take_sample(sampler, t, state, grad, run.spacing)
+                self._take_sample(run, t, state, grad, shapes)
 
             y0.register_hook(hook)
 
-    def _take_sample(self, sampler: StateSampler, t: float, y: Tensor, adj: Tensor, weight: float) -> None:
+    def _take_sample(
+        self, run: _Run, t: float, y: Tensor, adj: Tensor, shapes: list[torch.Size] | None
+    ) -> None:
+        sampler = run.sampler
+        if sampler is None:
+            return
         self._count("samples")
-        if self._shapes is not None:
-            sampler.sample(
-                self, t, _unflatten(y.detach(), self._shapes), _unflatten(adj.detach(), self._shapes), weight
-            )
+        if shapes is not None:
+            sampler.sample(self, t, _unflatten(y.detach(), shapes), _unflatten(adj.detach(), shapes), run)
         else:
-            sampler.sample(self, t, y.detach(), adj.detach(), weight)
+            sampler.sample(self, t, y.detach(), adj.detach(), run)
 
 
 def ode_blocks(model: nn.Module) -> list[tuple[str, ODEBlock]]:

@@ -1,19 +1,39 @@
-"""SNOpt: the eigenvalue-corrected Kronecker-factored optimizer of Neural ODEs.
+"""SNOpt: the Kronecker-factored second-order optimizer of Neural ODEs.
 
 The math is a functional core of pure tensor functions (:func:`eigenbasis`,
-:func:`initial_moment`, :func:`precondition`); :class:`SNOpt` (a
-``torch.optim.Optimizer``) and :class:`SNOptPreconditioner` (in front of any torch
-optimizer) wrap it around a :class:`~snopt._curvature.CurvatureCollector`.
+:func:`kronecker_scale`, :func:`kronecker_precondition`, :func:`running_average`,
+:func:`kl_clip_factor`, and the reference form's :func:`initial_moment` and
+:func:`precondition`); :class:`SNOpt` (a ``torch.optim.Optimizer``) and
+:class:`SNOptPreconditioner` (in front of any torch optimizer) wrap it around a
+:class:`~snopt._curvature.CurvatureCollector`.  Two curvature strategies, by name in
+:data:`CURVATURES`:
 
-For each tracked layer with factors ``A = U_A diag(a) U_A^T`` and ``B = U_B diag(b) U_B^T``
-(see :mod:`snopt._curvature` for their normalisation) and gradient ``G = [dW | db]``::
+``"kfac"`` (the default).  At every refresh the new factors join running averages
+``A <- beta A + (1 - beta) A_new`` (and ``B``; ``beta`` is ``factor_decay``, the first
+refresh takes ``A_new``), which are eigendecomposed ``A = U_A diag(a) U_A^T``,
+``B = U_B diag(b) U_B^T``.  Every step the gradient ``G = [dW | db]`` of a tracked layer
+is preconditioned with the Kronecker eigenvalues and a damping relative to the layer's own
+spectrum::
+
+    lambda = damping * mean(L b a^T) = damping * L mean(a) mean(b)
+    G  <- U_B ((U_B^T G U_A) / (L b a^T + lambda)) U_A^T  =  (L A ⊗ B + lambda I)^-1 vec(G)
+
+Because ``lambda`` scales with the spectrum, the direction does not depend on the scale
+of the loss (a loss ``c L`` scales ``G`` by ``c`` and ``B`` by ``c^2``: the step shrinks by
+``1 / c``, as a natural-gradient step does, and keeps its direction).  A KL trust region
+(Ba, Grosse & Martens 2017) then scales the preconditioned gradients ``d`` of a param group
+by ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <d, G>)))``.
+
+``"reference"`` (the paper's released code).  The eigenbasis of the factors of the
+refresh step alone, and a running second moment that replaces the eigenvalues::
 
     G' = U_B^T G U_A
     m  <- alpha m + (1 - alpha) n G' * G'          (m = L b a^T right after a refresh)
     G  <- U_B (G' / (m + eps)) U_A^T
 
-with ``n`` the batch size and ``L`` the number of locations of a conv layer (1 for a
-linear layer).  With ``alpha = 1`` the step is exactly ``(L A ⊗ B + eps I)^-1 vec(G)``.
+with ``n`` the batch size of the last refresh step (the layer hooks run on refresh steps
+only) and ``L`` the number of locations of a conv layer (1 for a linear layer).  With
+``alpha = 1`` the step is exactly ``(L A ⊗ B + eps I)^-1 vec(G)``.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ import os
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -111,6 +132,47 @@ def precondition(
     return direction, moment
 
 
+def kronecker_scale(eigenvalues_a: Tensor, eigenvalues_b: Tensor, locations: int, damping: float) -> Tensor:
+    """``1 / (L b a^T + lambda)`` with ``lambda = damping * L mean(a) mean(b)``, shape ``[out, in (+1)]``.
+
+    ``lambda`` is ``damping`` times the mean eigenvalue of ``L A ⊗ B``; a layer whose
+    factors are all zero gets the scale 1 (the plain gradient).
+    """
+    kron = torch.outer(eigenvalues_b, eigenvalues_a) * locations
+    lam = damping * kron.mean()
+    scale = 1.0 / (kron + lam)
+    return torch.where(lam > 0, scale, torch.ones_like(scale))
+
+
+def kronecker_precondition(grad: Tensor, basis_a: Tensor, basis_b: Tensor, scale: Tensor) -> Tensor:
+    """``U_B ((U_B^T G U_A) * scale) U_A^T``: with :func:`kronecker_scale` the damped Kronecker solve."""
+    return basis_b @ ((basis_b.T @ grad @ basis_a) * scale) @ basis_a.T
+
+
+def running_average(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
+    """``decay * old + (1 - decay) * new``, or ``new`` when there is no ``old`` yet."""
+    if old is None:
+        return new.clone()
+    return old * decay + new * (1.0 - decay)
+
+
+def kl_clip_factor(inner: Tensor, lr: float, kl_clip: float | None) -> Tensor | None:
+    """The trust-region scale ``min(1, sqrt(kl_clip / (lr^2 inner)))`` (Ba et al. 2017).
+
+    Args:
+        inner: ``sum_layers <d, G>``, preconditioned gradients against gradients (a 0-d tensor).
+        lr: the learning rate.
+        kl_clip: the bound on the step's quadratic model of the KL, or None for no clip.
+
+    Returns:
+        A 0-d tensor in (0, 1] (1 where ``inner <= 0`` or ``lr == 0``), or None without a clip.
+    """
+    if kl_clip is None or lr == 0:
+        return None
+    ratio = kl_clip / (lr * lr * inner.clamp_min(torch.finfo(inner.dtype).tiny))
+    return torch.where(inner > 0, ratio.sqrt().clamp(max=1.0), torch.ones_like(inner))
+
+
 # ------------------------------------------------------------------ validation
 def _check_value(name: str, value: Any, rule: str, ok: Callable[[float], bool]) -> float:
     if (
@@ -130,6 +192,10 @@ _RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "eps": ("a positive number", lambda v: v > 0),
     "alpha": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "sample_step": ("a number in (0, 1] (a fraction of the horizon)", lambda v: 0 < v <= 1),
+    "damping": ("a positive number", lambda v: v > 0),
+    "factor_decay": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "kl_clip": ("a positive number or None", lambda v: v > 0),
+    "diag_scale": ("a positive number", lambda v: v > 0),
 }
 # A scheduler may anneal the learning rate to 0; a negative one is still an error.
 _STEP_RULES = dict(_RULES, lr=("a non-negative number", lambda v: v >= 0))
@@ -183,10 +249,157 @@ def _resolve_update_freq(value: Any, step: int) -> int:
     return result
 
 
+def _check_optional(name: str, value: Any) -> Any:
+    return None if value is None else _check_hyper(name, value)
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, but got {name}={value!r}.")
+    return value
+
+
+def _check_growth(value: Any) -> float:
+    return _check_value("update_growth", value, "a non-negative number", lambda v: v >= 0)
+
+
+def _value(name: str, value: Any, step: int) -> Any:
+    """A hyperparameter at ``step``: constants as they are (validated when set), schedules validated."""
+    if value is None:
+        return None
+    if callable(value):
+        return _resolve(name, value, step)
+    return value
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, but got {name}={value!r}.")
     return value
+
+
+# ------------------------------------------------------------------ curvature strategies
+class BaseCurvature(ABC):
+    """How a tracked layer's factors become its preconditioner (one entry of :data:`CURVATURES`).
+
+    ``refresh`` stores what a refresh computes in the layer's state and returns False when
+    the factors cannot be used (the state is then left as it was); ``direction`` turns a
+    gradient matrix into the preconditioned one.  ``hyper`` holds the step's resolved
+    hyperparameters (``eps``, ``alpha``, ``damping``, ``factor_decay``).
+    """
+
+    @abstractmethod
+    def refresh(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
+    ) -> bool:
+        """Fold the new factors ``A``, ``B`` (with ``L`` locations) into ``state``."""
+
+    @abstractmethod
+    def direction(
+        self,
+        state: dict[str, Any],
+        grad: Tensor,
+        hyper: dict[str, Any],
+        batch_size: int,
+        finite: Tensor | None,
+    ) -> Tensor:
+        """The preconditioned gradient; ``finite`` (a device flag) masks any state update."""
+
+    @staticmethod
+    def _decompose(a: Tensor, b: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        dec_a = eigenbasis(a)
+        dec_b = eigenbasis(b) if dec_a is not None else None
+        if dec_a is None or dec_b is None:
+            return None
+        va, ua = (t.to(like.device, like.dtype) for t in dec_a)
+        vb, ub = (t.to(like.device, like.dtype) for t in dec_b)
+        return va, ua, vb, ub
+
+
+class ReferenceCurvature(BaseCurvature):
+    """The paper's released code: eigenbasis of the refresh step, running second moment, absolute ``eps``."""
+
+    def refresh(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
+    ) -> bool:
+        dec = self._decompose(a, b, a)
+        if dec is None:
+            return False
+        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = dec
+        state["moment"] = initial_moment(state["eigenvalues_a"], state["eigenvalues_b"], locations)
+        state["batch_size"] = hyper["batch_size"]
+        return True
+
+    def direction(
+        self,
+        state: dict[str, Any],
+        grad: Tensor,
+        hyper: dict[str, Any],
+        batch_size: int,
+        finite: Tensor | None,
+    ) -> Tensor:
+        direction, moment = precondition(
+            grad,
+            state["basis_a"],
+            state["basis_b"],
+            state["moment"],
+            eps=hyper["eps"],
+            alpha=hyper["alpha"],
+            batch_size=state.get("batch_size", batch_size),
+        )
+        state["moment"] = moment if finite is None else torch.where(finite, moment, state["moment"])
+        return direction
+
+
+class KroneckerCurvature(BaseCurvature):
+    """Running-average factors across refreshes, Kronecker eigenvalues, damping relative to the spectrum."""
+
+    def refresh(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
+    ) -> bool:
+        decay = hyper["factor_decay"]
+        factor_a = running_average(state.get("factor_a"), a, decay)
+        factor_b = running_average(state.get("factor_b"), b, decay)
+        dec = self._decompose(factor_a, factor_b, a)
+        if dec is None:
+            return False
+        state["factor_a"], state["factor_b"] = factor_a, factor_b
+        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = dec
+        state["scale"] = kronecker_scale(
+            state["eigenvalues_a"], state["eigenvalues_b"], locations, hyper["damping"]
+        )
+        return True
+
+    def direction(
+        self,
+        state: dict[str, Any],
+        grad: Tensor,
+        hyper: dict[str, Any],
+        batch_size: int,
+        finite: Tensor | None,
+    ) -> Tensor:
+        return kronecker_precondition(grad, state["basis_a"], state["basis_b"], state["scale"])
+
+
+#: Curvature strategies by name (``SNOpt(curvature=...)``).
+CURVATURES: dict[str, BaseCurvature] = {"kfac": KroneckerCurvature(), "reference": ReferenceCurvature()}
+#: Treatments of parameters without a Kronecker adapter (``SNOpt(untracked=...)``).
+UNTRACKED = ("adam", "sgd")
+#: The per-group hyperparameters of :class:`SNOpt` (``param_groups`` keys).
+_GROUP_HYPERS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "eps",
+    "alpha",
+    "damping",
+    "factor_decay",
+    "kl_clip",
+    "diag_scale",
+)
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
 
 
 # ---------------------------------------------------------------------- engine
@@ -197,12 +410,16 @@ class _Engine:
         self,
         model: nn.Module,
         *,
+        curvature: str,
         update_freq: Any,
+        update_growth: float,
         sample_step: Any,
         full_precond: bool,
         params: Iterable[Tensor] | None = None,
     ) -> None:
+        self.curvature = CURVATURES[curvature]
         self.update_freq = update_freq
+        self.update_growth = update_growth
         self.sample_step = sample_step
         self.collector = CurvatureCollector(
             model,
@@ -213,17 +430,25 @@ class _Engine:
         self.steps = 0
         self.last_refresh: int | None = None
         self.counts = {"refreshes": 0, "skipped_steps": 0, "skipped_refreshes": 0}
+        self.masked_skips: Tensor | None = None  # device-side count of masked non-finite steps
+        self.reported_masked = 0
         self.decompose_time = 0.0
         self.collect_time_offset = 0.0
         self.samples_offset = 0
+        self._grad_buffers: dict[int, Tensor] = {}
         self.arm()
 
     # -- schedule
+    def interval(self, step: int) -> int:
+        """Steps from the last refresh to the next: ``update_freq (1 + update_growth (refreshes - 1))``."""
+        base = _resolve_update_freq(self.update_freq, step)
+        return max(1, round(base * (1.0 + self.update_growth * max(self.counts["refreshes"] - 1, 0))))
+
     def is_refresh(self, step: int) -> bool:
         """Whether step ``step`` (0-based) refreshes the eigenbases."""
         if self.last_refresh is None:
             return True
-        return step - self.last_refresh >= _resolve_update_freq(self.update_freq, step)
+        return step - self.last_refresh >= self.interval(step)
 
     def arm(self) -> None:
         refresh = self.is_refresh(self.steps)
@@ -231,25 +456,23 @@ class _Engine:
         self.collector.arm(refresh, sample_step=sample_step)
 
     # -- one step
-    def refresh(self, state_for: Callable[[TrackedLayer], dict[str, Any]]) -> list[str]:
-        """Decompose the factors gathered in this step; return warnings to raise."""
+    def refresh(
+        self,
+        state_for: Callable[[TrackedLayer], dict[str, Any]],
+        hyper_for: Callable[[TrackedLayer], dict[str, Any] | None],
+    ) -> list[str]:
+        """Fold the factors gathered in this step into each layer's preconditioner; return warnings."""
         messages = []
         start = time.perf_counter()
         for layer in self.collector.layers:
             factors = layer.factors()
-            if factors is None:
+            hyper = hyper_for(layer)
+            if factors is None or hyper is None:
                 continue
             a, b, locations = factors
-            dec_a = eigenbasis(a)
-            dec_b = eigenbasis(b) if dec_a is not None else None
-            if dec_a is None or dec_b is None:
+            hyper = dict(hyper, batch_size=layer.batch_size)
+            if not self.curvature.refresh(state_for(layer), a, b, locations, hyper):
                 messages.append(layer.name)
-                continue
-            state = state_for(layer)
-            weight = layer.weight
-            state["eigenvalues_a"], state["basis_a"] = (t.to(weight.device, weight.dtype) for t in dec_a)
-            state["eigenvalues_b"], state["basis_b"] = (t.to(weight.device, weight.dtype) for t in dec_b)
-            state["moment"] = initial_moment(state["eigenvalues_a"], state["eigenvalues_b"], locations)
         self.decompose_time += time.perf_counter() - start
         self.collector.reset()
         self.last_refresh = self.steps
@@ -259,17 +482,37 @@ class _Engine:
             return [
                 f"SNOpt: the curvature factors of layer(s) {messages} are not finite (or could not be "
                 f"decomposed) at step {self.steps + 1}; this refresh is skipped for them and their "
-                "previous eigenbasis is kept (the identity before the first refresh)."
+                "previous preconditioner is kept (the identity before the first refresh)."
             ]
         return []
+
+    def _grad_matrix(self, layer: TrackedLayer) -> Tensor:
+        """``[dW | db]`` in a persistent buffer (a view of ``dW`` for a layer without bias)."""
+        weight = layer.weight
+        grad = weight.grad.reshape(weight.shape[0], -1)  # type: ignore[union-attr]
+        bias = layer.bias
+        if bias is None:
+            return grad
+        buf = self._grad_buffers.get(id(layer))
+        if buf is None or buf.shape != (grad.shape[0], grad.shape[1] + 1) or buf.dtype != grad.dtype:
+            buf = self._grad_buffers[id(layer)] = grad.new_empty(grad.shape[0], grad.shape[1] + 1)
+        buf[:, :-1].copy_(grad)
+        if bias.grad is None:
+            buf[:, -1].zero_()
+        else:
+            buf[:, -1].copy_(bias.grad)
+        return buf
 
     def directions(
         self,
         state_for: Callable[[TrackedLayer], dict[str, Any]],
-        hyper_for: Callable[[TrackedLayer], tuple[float, float] | None],
-    ) -> dict[Tensor, Tensor]:
-        """Preconditioned gradients of the tracked layers that have a gradient, by parameter."""
+        hyper_for: Callable[[TrackedLayer], dict[str, Any] | None],
+        finite: Tensor | None = None,
+    ) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+        """Preconditioned gradients of the tracked layers that have a gradient, by parameter,
+        and ``<d, G>`` of each layer, by its weight (for the KL clip)."""
         out: dict[Tensor, Tensor] = {}
+        inner: dict[Tensor, Tensor] = {}
         for layer in self.collector.layers:
             weight = layer.weight
             if weight.grad is None:
@@ -277,31 +520,34 @@ class _Engine:
             hyper = hyper_for(layer)
             if hyper is None:
                 continue
-            eps, alpha = hyper
             state = state_for(layer)
-            grad = layer.adapter.grad_matrix(layer.module)
+            grad = self._grad_matrix(layer)
             if "basis_a" not in state:
                 _identity_state(state, grad)
-            direction, state["moment"] = precondition(
-                grad,
-                state["basis_a"],
-                state["basis_b"],
-                state["moment"],
-                eps=eps,
-                alpha=alpha,
-                batch_size=layer.batch_size,
-            )
+            direction = self.curvature.direction(state, grad, hyper, layer.batch_size, finite)
+            inner[weight] = torch.vdot(direction.reshape(-1), grad.reshape(-1))
             dw, db = layer.adapter.split(layer.module, direction)
             out[weight] = dw
             bias = layer.bias
             if db is not None and bias is not None:
                 out[bias] = db
-        return out
+        return out, inner
 
     def discard(self) -> None:
         """Drop this step's statistics (a skipped step)."""
         self.collector.reset()
         self.counts["skipped_steps"] += 1
+
+    def mask(self, finite: Tensor) -> None:
+        """Count a step whose finiteness is known on the device only."""
+        skipped = (~finite).to(torch.int64)
+        self.masked_skips = skipped if self.masked_skips is None else self.masked_skips + skipped
+
+    def new_masked_skips(self) -> int:
+        """Masked non-finite steps since the last call (a host sync: called on refresh steps)."""
+        total = 0 if self.masked_skips is None else int(self.masked_skips)
+        new, self.reported_masked = total - self.reported_masked, total
+        return new
 
     def finish(self) -> None:
         self.steps += 1
@@ -310,9 +556,10 @@ class _Engine:
     # -- bookkeeping
     @property
     def stats(self) -> dict[str, float]:
+        masked = 0 if self.masked_skips is None else int(self.masked_skips)
         return {
             "refreshes": self.counts["refreshes"],
-            "skipped_steps": self.counts["skipped_steps"],
+            "skipped_steps": self.counts["skipped_steps"] + masked,
             "skipped_refreshes": self.counts["skipped_refreshes"],
             "collect_time": self.collect_time_offset + self.collector.collect_time,
             "decompose_time": self.decompose_time,
@@ -328,6 +575,8 @@ class _Engine:
         stats = state.get("stats", {})
         for key in self.counts:
             self.counts[key] = int(stats.get(key, 0))
+        self.masked_skips = None
+        self.reported_masked = 0
         self.decompose_time = float(stats.get("decompose_time", 0.0))
         self.collect_time_offset = float(stats.get("collect_time", 0.0)) - self.collector.collect_time
         self.samples_offset = int(stats.get("samples", 0)) - self.collector.samples
@@ -336,7 +585,7 @@ class _Engine:
 
 
 def _identity_state(state: dict[str, Any], grad: Tensor) -> None:
-    """The basis before any refresh: identity factors (unit eigenvalues)."""
+    """The preconditioner before any refresh: identity factors (unit eigenvalues), the plain gradient."""
     out, inp = grad.shape
     dtype, device = grad.dtype, grad.device
     state["basis_a"] = torch.eye(inp, dtype=dtype, device=device)
@@ -344,42 +593,63 @@ def _identity_state(state: dict[str, Any], grad: Tensor) -> None:
     state["eigenvalues_a"] = torch.ones(inp, dtype=dtype, device=device)
     state["eigenvalues_b"] = torch.ones(out, dtype=dtype, device=device)
     state["moment"] = torch.ones(out, inp, dtype=dtype, device=device)
+    state["scale"] = torch.ones(out, inp, dtype=dtype, device=device)
 
 
-def _grads_finite(grads: list[Tensor]) -> bool:
+def _all_finite(grads: list[Tensor]) -> Tensor | None:
+    """A device flag: every gradient is finite (no host sync), or None without gradients."""
     if not grads:
-        return True
+        return None
     norms = torch.stack(
         [torch.linalg.vector_norm(g.detach(), dtype=torch.float64).to(grads[0].device) for g in grads]
     )
-    return bool(torch.isfinite(norms).all())
+    return torch.isfinite(norms).all()
+
+
+def _grads_finite(grads: list[Tensor]) -> bool:
+    finite = _all_finite(grads)
+    return True if finite is None else bool(finite)
 
 
 # ---------------------------------------------------------------------- SNOpt
 class SNOpt(torch.optim.Optimizer):
     """The Second-order Neural ODE Optimizer (Liu, Chen & Theodorou, NeurIPS 2021).
 
-    An eigenvalue-corrected Kronecker-factored (EKFAC) preconditioner whose factors, for
-    the layers of ODE vector fields, are collected along the backward solve (see
-    :mod:`snopt._curvature`), followed by SGD with momentum and weight decay.  Every
-    ``update_freq`` steps (the first included) the factors of that step are collected and
-    eigendecomposed; every step the gradient of each tracked layer is preconditioned in
-    that eigenbasis with a running second moment.  Parameters of other modules (norm
-    layers, RNN cells, ...) get plain SGD-momentum.
+    A Kronecker-factored preconditioner whose factors, for the layers of ODE vector fields,
+    are collected along the backward solve (see :mod:`snopt._curvature`), followed by SGD
+    with momentum and weight decay.  On refresh steps (the first included, then after
+    ``update_freq`` steps, an interval that grows by ``update_growth * update_freq`` after
+    every refresh: frequent early, sparse later) the factors of that step are collected and
+    folded into the preconditioner; every step the gradient of each tracked layer is
+    preconditioned (``curvature``: ``"kfac"`` or ``"reference"``, see the module docstring).
+
+    Every parameter gets a step at its own scale.  Parameters without a Kronecker adapter
+    (norm layers, RNN cells, embeddings, and outer layers with ``full_precond=False``) get,
+    with ``untracked="adam"``, Adam's diagonal second-moment step (betas 0.9 / 0.999, eps
+    1e-8, bias-corrected, weight decay added to the gradient) at learning rate
+    ``lr * diag_scale``, and no SNOpt momentum (Adam has its own); with
+    ``untracked="sgd"`` they get plain SGD-momentum at ``lr``.  The default ``diag_scale``
+    makes their step Adam's default learning rate at SNOpt's default ``lr``.
+
+    The step has no host synchronisation except on refresh steps (which decompose on the
+    host anyway): non-finite gradients on other steps are masked on the device (parameters
+    and states keep their values) and reported by a warning at the next refresh and in
+    :attr:`stats`; on a refresh step the step is skipped with a warning at once.
 
     The optimizer arms its collector at construction and at the end of every
     :meth:`step`, for the forward and backward passes that come before the next step.
     Build it before the first forward pass of training.  Losses are assumed to be
     averaged over the batch (torch's default reductions).
 
-    Every hyperparameter except ``full_precond`` may be a constant or a schedule: a
-    callable of the 0-based step index returning the value (validated at step 0 and at
-    every use; to save a state with ``torch.save``, use picklable module-level functions).
-    LR schedulers work on a constant ``lr`` as with any torch optimizer; a scheduler may
-    anneal it to 0.  Parameters added later with :meth:`add_param_group` get plain
-    SGD-momentum (their layers have no collector hooks).  A second SNOpt or
-    :class:`SNOptPreconditioner` built on the same model takes over its ODE blocks; call
-    ``collector.remove()`` on the old one.
+    Every hyperparameter except ``curvature``, ``update_growth``, ``untracked`` and
+    ``full_precond`` may be a constant or a schedule: a callable of the 0-based step index
+    returning the value (validated at step 0 and at every use; to save a state with
+    ``torch.save``, use picklable module-level functions).  ``damping`` and
+    ``factor_decay`` are read on refresh steps.  LR schedulers work on a constant ``lr`` as
+    with any torch optimizer; a scheduler may anneal it to 0.  Parameters added later with
+    :meth:`add_param_group` are untracked (their layers have no collector hooks).  A second
+    SNOpt or :class:`SNOptPreconditioner` built on the same model takes over its ODE
+    blocks; call ``collector.remove()`` on the old one.
 
     Args:
         model: the model whose layers are preconditioned; its ODE blocks get the collector
@@ -387,12 +657,21 @@ class SNOpt(torch.optim.Optimizer):
         lr: learning rate (> 0).
         momentum: momentum factor, in [0, 1).
         weight_decay: L2 penalty added to the preconditioned gradient (>= 0).
-        eps: damping added to the second moment (> 0).
-        update_freq: steps between refreshes of the eigenbases (positive integer).
-        alpha: decay of the running second moment, in [0, 1].
+        curvature: ``"kfac"`` or ``"reference"`` (:data:`CURVATURES`).
+        damping: ``"kfac"``: damping as a fraction of each layer's mean Kronecker eigenvalue (> 0).
+        factor_decay: ``"kfac"``: weight of the previous running factors at a refresh, in [0, 1).
+        kl_clip: ``"kfac"`` and ``"reference"``: trust-region bound on ``lr^2 sum <d, G>``
+            per param group (> 0), or None for none.
+        eps: ``"reference"``: damping added to the second moment (> 0).
+        update_freq: steps from the first refresh to the second (positive integer).
+        update_growth: growth of the refresh interval per refresh, in units of
+            ``update_freq`` (>= 0; 0 keeps it constant).
+        alpha: ``"reference"``: decay of the running second moment, in [0, 1].
         sample_step: spacing of the curvature samples along the backward solve, as a
             fraction of the horizon, in (0, 1].
         full_precond: also precondition the layers outside the ODE blocks.
+        untracked: ``"adam"`` or ``"sgd"``: the step of parameters without curvature.
+        diag_scale: ratio of the untracked parameters' Adam learning rate to ``lr`` (> 0).
         params: the parameters (or param-group dicts) to optimize; defaults to
             ``model.parameters()``.  Only layers whose weight is among them get curvature.
 
@@ -407,15 +686,22 @@ class SNOpt(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: Schedule,
+        lr: Schedule = D.LR["snopt"],
         momentum: Schedule = D.SNOPT["momentum"],
         weight_decay: Schedule = D.SNOPT["weight_decay"],
         *,
+        curvature: str = D.SNOPT["curvature"],
+        damping: Schedule = D.SNOPT["damping"],
+        factor_decay: Schedule = D.SNOPT["factor_decay"],
+        kl_clip: Schedule | None = D.SNOPT["kl_clip"],
         eps: Schedule = D.SNOPT["eps"],
         update_freq: int | Callable[[int], int] = D.SNOPT["update_freq"],
+        update_growth: float = D.SNOPT["update_growth"],
         alpha: Schedule = D.SNOPT["alpha"],
         sample_step: Schedule = D.SNOPT["sample_step"],
         full_precond: bool = D.SNOPT["full_precond"],
+        untracked: str = D.SNOPT["untracked"],
+        diag_scale: Schedule = D.SNOPT["diag_scale"],
         params: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -426,18 +712,28 @@ class SNOpt(torch.optim.Optimizer):
             weight_decay=_check_hyper("weight_decay", weight_decay),
             eps=_check_hyper("eps", eps),
             alpha=_check_hyper("alpha", alpha),
+            damping=_check_hyper("damping", damping),
+            factor_decay=_check_hyper("factor_decay", factor_decay),
+            kl_clip=_check_optional("kl_clip", kl_clip),
+            diag_scale=_check_hyper("diag_scale", diag_scale),
         )
+        self.curvature = _check_choice("curvature", curvature, CURVATURES)
+        self.untracked = _check_choice("untracked", untracked, UNTRACKED)
         update_freq = _check_update_freq(update_freq)
+        update_growth = _check_growth(update_growth)
         sample_step = _check_hyper("sample_step", sample_step)
         full_precond = _check_bool("full_precond", full_precond)
         super().__init__(model.parameters() if params is None else params, defaults)
         optimized = [p for group in self.param_groups for p in group["params"]]
         self.update_freq = update_freq
+        self.update_growth = update_growth
         self.sample_step = sample_step
         self.full_precond = full_precond
         self._engine = _Engine(
             model,
+            curvature=self.curvature,
             update_freq=update_freq,
+            update_growth=update_growth,
             sample_step=sample_step,
             full_precond=full_precond,
             params=optimized,
@@ -448,14 +744,14 @@ class SNOpt(torch.optim.Optimizer):
         """Add a param group; its own hyperparameters are validated like the constructor's."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name, default in self.defaults.items():
-            if group[name] is not default:  # a value of the group's own (defaults are checked)
-                group[name] = _check_hyper(name, group[name])
+        for name in _GROUP_HYPERS:
+            if group[name] is not self.defaults[name]:  # a value of the group's own (defaults are checked)
+                group[name] = (_check_optional if name == "kl_clip" else _check_hyper)(name, group[name])
 
     @property
     def stats(self) -> dict[str, float]:
         """Counters: ``refreshes``, ``skipped_steps``, ``skipped_refreshes``, ``samples``, and
-        ``collect_time`` / ``decompose_time`` in seconds."""
+        ``collect_time`` / ``decompose_time`` in seconds (reading them syncs with the device)."""
         return self._engine.stats
 
     @property
@@ -463,8 +759,9 @@ class SNOpt(torch.optim.Optimizer):
         """Steps taken so far (skipped steps included)."""
         return self._engine.steps
 
-    def _group_of(self) -> dict[int, dict[str, Any]]:
-        return {id(p): group for group in self.param_groups for p in group["params"]}
+    def _hypers(self, step: int) -> list[dict[str, Any]]:
+        """Each group's hyperparameters at ``step``, resolved once per step."""
+        return [{k: _value(k, group[k], step) for k in _GROUP_HYPERS} for group in self.param_groups]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -483,50 +780,107 @@ class SNOpt(torch.optim.Optimizer):
         engine = self._engine
         step = engine.steps
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not _grads_finite(grads):
-            engine.discard()
-            engine.finish()
-            _warn(
-                f"SNOpt: non-finite gradients at step {step + 1}; the step is skipped "
-                f"({engine.counts['skipped_steps']} skipped so far, see `optimizer.stats`)."
-            )
-            return loss
-        group_of = self._group_of()
+        hypers = self._hypers(step)
+        index = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+
+        def hyper_for(layer: TrackedLayer) -> dict[str, Any] | None:
+            i = index.get(id(layer.weight))
+            return None if i is None else hypers[i]
+
+        finite: Tensor | None = None
         if engine.collector.armed:
-            for message in engine.refresh(lambda layer: self.state[layer.weight]):
+            if not _grads_finite(grads):  # a refresh step syncs anyway
+                engine.discard()
+                engine.finish()
+                _warn(
+                    f"SNOpt: non-finite gradients at step {step + 1}; the step is skipped "
+                    f"({self.stats['skipped_steps']} skipped so far, see `optimizer.stats`)."
+                )
+                return loss
+            masked = engine.new_masked_skips()
+            if masked:
+                _warn(
+                    f"SNOpt: {masked} step(s) before step {step + 1} had non-finite gradients and "
+                    "were skipped (see `optimizer.stats`)."
+                )
+            for message in engine.refresh(lambda layer: self.state[layer.weight], hyper_for):
                 _warn(message)
-
-        def hyper_for(layer: TrackedLayer) -> tuple[float, float] | None:
-            group = group_of.get(id(layer.weight))
-            if group is None:
-                return None
-            return _resolve("eps", group["eps"], step), _resolve("alpha", group["alpha"], step)
-
-        directions = engine.directions(lambda layer: self.state[layer.weight], hyper_for)
-        for group in self.param_groups:
-            lr = _resolve("lr", group["lr"], step)
-            momentum = _resolve("momentum", group["momentum"], step)
-            weight_decay = _resolve("weight_decay", group["weight_decay"], step)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = directions.get(p, p.grad)
-                if weight_decay != 0:
-                    d = d.add(p, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(d).detach()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+        else:
+            finite = _all_finite(grads)
+            if finite is not None:
+                engine.mask(finite)
+        directions, inner = engine.directions(lambda layer: self.state[layer.weight], hyper_for, finite)
+        for group, hyper in zip(self.param_groups, hypers):
+            self._update_group(group, hyper, directions, inner, finite)
         engine.finish()
         return loss
 
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        hyper: dict[str, Any],
+        directions: dict[Tensor, Tensor],
+        inner: dict[Tensor, Tensor],
+        finite: Tensor | None,
+    ) -> None:
+        lr, momentum, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        terms = [inner[p] for p in group["params"] if p in inner]
+        nu = kl_clip_factor(torch.stack(terms).sum(), lr, hyper["kl_clip"]) if terms else None
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d = directions.get(p)
+            if d is None:
+                if self.untracked == "adam":
+                    self._adam(p, lr * hyper["diag_scale"], weight_decay, finite)
+                    continue
+                d = p.grad
+            elif nu is not None:
+                d = d * nu
+            if weight_decay != 0:
+                d = d.add(p, alpha=weight_decay)
+            if momentum != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    zero = torch.zeros_like(d)
+                    buf = state["momentum_buffer"] = (
+                        d.clone() if finite is None else torch.where(finite, d, zero)
+                    )
+                elif finite is None:
+                    buf.mul_(momentum).add_(d)
+                else:
+                    buf.copy_(torch.where(finite, buf * momentum + d, buf))
+                d = buf
+            if finite is not None:
+                d = torch.where(finite, d, torch.zeros_like(d))
+            p.add_(d, alpha=-lr)
+
+    def _adam(self, p: Tensor, lr: float, weight_decay: float, finite: Tensor | None) -> None:
+        """Adam's step on an untracked parameter (masked on the device when ``finite`` is given)."""
+        beta1, beta2 = _ADAM_BETAS
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = torch.zeros((), dtype=p.dtype, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        grad: Tensor = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)  # type: ignore[assignment,union-attr]
+        count, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        if finite is None:
+            count.add_(1)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            count.add_(finite.to(count.dtype))
+            exp_avg.copy_(torch.where(finite, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+            exp_avg_sq.copy_(torch.where(finite, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq))
+        update = (exp_avg / (1 - beta1**count)) / ((exp_avg_sq / (1 - beta2**count)).sqrt() + _ADAM_EPS)
+        if finite is not None:
+            update = torch.where(finite, update, torch.zeros_like(update))
+        p.add_(update, alpha=-lr)
+
     def state_dict(self) -> dict[str, Any]:
-        """The torch optimizer state (eigenbases, eigenvalues, second moments and momentum
+        """The torch optimizer state (preconditioners, second moments, momentum and Adam
         buffers per parameter) plus the step counter, the last refresh and the stats."""
         state = super().state_dict()
         state["snopt"] = self._engine.state_dict()
@@ -551,15 +905,21 @@ class SNOptPreconditioner:
         loss.backward(); precond.step(); optimizer.step()
 
     With ``torch.optim.SGD(momentum=..., weight_decay=...)`` behind it this is
-    :class:`SNOpt`.  On non-finite gradients ``step()`` warns, counts the step in
-    :attr:`stats` and sets every gradient of the model to None, so that the optimizer
-    behind skips the step.
+    :class:`SNOpt` with ``kl_clip=None`` and ``untracked="sgd"`` (the trust region needs the
+    learning rate, and untracked parameters are the optimizer's own business).  On
+    non-finite gradients ``step()`` warns, counts the step in :attr:`stats` and sets every
+    gradient of the model to None, so that the optimizer behind skips the step; this
+    check syncs with the device once per step.
 
     Args:
         model: the model (its ODE blocks get the collector as their sampler).
-        eps: damping (> 0), constant or schedule.
-        update_freq: steps between refreshes (positive integer), constant or schedule.
-        alpha: decay of the second moment, in [0, 1], constant or schedule.
+        curvature: ``"kfac"`` or ``"reference"``.
+        damping: ``"kfac"``: relative damping (> 0), constant or schedule.
+        factor_decay: ``"kfac"``: running-average weight of the factors, in [0, 1).
+        eps: ``"reference"``: damping (> 0), constant or schedule.
+        update_freq: steps to the second refresh (positive integer), constant or schedule.
+        update_growth: growth of the refresh interval per refresh (>= 0).
+        alpha: ``"reference"``: decay of the second moment, in [0, 1].
         sample_step: spacing of the curvature samples, a fraction of the horizon in (0, 1].
         full_precond: also precondition the layers outside the ODE blocks.
     """
@@ -568,22 +928,37 @@ class SNOptPreconditioner:
         self,
         model: nn.Module,
         *,
-        eps: Schedule = 0.05,
-        update_freq: int | Callable[[int], int] = 100,
-        alpha: Schedule = 0.75,
-        sample_step: Schedule = 0.01,
-        full_precond: bool = True,
+        curvature: str = D.SNOPT["curvature"],
+        damping: Schedule = D.SNOPT["damping"],
+        factor_decay: Schedule = D.SNOPT["factor_decay"],
+        eps: Schedule = D.SNOPT["eps"],
+        update_freq: int | Callable[[int], int] = D.SNOPT["update_freq"],
+        update_growth: float = D.SNOPT["update_growth"],
+        alpha: Schedule = D.SNOPT["alpha"],
+        sample_step: Schedule = D.SNOPT["sample_step"],
+        full_precond: bool = D.SNOPT["full_precond"],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
         self.model = model
-        self.eps = _check_hyper("eps", eps)
-        self.alpha = _check_hyper("alpha", alpha)
+        self.curvature = _check_choice("curvature", curvature, CURVATURES)
+        self.hyper = {
+            "eps": _check_hyper("eps", eps),
+            "alpha": _check_hyper("alpha", alpha),
+            "damping": _check_hyper("damping", damping),
+            "factor_decay": _check_hyper("factor_decay", factor_decay),
+        }
         self.update_freq = _check_update_freq(update_freq)
+        self.update_growth = _check_growth(update_growth)
         self.sample_step = _check_hyper("sample_step", sample_step)
         self.full_precond = _check_bool("full_precond", full_precond)
         self._engine = _Engine(
-            model, update_freq=self.update_freq, sample_step=self.sample_step, full_precond=self.full_precond
+            model,
+            curvature=self.curvature,
+            update_freq=self.update_freq,
+            update_growth=self.update_growth,
+            sample_step=self.sample_step,
+            full_precond=self.full_precond,
         )
         self.collector = self._engine.collector
         self.state: dict[str, dict[str, Tensor]] = {}
@@ -612,11 +987,11 @@ class SNOptPreconditioner:
                 "to None so that the optimizer skips the step."
             )
             return
+        hyper = {k: _value(k, v, step) for k, v in self.hyper.items()}
         if engine.collector.armed:
-            for message in engine.refresh(self._state_for):
+            for message in engine.refresh(self._state_for, lambda layer: hyper):
                 _warn(message)
-        hyper = (_resolve("eps", self.eps, step), _resolve("alpha", self.alpha, step))
-        directions = engine.directions(self._state_for, lambda layer: hyper)
+        directions, _ = engine.directions(self._state_for, lambda layer: hyper)
         param: Any
         for param, d in directions.items():
             if param.grad is None:  # a bias without gradient: its column was preconditioned as zeros
@@ -626,7 +1001,7 @@ class SNOptPreconditioner:
         engine.finish()
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter, last refresh, stats and every layer's eigenbases, eigenvalues and moment."""
+        """Step counter, last refresh, stats and every layer's preconditioner state."""
         state = self._engine.state_dict()
         state["layers"] = {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()}
         return state

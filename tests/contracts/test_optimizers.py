@@ -148,6 +148,14 @@ class TestSNOpt(OptimizerContract):
     lr = 0.1
 
 
+class TestSNOptReference(OptimizerContract):
+    """The paper's reference form (``curvature="reference"``): the same contract."""
+
+    name = "snopt"
+    lr = 0.1
+    settings: ClassVar[dict[str, Any]] = {"snopt_curvature": "reference"}
+
+
 class TestAdam(OptimizerContract):
     name = "adam"
     lr = 0.02

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from snopt._curvature import CurvatureCollector, adapter_for
+from snopt._curvature import CurvatureCollector, adapter_for, time_weights
 from snopt._models import CNF, ODEClassifier
 from snopt._ode import ODEBlock
 
@@ -70,8 +70,15 @@ def _closed_form_affine(field, x0, w, T):
 
 def _grid_times(T, h, adjoint):
     k = round(T / h)
-    # Step starts of the backward solve: T, T - h, ..., h (adjoint) or 0, ..., T - h (direct).
-    return [h * j for j in (range(1, k + 1) if adjoint else range(0, k))]
+    # Step starts of the backward solve (T, T - h, ..., h in adjoint mode, 0, ..., T - h in
+    # direct mode) plus the end that the step starts miss: every grid point 0, h, ..., T.
+    return [h * j for j in range(0, k + 1)]
+
+
+def _trapezoid(times):
+    """Trapezoid weights of the sorted grid ``times`` (by hand: h/2 at the ends, h inside)."""
+    h = times[1] - times[0]
+    return [h / 2 if j in (0, len(times) - 1) else h for j in range(len(times))]
 
 
 def _armed_collector(model, sample_step):
@@ -92,20 +99,54 @@ def test_affine_field_factors_equal_brute_force_on_the_grid(adjoint):
     (w * block(x0)).sum(1).mean().backward()
 
     times = _grid_times(T, h, adjoint)
-    assert block.stats.samples == len(times) == collector.samples == 30
+    assert block.stats.samples == len(times) == collector.samples == 31
     state, adj = _closed_form_affine(field, x0, w, T)
     a_ref = torch.zeros(4, 4, dtype=DT)
     b_ref = torch.zeros(3, 3, dtype=DT)
-    for t in times:
+    for t, wt in zip(times, _trapezoid(times)):
         z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
         a = adj(t)  # f = h, so g = a
-        a_ref += h * z.T @ z / n
-        b_ref += h * n * a.T @ a
+        a_ref += wt * z.T @ z / n
+        b_ref += wt * n * a.T @ a
     (layer,) = collector.layers
     A, B, locations = layer.factors()
     assert locations == 1
     torch.testing.assert_close(A, a_ref, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(B, b_ref, rtol=1e-6, atol=1e-12)
+
+
+def _affine_reference(field, x0, w, T, times):
+    """Closed-form time-weighted factors of one solve of an affine field (batch-mean loss)."""
+    n = len(x0)
+    state, adj = _closed_form_affine(field, x0, w, T)
+    a_ref = torch.zeros(4, 4, dtype=DT)
+    b_ref = torch.zeros(3, 3, dtype=DT)
+    for t, wt in zip(times, _trapezoid(times)):
+        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        a = adj(t)
+        a_ref += wt * z.T @ z / n
+        b_ref += wt * n * a.T @ a
+    return a_ref, b_ref
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_a_block_solved_twice_per_forward_carries_both_horizons(adjoint):
+    """Two solves of one block in a step (an ODE-RNN's gaps): the factors are the sum of each
+    solve's closed-form factors, since the gradient sums both integrals (not their average)."""
+    g = torch.Generator().manual_seed(5)
+    T, h, n = 1.0, 0.05, 5
+    field = AffineField(3, g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": h}, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=h / T)
+    x1, x2, w1, w2 = (torch.randn(n, 3, generator=g, dtype=DT) for _ in range(4))
+    ((w1 * block(x1)).sum(1).mean() + (w2 * block(x2)).sum(1).mean()).backward()
+    times = _grid_times(T, h, adjoint)
+    a1, b1 = _affine_reference(field, x1, w1, T, times)
+    a2, b2 = _affine_reference(field, x2, w2, T, times)
+    (layer,) = collector.layers
+    A, B, _ = layer.factors()
+    torch.testing.assert_close(A, a1 + a2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(B, b1 + b2, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("adjoint", [True, False])
@@ -138,7 +179,7 @@ def test_nonlinear_field_factors_equal_explicit_jacobian_products(adjoint):
     }
     refs[1][1] = torch.zeros(5, 5, dtype=DT)
     refs[2][1] = torch.zeros(2, 2, dtype=DT)
-    for t in times:
+    for t, wt in zip(times, _trapezoid(times)):
         x = xs[t].clone().requires_grad_()
         xT = odeint(f, x, torch.tensor([t, T], dtype=DT), rtol=1e-12, atol=1e-12)[-1] if t < T - 1e-12 else x
         (a,) = torch.autograd.grad((w * xT).sum(1).mean(), x)
@@ -147,10 +188,10 @@ def test_nonlinear_field_factors_equal_explicit_jacobian_products(adjoint):
         z1 = torch.cat([x, torch.ones(n, 1, dtype=DT)], 1)
         g1 = (a @ W2) * (1 - torch.tanh(pre) ** 2)
         z2, g2 = torch.tanh(pre), a
-        refs[1][0] += h * z1.T @ z1 / n
-        refs[1][1] += h * n * g1.T @ g1
-        refs[2][0] += h * z2.T @ z2 / n
-        refs[2][1] += h * n * g2.T @ g2
+        refs[1][0] += wt * z1.T @ z1 / n
+        refs[1][1] += wt * n * g1.T @ g1
+        refs[2][0] += wt * z2.T @ z2 / n
+        refs[2][1] += wt * n * g2.T @ g2
     layers = {layer.name: layer for layer in collector.layers}
     for key, name in ((1, "field.func.l1"), (2, "field.func.l2")):
         A, B, _ = layers[name].factors()
@@ -160,35 +201,71 @@ def test_nonlinear_field_factors_equal_explicit_jacobian_products(adjoint):
             torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
 
 
-def test_adaptive_solver_factors_are_the_time_average_times_the_horizon():
-    """With dopri5 the samples skip grid cells; A = T * mean_j A_j over the sampled times."""
+def test_time_weights_are_the_trapezoid_rule_by_hand():
+    # Sorted 0, 0.5, 2 on [0, 2]: 0.25, 0.25 + 0.75, 0.75; unsorted input keeps its order.
+    assert time_weights([2.0, 0.0, 0.5], 0.0, 2.0) == pytest.approx([0.75, 0.25, 1.0])
+    # Ends not sampled: the outer pieces go to the outer samples.
+    assert time_weights([0.5, 1.5], 0.0, 2.0) == pytest.approx([1.0, 1.0])
+    assert time_weights([0.3], 0.0, 2.0) == [2.0]
+    assert time_weights([], 0.0, 1.0) == []
+
+
+def _fine_integral(field, x0, w, T, points=4001):
+    """``int_0^T (A(t), B(t)) dt`` by the trapezoid rule on a fine fixed grid of the closed form."""
+    state, adj = _closed_form_affine(field, x0, w, T)
+    n = len(x0)
+    ts = torch.linspace(0, T, points, dtype=DT).tolist()
+    weights = [T / (points - 1)] * points
+    weights[0] = weights[-1] = T / (points - 1) / 2
+    a_ref = torch.zeros(4, 4, dtype=DT)
+    b_ref = torch.zeros(3, 3, dtype=DT)
+    for t, wt in zip(ts, weights):
+        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        a_ref += wt * z.T @ z / n
+        b_ref += wt * n * adj(t).T @ adj(t)
+    return a_ref, b_ref
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_adaptive_solver_factors_match_a_brute_force_integral_on_a_fine_grid(adjoint):
+    """Uneven dopri5 steps, weighted by the time each sample represents, integrate A(t) and B(t).
+
+    The old rule (every sampled step start weighted equally, the end near t0 never sampled)
+    is computed from the same samples and must be far worse: the test is sharp.
+    """
     g = torch.Generator().manual_seed(2)
     T, n = 2.0, 3
     field = AffineField(3, g)
-    block = ODEBlock(field, 0.0, T, rtol=1e-10, atol=1e-10)
-    collector = _armed_collector(block, sample_step=0.01)
-    seen = []
-    original = collector.sample
-
-    def spy(blk, t, state, adjoint, weight):
-        seen.append((t, weight))
-        original(blk, t, state, adjoint, weight)
-
-    collector.sample = spy
+    with torch.no_grad():
+        field.lin.weight.mul_(2.0)  # a faster field: uneven adaptive steps
+    block = ODEBlock(field, 0.0, T, rtol=1e-8, atol=1e-8, adjoint=adjoint)
+    collector = _armed_collector(block, sample_step=0.001)
     x0 = torch.randn(n, 3, generator=g, dtype=DT)
     w = torch.randn(n, 3, generator=g, dtype=DT)
     (w * block(x0)).sum(1).mean().backward()
-    assert 0 < len(seen) < 200 and all(wt == pytest.approx(0.02) for _, wt in seen)
+    (layer,) = collector.layers
+    times = list(layer.pending.values())[0].times
+    assert min(times) == 0.0 and max(times) == pytest.approx(T) and 5 < len(times) < 100
+    steps = sorted(times)
+    assert max(b - a for a, b in zip(steps, steps[1:])) > 2 * min(b - a for a, b in zip(steps, steps[1:]))
+    A, B, _ = layer.factors()
+    a_ref, b_ref = _fine_integral(field, x0, w, T)
+    err_a = ((A - a_ref).norm() / a_ref.norm()).item()
+    err_b = ((B - b_ref).norm() / b_ref.norm()).item()
+    assert err_a < 1e-2 and err_b < 1e-2, (err_a, err_b)  # trapezoid error of ~30 uneven steps
+    # The old equal weighting of the step starts (t0 excluded) from the same solve.
     state, adj = _closed_form_affine(field, x0, w, T)
-    a_ref = torch.zeros(4, 4, dtype=DT)
-    b_ref = torch.zeros(3, 3, dtype=DT)
-    for t, _ in seen:
-        z = torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
-        a_ref += z.T @ z / n
-        b_ref += n * adj(t).T @ adj(t)
-    A, B, _ = collector.layers[0].factors()
-    torch.testing.assert_close(A, T * a_ref / len(seen), rtol=1e-7, atol=1e-10)
-    torch.testing.assert_close(B, T * b_ref / len(seen), rtol=1e-7, atol=1e-12)
+    starts = [t for t in times if t > 0] if adjoint else [t for t in times if t < T]
+    a_old = sum(
+        torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1).T.matmul(
+            torch.cat([state(t), torch.ones(n, 1, dtype=DT)], 1)
+        )
+        / n
+        for t in starts
+    ) * (T / len(starts))
+    b_old = sum(n * adj(t).T @ adj(t) for t in starts) * (T / len(starts))
+    old = max(((a_old - a_ref).norm() / a_ref.norm()).item(), ((b_old - b_ref).norm() / b_ref.norm()).item())
+    assert old > 10 * max(err_a, err_b), (old, err_a, err_b)
 
 
 def _unfold_by_loops(x, k, pad):
@@ -239,13 +316,14 @@ def test_conv_factors_use_unfolded_patches_and_count_locations(adjoint):
     L = 9
     a_ref = torch.zeros(19, 19, dtype=DT)
     b_ref = torch.zeros(2, 2, dtype=DT)
-    for t in _grid_times(T, h, adjoint):
+    times = _grid_times(T, h, adjoint)
+    for t, wt in zip(times, _trapezoid(times)):
         x = (x0_aug @ torch.linalg.matrix_exp(M * t).T)[:, :d].reshape(n, 2, 3, 3)
         a = ((w.reshape(n, d) / n) @ torch.linalg.matrix_exp(M_lin * (T - t))).reshape(n, 2, 3, 3)
         z = torch.cat([_unfold_by_loops(x, 3, 1), torch.ones(n * L, 1, dtype=DT)], 1)
         grows = a.permute(0, 2, 3, 1).reshape(-1, 2)
-        a_ref += h * z.T @ z / (n * L)
-        b_ref += h * (n * grows).T @ (n * grows) / (n * L)
+        a_ref += wt * z.T @ z / (n * L)
+        b_ref += wt * (n * grows).T @ (n * grows) / (n * L)
     A, B, locations = collector.layers[0].factors()
     assert locations == L
     # Agreement to the rk4 error, relative to the largest entry.
@@ -295,8 +373,9 @@ def test_hook_calls_match_nfe_plus_samples(adjoint, method, options, horizon_gra
         (block(x0) ** 2).sum().backward()
         s = block.stats
         assert (s.samples > 0) == refresh
-        # The horizon gradient's one extra evaluation is counted in nfe_backward.
-        expected = s.nfe_forward + s.nfe_backward + s.samples
+        # The horizon gradient's one extra evaluation is counted in nfe_backward; an unarmed
+        # pass runs without the hooks.
+        expected = s.nfe_forward + s.nfe_backward + s.samples if refresh else 0
         for layer in collector.layers:
             calls, sample_calls = before[layer.name]
             assert layer.calls - calls == expected
@@ -314,7 +393,7 @@ def test_cnf_inner_trace_gradient_adds_no_hook_calls_or_samples(trace):
     x = torch.randn(5, 2, dtype=DT)
     (-model.log_prob(x).mean()).backward()
     s = block.stats
-    assert s.samples == 4
+    assert s.samples == 5  # the 4 step starts and t0
     assert len(collector.layers) == 2
     for layer in collector.layers:
         assert layer.calls == s.nfe_forward + s.nfe_backward + s.samples  # dL/dt1's call in nfe_backward

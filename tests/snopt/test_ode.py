@@ -206,8 +206,8 @@ class _Recorder:
     def sample_spacing(self, block):
         return self.spacing
 
-    def sample(self, block, t, state, adjoint, weight):
-        self.samples.append((t, state.clone(), adjoint.clone(), weight))
+    def sample(self, block, t, state, adjoint, call):
+        self.samples.append((t, state.clone(), adjoint.clone(), call))
 
 
 @pytest.mark.parametrize("adjoint", [True, False])
@@ -220,12 +220,13 @@ def test_sampler_gets_exact_state_and_adjoint(adjoint):
     block.sampler = rec
     _loss(block, x0, w).backward()
     times = sorted(t for t, *_ in rec.samples)
-    # One sample per step start of the backward sweep: T, T - h, ..., h (adjoint) or 0, ..., T - h (direct).
-    expected = [h * k for k in (range(1, 21) if adjoint else range(0, 20))]
+    # One sample per step start of the backward sweep (T, T - h, ..., h in adjoint mode,
+    # 0, ..., T - h in direct mode) plus the end the step starts miss: 0, h, ..., T.
+    expected = [h * k for k in range(0, 21)]
     assert times == pytest.approx(expected, abs=1e-9)
-    assert block.stats.samples == 20
-    for t, state, adj, weight in rec.samples:
-        assert weight == h
+    assert block.stats.samples == 21
+    assert len({id(call) for *_, call in rec.samples}) == 1  # all from one solve
+    for t, state, adj, _ in rec.samples:
         x_ref = x0 @ torch.linalg.matrix_exp(a * t).T
         a_ref = w @ torch.linalg.matrix_exp(a * (T - t))
         torch.testing.assert_close(state, x_ref, rtol=1e-5, atol=1e-6)
@@ -248,9 +249,11 @@ def test_adaptive_sampling_dedupes_rejected_steps_and_stays_on_grid_cells():
     rec = _Recorder(0.1)
     block.sampler = rec
     _loss(block, x0, w).backward()
-    cells = [math.floor(t / 0.1 + 1e-6) for t, *_ in rec.samples]
+    # The end t0 is always sampled; the step starts at most once per grid cell.
+    assert [t for t, *_ in rec.samples].count(0.0) == 1
+    cells = [math.floor(t / 0.1 + 1e-6) for t, *_ in rec.samples if t != 0.0]
     assert len(cells) == len(set(cells)) > 0
-    assert len(rec.samples) <= block.stats.steps_backward
+    assert len(cells) <= block.stats.steps_backward
 
 
 def test_solver_failure_is_a_solver_error():
@@ -332,7 +335,10 @@ def test_each_call_of_a_block_is_sampled_in_its_own_adjoint_solve():
     block.sampler = rec
     loss = (w * block(block(x0))).sum()
     loss.backward()
-    assert len(rec.samples) == 20  # 10 step starts in each of the two adjoint solves
+    # 10 step starts and t0 in each of the two adjoint solves, each solve with its own key.
+    assert len(rec.samples) == 22
+    calls = [id(call) for *_, call in rec.samples]
+    assert len(set(calls)) == 2 and all(calls.count(c) == 11 for c in set(calls))
 
 
 class _Tanh(nn.Module):
