@@ -23,6 +23,7 @@ from ._ode import METHODS, ODEBlock, SolverError, SolverStats, ode_blocks
 from ._optimizer import SNOpt, SNOptPreconditioner
 from ._run import RunConfig, build_run, run_training
 from ._tasks import TASKS, TOY2D_DATASETS, DigitsTask, Task, TimeSeriesTask, Toy2DTask, get_task
+from ._checkpoint import CheckpointError
 from ._training import (
     Callback,
     FitResult,
@@ -52,6 +53,7 @@ __all__ = [
     "Callback",
     "ConcatConv2d",
     "ConcatLinear",
+    "CheckpointError",
     "ControlParameter",
     "Controller",
     "ConvField",

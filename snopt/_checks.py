@@ -10,7 +10,9 @@ configuration and the command line share them, so one input gets one message eve
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 #: ``check(name, value) -> value``: the shape every validator here has.
@@ -118,3 +120,35 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(name, "True or False", value)
     return value
+
+
+def writable_file(name: str, value: Any) -> str:
+    """A path where a file can be written (its folder is created if missing).
+
+    Checked before any work, so that a run does not fail (or lose its result) at its end.
+    Creates the missing parent folders, as the writer would.
+    """
+    path = value
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise _fail(name, "a file path", value)
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"`{name}` must be a file path, but {name}={str(path)!r} is a folder.")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be in a folder that can be created, but got {name}={str(path)!r} "
+            f"({exc.strerror or exc})."
+        ) from None
+    probe = file if file.exists() else file.parent / f".{file.name}.{os.getpid()}.probe"
+    try:
+        with open(probe, "a"):
+            pass
+        if probe != file:
+            probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be a writable file, but got {name}={str(path)!r} ({exc.strerror or exc})."
+        ) from None
+    return str(os.fspath(path))
