@@ -15,6 +15,7 @@ from typing import Any
 
 from optuna.storages import BaseStorage
 
+from snopt._redact import redact_url
 from snopt._run import RunConfig
 
 from ._budget import Budget
@@ -222,7 +223,7 @@ def compare(
         budget=budget.to_dict(),
         epsilon=epsilon,
         studies=results,
-        storage=storage_url(storage),
+        storage=redact_url(storage_url(storage)),
         settings=settings,
     )
     if output_dir is not None:
@@ -285,7 +286,7 @@ def report_from_storage(
         budget=budget,
         epsilon=epsilon,
         studies=results,
-        storage=storage_url(storage),
+        storage=redact_url(storage_url(storage)),
         settings=settings,
     )
 

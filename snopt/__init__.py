@@ -5,6 +5,7 @@ The public face of the library; the implementation lives in private modules.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._checkpoint import CheckpointError
 from ._control import (
     BaseCost,
     BasePolicy,
@@ -23,7 +24,6 @@ from ._ode import METHODS, ODEBlock, SolverError, SolverStats, ode_blocks
 from ._optimizer import SNOpt, SNOptPreconditioner
 from ._run import RunConfig, build_run, run_training
 from ._tasks import TASKS, TOY2D_DATASETS, DigitsTask, Task, TimeSeriesTask, Toy2DTask, get_task
-from ._checkpoint import CheckpointError
 from ._training import (
     Callback,
     FitResult,

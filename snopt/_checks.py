@@ -152,3 +152,28 @@ def writable_file(name: str, value: Any) -> str:
             f"`{name}` must be a writable file, but got {name}={str(path)!r} ({exc.strerror or exc})."
         ) from None
     return str(os.fspath(path))
+
+
+#: URI schemes an MLflow tracking URI may have (a database scheme may name a driver: ``mysql+pymysql``).
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "uc")
+
+
+def tracking_uri(name: str, value: Any) -> str:
+    """An MLflow tracking URI with a known scheme (:data:`TRACKING_SCHEMES`) or a local folder path.
+
+    An unknown scheme (``foo://``) is an error, not a server that is down: otherwise the
+    run would be journaled forever.
+    """
+    from ._redact import redact_url
+
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(name, "a non-empty tracking URI", value)
+    if "://" not in value:
+        return value
+    scheme = value.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES and not scheme.startswith("databricks"):
+        raise ValueError(
+            f"`{name}` must use one of the schemes {list(TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db or "
+            f"http://127.0.0.1:5000), but got {name}={redact_url(value)!r}."
+        )
+    return value

@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+from .._redact import redact_url
 from .._run import RunConfig
 from ..search import (
     DEFAULT_EPSILON,
@@ -183,7 +184,8 @@ def _trial_rows(study: Study) -> list[dict[str, Any]]:
 
 def _print_study(study: Study) -> None:
     print_table(
-        _trial_rows(study), title=f"study {study.study_name} ({study.strategy}) in {study.storage_url}"
+        _trial_rows(study),
+        title=f"study {study.study_name} ({study.strategy}) in {redact_url(study.storage_url)}",
     )
     try:
         best = study.best_trial
@@ -247,7 +249,8 @@ class SearchCommand(Command):
         except ValueError as exc:  # e.g. a study of that name with other settings
             raise UsageError(str(exc)) from exc
         print(
-            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) in {study.storage_url}"
+            f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()}) "
+            f"in {redact_url(study.storage_url)}"
         )
         with tracker or contextlib.nullcontext():
             if tracker is not None:
@@ -312,7 +315,7 @@ class CompareCommand(Command):
         seeds = args.seeds if args.seeds is not None else [config.seed]
         print(
             f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
-            f"budget {budget.describe()} per strategy and seed; studies in {args.storage}"
+            f"budget {budget.describe()} per strategy and seed; studies in {redact_url(args.storage)}"
         )
         tracker = study_tracker(
             args,
