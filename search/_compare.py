@@ -18,6 +18,7 @@ from typing import Any
 from optuna.storages import BaseStorage
 
 from snopt._progress import progress_bar
+from snopt._redact import redact_url
 from snopt._run import RunConfig
 
 from ._budget import Budget
@@ -246,7 +247,7 @@ def compare(
         budget=budget.to_dict(),
         epsilon=epsilon,
         studies=results,
-        storage=storage_url(storage),
+        storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
     )
@@ -371,7 +372,7 @@ def report_from_storage(
         budget=budget,
         epsilon=epsilon,
         studies=results,
-        storage=storage_url(storage),
+        storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
     )

@@ -17,6 +17,8 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage
 
+from snopt._redact import redact_url
+
 #: The storage used when none is given: an SQLite file in the working directory.
 DEFAULT_STORAGE = "sqlite:///snopt.db"
 #: URL schemes accepted (optionally with a driver, e.g. ``postgresql+psycopg2``).
@@ -62,7 +64,7 @@ def resolve_storage(
         raise ValueError(
             f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
             f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
-            f"but got storage={storage!r}."
+            f"but got storage={redact_url(storage)!r}."
         )
     for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

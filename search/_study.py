@@ -24,6 +24,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from snopt._progress import progress_bar
+from snopt._redact import redact_url
 from snopt._run import RunConfig
 
 from ._budget import SKIPPED, STATUS_ATTR, Budget, Spent, counts, spent
@@ -189,7 +190,8 @@ class Study:
 
     def __repr__(self) -> str:
         return (
-            f"Study(name={self.study_name!r}, strategy={self.strategy!r}, storage={self.storage_url!r}, "
+            f"Study(name={self.study_name!r}, strategy={self.strategy!r}, "
+            f"storage={redact_url(self.storage_url)!r}, "
             f"budget={self.budget.describe()!r}, trials={len(self.study.trials)})"
         )
 
@@ -558,7 +560,8 @@ def create_study(
     existing = _existing(study_name, resolved)
     if existing is not None and not load_if_exists:
         raise ValueError(
-            f"Study {study_name!r} already exists in {storage_url(storage)!r}; use load_if_exists=True."
+            f"Study {study_name!r} already exists in {redact_url(storage_url(storage))!r}; "
+            "use load_if_exists=True."
         )
     n_existing = 0
     if existing is not None:
@@ -685,7 +688,7 @@ def load_study(
     if existing is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(resolved)]
         raise ValueError(
-            f"No study named {study_name!r} in {storage_url(storage)!r}; studies there: {names}."
+            f"No study named {study_name!r} in {redact_url(storage_url(storage))!r}; studies there: {names}."
         )
     desc = existing.user_attrs.get(STUDY_ATTR)
     if desc is None:

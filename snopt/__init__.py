@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
+    from ._checkpoint import CheckpointError
     from ._curvature import CurvatureCollector
     from ._layers import ConcatConv2d, ConcatLinear, ConvField, MLPField
     from ._models import CNF, ODERNN, CNFField, ODEClassifier
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
 
 #: Every public name, by the module that defines it.
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "._checkpoint": ("CheckpointError",),
     "._curvature": ("CurvatureCollector",),
     "._layers": ("ConcatConv2d", "ConcatLinear", "ConvField", "MLPField"),
     "._models": ("CNF", "ODERNN", "CNFField", "ODEClassifier"),

@@ -10,7 +10,9 @@ configuration and the command line share them, so one input gets one message eve
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 #: ``check(name, value) -> value``: the shape every validator here has.
@@ -161,3 +163,60 @@ def keywords(
                 f"but got {name}={dict(value)!r}."
             )
     return dict(value)
+
+
+def writable_file(name: str, value: Any) -> str:
+    """A path where a file can be written (its folder is created if missing).
+
+    Checked before any work, so that a run does not fail (or lose its result) at its end.
+    Creates the missing parent folders, as the writer would.
+    """
+    path = value
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise _fail(name, "a file path", value)
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"`{name}` must be a file path, but {name}={str(path)!r} is a folder.")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be in a folder that can be created, but got {name}={str(path)!r} "
+            f"({exc.strerror or exc})."
+        ) from None
+    probe = file if file.exists() else file.parent / f".{file.name}.{os.getpid()}.probe"
+    try:
+        with open(probe, "a"):
+            pass
+        if probe != file:
+            probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be a writable file, but got {name}={str(path)!r} ({exc.strerror or exc})."
+        ) from None
+    return str(os.fspath(path))
+
+
+#: URI schemes an MLflow tracking URI may have (a database scheme may name a driver: ``mysql+pymysql``).
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "uc")
+
+
+def tracking_uri(name: str, value: Any) -> str:
+    """An MLflow tracking URI with a known scheme (:data:`TRACKING_SCHEMES`) or a local folder path.
+
+    An unknown scheme (``foo://``) is an error, not a server that is down: otherwise the
+    run would be journaled forever.
+    """
+    from ._redact import redact_url
+
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(name, "a non-empty tracking URI", value)
+    if "://" not in value:
+        return value
+    scheme = value.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES and not scheme.startswith("databricks"):
+        raise ValueError(
+            f"`{name}` must use one of the schemes {list(TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db or "
+            f"http://127.0.0.1:5000), but got {name}={redact_url(value)!r}."
+        )
+    return value

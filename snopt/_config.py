@@ -101,6 +101,7 @@ class RunConfig:
         epochs, max_steps, batch_size, eval_every: the training budget.
         seed, device, max_grad_norm: run settings.
         checkpoint, resume: where the run checkpoints, and whether it resumes from there.
+        checkpoint_every: steps between checkpoints (None: at every epoch end).
     """
 
     task: str = _setting("digits", _TASK, "built-in task", _choice(D.TASKS), choices=D.TASKS)
@@ -231,6 +232,14 @@ class RunConfig:
     )
     checkpoint: str | None = _setting(None, _TRAIN, "checkpoint file", check.optional(check.text), cli=False)
     resume: bool = _setting(False, _TRAIN, "resume from the checkpoint if it exists", check.flag, cli=False)
+    checkpoint_every: int | None = _setting(
+        None,
+        _TRAIN,
+        "steps between checkpoints",
+        check.optional(_pos_int),
+        default_text="at every epoch end",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

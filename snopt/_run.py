@@ -151,6 +151,7 @@ def run_training(
         callbacks=callbacks,
         eval_every=config.eval_every,
         checkpoint=config.checkpoint,
+        checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         seed=None,
         device=config.device,

@@ -9,10 +9,13 @@ optimizer, controller, scheduler, RNG states and the position in the data order)
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    check_matches,
+    read_checkpoint,
+    write_checkpoint,
+)
+from ._checks import writable_file
 from ._ode import SolverError, as_solver_error, ode_blocks
 from ._progress import progress_bar
 
@@ -213,7 +225,8 @@ class _Objective:
                     n += k
         finally:
             model.train(was_training)
-        n = max(n, 1)
+        if n == 0:
+            raise ValueError("`val_loader` yielded no samples; give a loader with data or None.")
         result = {"val_loss": total / n}
         result["metric"] = metric / n if self.metric_fn is not None else total / n
         return result
@@ -244,15 +257,37 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG state as tensors and plain data (a checkpoint loads with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in mt.tolist()), gauss))
+    npy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": npy["bit_generator"],
+            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+            "has_gauss": npy["has_gauss"],
+            "gauss": npy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -314,6 +349,13 @@ class Trainer:
             )
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs a `checkpoint` path.")
+        if checkpoint is not None:
+            writable_file("checkpoint", checkpoint)
+        for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+            if loader is not None and _safe_len(loader) == 0:
+                raise ValueError(
+                    f"`{name}` must yield at least one batch, but it is empty (len({name}) == 0)."
+                )
         self.objective = _Objective(task, loss_fn, metric_fn)
         self.model = model
         self.train_loader = train_loader
@@ -387,10 +429,14 @@ class Trainer:
                 self.batch_in_epoch = 0
                 iterator = iter(self.train_loader)
             skip = 0
+            yielded = False
             for batch in iterator:
+                yielded = True
                 yield batch
                 if self._done():
                     return
+            if not yielded and self.batch_in_epoch == 0:
+                raise ValueError("`train_loader` yielded no batch in an epoch; give a loader with data.")
             self.epoch += 1
             self.batch_in_epoch = 0
             self._on_epoch_end()
@@ -398,7 +444,7 @@ class Trainer:
     def _on_epoch_end(self) -> None:
         if self.val_loader is not None and self.eval_every is None and self.history:
             self._evaluate(self.history[-1])
-        if self.checkpoint_path is not None and self.checkpoint_every is None:
+        if self.checkpoint_path is not None:
             self.save_checkpoint(self.checkpoint_path)
 
     def _evaluate(self, record: dict[str, float]) -> None:
@@ -487,7 +533,9 @@ class Trainer:
             self.total_steps, self.step, desc="train", unit="step", enabled=self.progress, leave=False
         )
         status, message, error = Status.COMPLETED, "", None
+        stack = contextlib.ExitStack()
         try:
+            stack.enter_context(_terminate_as_interrupt())
             for batch in self._batches():
                 record = self._train_step(batch)
                 self.history.append(record)
@@ -510,12 +558,14 @@ class Trainer:
                 self.save_checkpoint(self.checkpoint_path)
         except StopTraining as exc:
             status, message = exc.status, f"Stopped at step {self.step}: {exc.message}"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = Status.INTERRUPTED
             path = self.checkpoint_path or Path("snopt-interrupted.pt")
             self.save_checkpoint(path)
+            what = f"by {exc.signal_name}" if isinstance(exc, Terminated) else "by Ctrl-C (SIGINT)"
             message = (
-                f"Interrupted at step {self.step}; checkpoint saved to {path} (resume with resume=True)."
+                f"Interrupted at step {self.step} {what}; checkpoint saved to {path} "
+                "(resume with resume=True, or --resume)."
             )
             warnings.warn(message, stacklevel=2)
         except BaseException as exc:  # noqa: BLE001 - re-raised below with the partial result
@@ -525,6 +575,7 @@ class Trainer:
                 error = solver
             status, message = Status.FAILED, f"{type(error).__name__}: {error}"
         finally:
+            stack.close()
             if bar is not None:
                 bar.close()
         result = self._result(status, message)
@@ -560,10 +611,21 @@ class Trainer:
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume this run exactly."""
+        """Everything needed to resume this run exactly, as tensors and plain data.
+
+        The loader's generator state is saved as it is now, so that a run resumed at an epoch
+        end draws the same order for the next epoch as the uninterrupted run.
+        """
+        gen = _loader_generator(self.train_loader)
+        owners = {name: getattr(self, name) for name in _OWNERS}
         state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "classes": {
+                "model": type(self.model).__qualname__,
+                **{k: None if v is None else type(v).__qualname__ for k, v in owners.items()},
+            },
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -573,10 +635,10 @@ class Trainer:
             "totals": self.totals,
             "last_eval": self.last_eval,
             "rng": _rng_state(),
+            "loader_rng": gen.get_state() if gen is not None else None,
             "epoch_rng": self._epoch_rng,
         }
-        for name in ("controller", "preconditioner", "scheduler"):
-            owner = getattr(self, name)
+        for name, owner in owners.items():
             if owner is not None:
                 state[name] = owner.state_dict()
         return state
@@ -584,38 +646,81 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name in ("controller", "preconditioner", "scheduler"):
+        for name in _OWNERS:
             owner = getattr(self, name)
             if owner is not None and name in state:
                 owner.load_state_dict(state[name])
-        self.step = state["step"]
-        self.epoch = state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
         self.history = list(state["history"])
-        self.train_time = state["train_time"]
-        self.eval_time = state["eval_time"]
+        self.train_time = float(state["train_time"])
+        self.eval_time = float(state["eval_time"])
         self.totals = dict(state["totals"])
         self.last_eval = dict(state["last_eval"])
         self._epoch_rng = state["epoch_rng"]
         _set_rng_state(state["rng"])
+        gen = _loader_generator(self.train_loader)
+        if gen is not None and state.get("loader_rng") is not None:
+            gen.set_state(state["loader_rng"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """Write :meth:`state_dict` atomically to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        self.last_checkpoint = str(path)
+        written = str(write_checkpoint(self.state_dict(), path))
+        self.last_checkpoint = written
         for cb in self.callbacks:
-            cb.on_checkpoint(self, str(path))
-        return str(path)
+            cb.on_checkpoint(self, written)
+        return written
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint`."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.load_state_dict(state)
+        """Load a checkpoint written by :meth:`save_checkpoint` (tensors and plain data only).
+
+        Raises:
+            CheckpointError: the file is empty, truncated, corrupt, holds anything but tensors
+                and plain data, or was written for another model, optimizer or controller.
+        """
+        state = read_checkpoint(path, self.device)
+        check_matches(path, state, self.model, {name: getattr(self, name) for name in _OWNERS})
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(
+                f"`checkpoint` file {str(path)!r} does not match this run: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+#: What a checkpoint holds besides the model, by trainer attribute.
+_OWNERS = ("optimizer", "controller", "preconditioner", "scheduler")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from ``kill``, ``timeout`` or a job scheduler) during training, seen as an interrupt.
+
+    A ``KeyboardInterrupt``, so the trainer saves a checkpoint and ends the run as
+    :attr:`Status.INTERRUPTED` exactly as on Ctrl-C, and code above it (Optuna, the CLI) that
+    handles Ctrl-C handles it too.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"received {self.signal_name}")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM while training (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _t1_key(name: str) -> str:
@@ -682,9 +787,10 @@ def fit(
         scheduler: an LR scheduler, stepped after every optimizer step.
         callbacks: :class:`Callback` instances.
         eval_every: evaluate every N steps (default: at the end of every epoch).
-        checkpoint: path of the checkpoint file (written at every epoch end, or every
-            ``checkpoint_every`` steps, and at the end).
-        checkpoint_every: steps between checkpoints.
+        checkpoint: path of the checkpoint file (tensors and plain data only), written at
+            every epoch end, every ``checkpoint_every`` steps, at the end, and on Ctrl-C or
+            SIGTERM.  Checked to be writable before training.
+        checkpoint_every: steps between checkpoints (besides the epoch ends).
         resume: continue from ``checkpoint`` when the file exists.
         seed: seeds Python, NumPy and torch at the start (not when resuming).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
@@ -696,6 +802,9 @@ def fit(
         checkpoint is saved first).
 
     Raises:
+        CheckpointError: resuming from a file that is corrupt, not a checkpoint, or another
+            model's (nothing in a checkpoint is ever executed).
+        ValueError: bad arguments, an empty loader or an unwritable ``checkpoint`` path.
         NonFiniteLossError: the loss became NaN/inf (the message names the step).
         TrainingError: the ODE solver failed; ``exc.result`` holds the partial run.
     """

@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+from .._redact import redact_url
 from .._run import RunConfig
 from ..search import (
     DEFAULT_EPSILON,
@@ -234,7 +235,8 @@ def _trial_rows(study: Study) -> list[dict[str, Any]]:
 
 def _print_study(study: Study) -> None:
     print_table(
-        _trial_rows(study), title=f"study {study.study_name} ({study.strategy}) in {study.storage_url}"
+        _trial_rows(study),
+        title=f"study {study.study_name} ({study.strategy}) in {redact_url(study.storage_url)}",
     )
     try:
         best = study.best_trial
@@ -321,7 +323,7 @@ class SearchCommand(Command):
         before = len(study.trials)
         print(
             f"study {study.study_name!r} ({args.strategy}, budget {budget.describe()} per run) in "
-            f"{study.storage_url}; {before} trials there before this run"
+            f"{redact_url(study.storage_url)}; {before} trials there before this run"
         )
         with tracker or contextlib.nullcontext():
             if tracker is not None:
@@ -398,7 +400,7 @@ class CompareCommand(Command):
         seeds = args.seeds if args.seeds is not None else [config.seed]
         print(
             f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
-            f"budget {budget.describe()} per strategy and seed; studies in {args.storage}"
+            f"budget {budget.describe()} per strategy and seed; studies in {redact_url(args.storage)}"
         )
         tracker = study_tracker(
             args,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._redact import redact_url
 from ..tracking._common import DEFAULT_EXPERIMENT, _mlflow, _resolve_uri, default_fallback_dir
 from ._base import Command, UsageError, print_table
 
@@ -231,7 +232,7 @@ class UiCommand(Command):
             raise UsageError(f"`--port` must be in 1..65535, but got --port={args.port}.")
         store = _resolve_uri(args.backend_store_uri)
         if store.startswith(("http://", "https://")):
-            print(f"{store} is a tracking server; it serves its own UI: open {store}")
+            print(f"{redact_url(store)} is a tracking server; it serves its own UI: open {redact_url(store)}")
             return 0
         missing = _missing_store(store)
         if missing is not None:
@@ -246,7 +247,7 @@ class UiCommand(Command):
         env = dict(os.environ)
         # The job runner serves GenAI features snopt does not use; it doubles the start-up time.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        print(f"MLflow UI for {store}: {url}  (Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI for {redact_url(store)}: {url}  (Ctrl-C stops it)", flush=True)
         for line in _experiment_links(store, url) if missing is None else []:
             print(line, flush=True)
         proc = subprocess.Popen(self.command_line(args), env=env)
@@ -300,6 +301,16 @@ class TrackingCommand(Command):
         from ..tracking._journal import pending_journals, sync_fallback
 
         directory = Path(args.dir) if args.dir else default_fallback_dir()
+        if args.dir is not None and not directory.is_dir():
+            what = "is a file" if directory.exists() else "does not exist"
+            raise UsageError(f"`--dir` must be the fallback folder, but --dir={args.dir!r} {what}.")
+        if args.tracking_uri is not None:
+            from .._checks import tracking_uri
+
+            try:
+                tracking_uri("tracking_uri", args.tracking_uri)
+            except ValueError as exc:
+                raise UsageError(f"--tracking-uri: {exc}") from None
         if args.action == "status":
             rows = pending_journals(directory)
             if not rows:

@@ -11,6 +11,7 @@ from .._config import RunConfig
 from ._base import (
     Command,
     UsageError,
+    _positive_int,
     add_run_arguments,
     config_from_args,
     name_the_flag,
@@ -28,7 +29,16 @@ class TrainCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser)
         parser.add_argument(
-            "--checkpoint", default=None, help="checkpoint file (written each epoch and on Ctrl-C)"
+            "--checkpoint",
+            default=None,
+            help="checkpoint file (written each epoch, every --checkpoint-every steps, on Ctrl-C/SIGTERM)",
+        )
+        parser.add_argument(
+            "--checkpoint-every",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="also checkpoint every N steps, so a kill loses at most N steps (default: at epoch ends)",
         )
         parser.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
         parser.add_argument(
@@ -44,7 +54,14 @@ class TrainCommand(Command):
         from .._run import build_run, run_training
         from .._training import TrainingError
 
-        config = config_from_args(args, checkpoint=args.checkpoint, resume=args.resume)
+        config = config_from_args(
+            args, checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every
+        )
+        if args.checkpoint_every is not None and args.checkpoint is None:
+            raise UsageError("`--checkpoint-every` needs `--checkpoint FILE`, but no --checkpoint was given.")
+        for flag, path in (("--checkpoint", args.checkpoint), ("--output-json", args.output_json)):
+            if path is not None:
+                _writable(flag, path)
         print(
             f"snopt train: {config.task}, optimizer {config.optimizer}, control {config.control}; "
             "building the model...",
@@ -78,6 +95,15 @@ class TrainCommand(Command):
             if isinstance(getattr(cb, "run_id", None), str):
                 print(where_logged(cb.run_id, cb.tracking_uri, experiment=cb.experiment, journal=cb.journal))
         return 0 if result.status == "completed" else 130
+
+
+def _writable(flag: str, path: str) -> None:
+    from .._checks import writable_file
+
+    try:
+        writable_file(flag.lstrip("-").replace("-", "_"), path)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _tracking_callbacks(args: argparse.Namespace, config: RunConfig) -> list[Any]:

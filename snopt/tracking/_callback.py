@@ -417,7 +417,7 @@ class MlflowCallback(Callback):
             self._safely("log the final stats", lambda: self._log_end(trainer, result))
             self._safely("log artifacts", lambda: self._log_artifacts(trainer, result))
             if _wanted(self.log_model, result) and result.status in ("completed", "interrupted"):
-                self._safely("log the model", lambda: self.sink.log_model(trainer.model))  # type: ignore[union-attr]
+                self._safely("log the model", lambda: self.sink.log_model(trainer.model, config=self.config))  # type: ignore[union-attr]
             if self.end_run:
                 status = _STATUS.get(result.status, "FAILED")
                 self._safely(

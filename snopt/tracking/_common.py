@@ -108,7 +108,9 @@ def _resolve_uri(tracking_uri: str | None) -> str:
         return default_tracking_uri()
     if not isinstance(tracking_uri, str):
         raise TypeError(f"`tracking_uri` must be a string, but got {type(tracking_uri).__name__}.")
-    return tracking_uri
+    from .._checks import tracking_uri as check_tracking_uri
+
+    return str(check_tracking_uri("tracking_uri", tracking_uri))
 
 
 def default_fallback_dir() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._redact import is_redacted, redact_url
 from ._common import (
     _JOURNAL_FORMAT,
     _OFFLINE_PREFIX,
@@ -26,9 +28,55 @@ from ._common import (
     default_fallback_dir,
 )
 from ._ops import (
+    JournalRefused,
     _apply,
     _experiment_for,
 )
+
+#: What a journal's ``local_id`` (the name of its files folder) may look like.
+_LOCAL_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+#: Operations whose ``path`` names a file of the journal's folder.
+_FILE_OPS = ("log_artifact", "log_model_weights")
+
+
+def _confined(base: Path, rel: Any) -> Path:
+    """``base / rel``, refused unless it stays inside ``base`` (links resolved, inside folders too)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise JournalRefused(f"path {rel!r} is not a relative path inside the journal's folder {base}")
+    root = base.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(root):
+        raise JournalRefused(f"path {rel!r} resolves to {target}, outside the journal's folder {root}")
+    if target.is_dir():
+        for item in target.rglob("*"):
+            if not item.resolve().is_relative_to(root):
+                raise JournalRefused(f"{item} in {rel!r} links outside the journal's folder {root}")
+    return target
+
+
+def _target_uri(header: Mapping[str, Any], explicit: str | None) -> str:
+    """Where a journal replays: the URI given explicitly, else the one it was written for.
+
+    The header holds that URI with its credentials masked; the environment's URI
+    (``MLFLOW_TRACKING_URI``) supplies them when it is the same URI.
+    """
+    if explicit:
+        return explicit
+    uri = header.get("tracking_uri")
+    if not isinstance(uri, str) or not uri:
+        raise JournalRefused("its header names no tracking URI; pass one explicitly (--tracking-uri)")
+    if is_redacted(uri):
+        own = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if redact_url(own) != uri:
+            raise JournalRefused(
+                f"it was written for {uri}, whose credentials are not stored; "
+                "pass that URI explicitly (--tracking-uri) to replay it there"
+            )
+        uri = own
+    from .._checks import tracking_uri
+
+    return str(tracking_uri("tracking_uri", uri))
 
 
 # ------------------------------------------------------------------ the journal
@@ -51,6 +99,8 @@ class _Journal:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 **header,
+                # Credentials never go to disk; a sync gets them from --tracking-uri or the environment.
+                "tracking_uri": redact_url(header.get("tracking_uri")),
             }
         )
 
@@ -96,7 +146,8 @@ class SyncResult:
 
     Attributes:
         journal: path of the journal file.
-        status: ``"synced"`` (all replayed; the journal moved to ``synced/``), ``"failed"``
+        status: ``"synced"`` (all replayed; the journal moved to ``synced/``), ``"refused"``
+            (not a valid journal, or no tracking URI it may replay to: nothing sent), ``"failed"``
             (MLflow still unreachable; the replay resumes where it stopped next time),
             ``"waiting"`` (its parent run has not been synced yet) or ``"open"`` (its run is
             still going).
@@ -116,14 +167,28 @@ class SyncResult:
 
 def _read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines or lines[0].get("format") != _JOURNAL_FORMAT:
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("format") != _JOURNAL_FORMAT:
         raise ValueError(f"{path} is not a snopt tracking journal (no {_JOURNAL_FORMAT!r} header).")
+    local_id = lines[0].get("local_id")
+    if not isinstance(local_id, str) or not _LOCAL_ID.fullmatch(local_id) or set(local_id) <= {"."}:
+        raise ValueError(
+            f"{path} is not a snopt tracking journal: its local_id {local_id!r} is not a plain "
+            "folder name (letters, digits, '-', '_', '.')."
+        )
+    if not all(isinstance(op, dict) and isinstance(op.get("op"), str) for op in lines[1:]):
+        raise ValueError(f"{path} is not a snopt tracking journal: an entry is not an operation.")
     return lines[0], lines[1:]
+
+
+def _check_folder(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`dir` must be the fallback folder, but {str(directory)!r} is a file.")
 
 
 def pending_journals(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The journals in ``directory`` that still wait for a sync, with their headers and sizes."""
     directory = Path(directory) if directory is not None else default_fallback_dir()
+    _check_folder(directory)
     out: list[dict[str, Any]] = []
     for path in sorted(directory.glob("*.jsonl")):
         try:
@@ -200,18 +265,28 @@ def sync_fallback(
     down) resumes where it stopped on the next call; metrics that were already sent are not
     duplicated.  Fully replayed journals are moved to ``<directory>/synced``.
 
+    Nothing from a journal executes: models travel as weights files (tensors only), and every
+    file an entry names must resolve inside the journal's own folder, else that entry is
+    refused (listed in :attr:`SyncResult.notes`).
+
     Journals of runs that are still going (their process is alive on this machine) are left
     alone (status ``"open"``); those of a process that died are replayed as far as they go.
 
     Args:
         directory: the fallback folder (default ``./snopt_runs/fallback``).
-        tracking_uri: replay into this tracking URI instead of the one each run was meant for.
+        tracking_uri: replay into this tracking URI instead of the one each run was meant for
+            (a journal never replays anywhere else; its header holds that URI without
+            credentials, which come from ``MLFLOW_TRACKING_URI`` when it is the same URI).
         journals: only these journal files of ``directory`` (default: all).
 
     Returns:
         One :class:`SyncResult` per journal.
+
+    Raises:
+        ValueError: ``directory`` is a file, or ``journals`` names files outside it.
     """
     directory = Path(directory) if directory is not None else default_fallback_dir()
+    _check_folder(directory)
     if not directory.exists():
         return []
     id_map_path = directory / "id_map.json"
@@ -225,6 +300,10 @@ def sync_fallback(
             pending = sorted(directory.glob("*.jsonl"))
         else:
             pending = sorted(Path(j) for j in journals if Path(j).exists())
+            outside = [p for p in pending if p.resolve().parent != directory.resolve()]
+            if outside:
+                names = [str(p) for p in outside]
+                raise ValueError(f"`journals` must be files of {directory}, but got {names}.")
         # Parents before children: a journal may refer to a run another journal creates.
         while pending:
             waiting = []
@@ -243,10 +322,16 @@ def sync_fallback(
 
 
 def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> SyncResult:
-    header, ops = _read_journal(path)
+    try:
+        header, ops = _read_journal(path)
+    except (ValueError, json.JSONDecodeError) as exc:
+        return SyncResult(str(path), "refused", error=str(exc))
     if _journal_is_live(header, ops):
         return SyncResult(str(path), "open", error="its run is still being written")
-    uri = tracking_uri or header["tracking_uri"]
+    try:
+        uri = _target_uri(header, tracking_uri)
+    except (JournalRefused, ValueError) as exc:
+        return SyncResult(str(path), "refused", error=f"not replayed: {exc}")
     progress = _read_progress(path)
     done = int(progress.get("done", 0))
     run_id = progress.get("run_id") or header.get("run_id")
@@ -262,7 +347,7 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
     if progress.get("run_id") and any(op["op"] == "create_run" for op in ops[:done]):
         id_map[header["local_id"]] = progress["run_id"]  # created by an earlier, interrupted sync
     client = _mlflow().MlflowClient(tracking_uri=uri)
-    base = path.parent / header["local_id"]
+    base = path.parent / header["local_id"]  # the journal's own folder (a plain name, checked on reading)
     try:
         for index, op in enumerate(ops):
             if index < done:
@@ -300,7 +385,11 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
                         )
                     op = {**op, "tags": {**op["tags"], _PARENT_TAG: parent}}
                 try:
+                    if op["op"] in _FILE_OPS:
+                        _confined(base, op.get("path"))
                     result.notes += _apply(client, uri, run_id, op, base)
+                except JournalRefused as exc:
+                    result.notes.append(f"operation {index} ({op['op']}) refused: {exc}")
                 except Exception as exc:
                     if not _is_rejection(exc):
                         raise

@@ -6,12 +6,14 @@ import contextlib
 import io
 import logging
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._redact import redact_url
 from ._common import (
     _EXPERIMENT_KIND,
     _OFFLINE_PREFIX,
@@ -87,7 +89,8 @@ def _mlflow_run_env(tracking_uri: str) -> str | None:
         if not _is_rejection(exc):
             return run_id  # unreachable: the fallback journal keeps the run id
         warnings.warn(
-            f"MLFLOW_RUN_ID={run_id} is not a run of {tracking_uri}; logging to a new run instead. "
+            f"MLFLOW_RUN_ID={run_id} is not a run of {redact_url(tracking_uri)}; "
+            "logging to a new run instead. "
             "(`mlflow run` starts its command in the project folder, so a relative sqlite:/// URI "
             "points elsewhere there: set MLFLOW_TRACKING_URI to an absolute URI.)",
             TrackingWarning,
@@ -132,12 +135,19 @@ def _apply(
             client.log_artifact(run_id, str(path), op.get("artifact_path"))
     elif kind == "log_table":
         client.log_table(run_id, data=op["data"], artifact_file=op["artifact_file"])
-    elif kind == "log_model":
-        mlflow = _mlflow()
+    elif kind == "log_model_weights":
         path = Path(op["path"]) if base is None else base / op["path"]
-        with _quiet_mlflow():
-            model = mlflow.pytorch.load_model(str(path), map_location="cpu")
-        _log_model(client, tracking_uri, run_id, model, op.get("name", "model"), op.get("pip_requirements"))
+        name = str(op.get("name", "model"))
+        model = _rebuild_model(op.get("config"), path)
+        if model is None:
+            client.log_artifact(run_id, str(path), name)
+            notes.append(f"model synced as the weights file {name}/{path.name} (not a built-in task's model)")
+        else:
+            with _picklable(model):
+                _log_model(client, tracking_uri, run_id, model, name, op.get("pip_requirements"))
+    elif kind == "log_model":
+        # Journals of older versions held pickled models: loading one could run any code.
+        notes.append("a pickled model was not loaded (journals never unpickle); the model was skipped")
     elif kind == "terminate":
         # MLflow prints a "View run" link for runs on a server: one per trial is noise.
         quiet = contextlib.redirect_stdout(io.StringIO()) if op.get("quiet") else contextlib.nullcontext()
@@ -146,9 +156,52 @@ def _apply(
     else:
         raise ValueError(
             f"Unknown tracking operation {kind!r}; valid ones are log_batch, log_artifact, "
-            "log_table, log_model, terminate."
+            "log_table, log_model_weights, terminate."
         )
     return notes
+
+
+class JournalRefused(ValueError):
+    """A journal (or one of its entries) breaks a rule of the format and is not replayed."""
+
+
+#: The name of a journaled model's weights file (a ``state_dict`` of tensors).
+WEIGHTS_FILE = "weights.pt"
+
+
+def _rebuild_model(config: Any, weights: Path) -> Any:
+    """A built-in task's model rebuilt from its run configuration and weights (None otherwise).
+
+    The weights load with ``weights_only=True``: a journal never runs code from a file.
+    """
+    import torch
+
+    from .._config import RunConfig
+    from .._defaults import TASKS
+
+    if not isinstance(config, Mapping) or config.get("task") not in TASKS:
+        return None
+    known = set(RunConfig.__dataclass_fields__) - {"checkpoint", "resume"}
+    try:
+        run = RunConfig.from_dict({k: v for k, v in config.items() if k in known})
+    except (TypeError, ValueError):
+        return None
+    from .._tasks import get_task
+
+    model = get_task(run.task, **run.task_kwargs).build_model(
+        t1=run.t1, method=run.method, rtol=run.rtol, atol=run.atol, adjoint=run.adjoint, **run.model_kwargs
+    )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise JournalRefused(
+            f"the weights file {weights} holds objects other than tensors; it was not loaded"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise JournalRefused(f"the weights file {weights} does not fit the run's model: {exc}") from None
+    return model
 
 
 @contextlib.contextmanager

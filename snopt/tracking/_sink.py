@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._redact import redact_url
 from ._common import (
     _MAX_METRICS_PER_BATCH,
     _MAX_PARAMS_TAGS_PER_BATCH,
@@ -27,12 +28,12 @@ from ._journal import (
     _Journal,
 )
 from ._ops import (
+    WEIGHTS_FILE,
     _apply,
     _experiment_for,
     _log_model,
     _model_requirements,
     _picklable,
-    _quiet_mlflow,
 )
 
 
@@ -105,7 +106,8 @@ class _RunSink:
             )
             _warn_once(
                 self.tracking_uri,
-                f"MLflow tracking at {self.tracking_uri} failed ({_describe(exc)}). Training goes on; "
+                f"MLflow tracking at {redact_url(self.tracking_uri)} failed ({_describe(exc)}). "
+                "Training goes on; "
                 f"this run is logged to the local fallback {self.journal.path} from now on. Replay it into "
                 f"MLflow with `snopt tracking sync --dir {self.fallback_dir}` once the server is reachable.",
             )
@@ -163,7 +165,12 @@ class _RunSink:
         if self.journal is not None:
             self.journal.close()
 
-    def log_model(self, model: Any, name: str = "model") -> None:
+    def log_model(self, model: Any, name: str = "model", config: Mapping[str, Any] | None = None) -> None:
+        """Log ``model`` online; offline, journal its weights (a file of tensors, never a pickle).
+
+        ``config`` (the run's configuration) lets a sync rebuild a built-in task's model from
+        the weights and log it as an MLflow model; other models are synced as a weights file.
+        """
         requirements = _model_requirements()
         with self._lock:
             if self.journal is None and self.run_id is not None:
@@ -179,14 +186,19 @@ class _RunSink:
                         raise
                     self._go_offline(exc)
             assert self.journal is not None
-            mlflow = _mlflow()
+            import torch
+
             dest, rel = self.journal.new_dir(name)
-            with _picklable(model), _quiet_mlflow():
-                mlflow.pytorch.save_model(
-                    model, str(dest), pip_requirements=requirements, serialization_format="pickle"
-                )
+            dest.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, dest / WEIGHTS_FILE)
             self.journal.append(
-                {"op": "log_model", "path": rel, "name": name, "pip_requirements": requirements}
+                {
+                    "op": "log_model_weights",
+                    "path": f"{rel}/{WEIGHTS_FILE}",
+                    "name": name,
+                    "pip_requirements": requirements,
+                    "config": dict(config) if config is not None else None,
+                }
             )
 
 

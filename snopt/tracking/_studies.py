@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._redact import is_redacted, redact_url
 from .._training import Callback, jsonable
 from ._callback import MlflowCallback
 from ._common import (
@@ -140,7 +141,7 @@ def start_parent_run(
         sink.close()
     if study is not None:
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
-        study.set_user_attr(TRACKING_URI_ATTR, uri)
+        study.set_user_attr(TRACKING_URI_ATTR, redact_url(uri))
         study.set_user_attr(EXPERIMENT_ATTR, experiment)
         # Two workers that started at once: the attribute written last wins for everyone.
         winner = study.user_attrs.get(PARENT_RUN_ATTR, run_id) if hasattr(study, "user_attrs") else run_id
@@ -279,7 +280,7 @@ class StudyTracker:
         if parent is None:
             return None
         attrs = study.user_attrs
-        kwargs.setdefault("tracking_uri", attrs.get(TRACKING_URI_ATTR))
+        kwargs.setdefault("tracking_uri", _recorded_uri(attrs, None))
         kwargs.setdefault("experiment", attrs.get(EXPERIMENT_ATTR) or DEFAULT_EXPERIMENT)
         return cls(kind="study", parent_run_id=parent, **kwargs)
 
@@ -293,7 +294,7 @@ class StudyTracker:
                 return existing
             if self.parent_run_id is not None and not self._from_env:
                 study.set_user_attr(PARENT_RUN_ATTR, self.parent_run_id)
-                study.set_user_attr(TRACKING_URI_ATTR, self.tracking_uri)
+                study.set_user_attr(TRACKING_URI_ATTR, redact_url(self.tracking_uri))
                 study.set_user_attr(EXPERIMENT_ATTR, self.experiment)
                 return self.parent_run_id
         elif self.parent_run_id is not None and not self._from_env:
@@ -430,7 +431,7 @@ class StudyTracker:
                 if recorded is not None:
                     attrs = study.user_attrs
                     parent = recorded
-                    uri = attrs.get(TRACKING_URI_ATTR) or uri
+                    uri = _recorded_uri(attrs, uri) or uri
                     experiment = attrs.get(EXPERIMENT_ATTR) or experiment
                 if _is_mlflow_storage(_study_storage(study)):
                     # MlflowStorage's trial id is the trial's run id. Optuna has no public trial id
@@ -682,3 +683,15 @@ def _table_data(table: Any) -> dict[str, list[Any]]:
     for row in rows:
         cols.extend(k for k in row if k not in cols)
     return {c: [cell(r.get(c)) for r in rows] for c in cols}
+
+
+def _recorded_uri(attrs: Mapping[str, Any], own: str | None) -> str | None:
+    """The tracking URI a study recorded, unless it was stored without its credentials.
+
+    Study attributes hold URIs redacted (``user:***@``); a worker then uses its own
+    (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``), which holds the credentials.
+    """
+    recorded = attrs.get(TRACKING_URI_ATTR)
+    if not recorded or is_redacted(recorded):
+        return own
+    return str(recorded)
