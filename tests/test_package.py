@@ -55,6 +55,23 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].replace("pip install -c", "pip install -q -c") in ci
 
 
+def test_every_source_package_is_listed_in_pyproject():
+    """A subpackage missing from `packages` works editable and breaks every real install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        "snopt." + ".".join(f.parent.relative_to(ROOT / "snopt").parts)
+        for f in (ROOT / "snopt").rglob("__init__.py")
+    }
+    found = {name.rstrip(".") for name in found}
+    found |= {
+        "snopt.search" + "".join("." + p for p in f.parent.relative_to(ROOT / "search").parts)
+        for f in (ROOT / "search").rglob("__init__.py")
+    }
+    assert found == listed
+
+
 @pytest.mark.integration
 def test_built_wheel_maps_search_into_snopt(tmp_path):
     """The package-dir mapping is unusual; check the wheel itself, not an editable install."""
@@ -66,7 +83,11 @@ def test_built_wheel_maps_search_into_snopt(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("snopt-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "snopt/search/__init__.py" in names
+    sources = {f"snopt/{f.relative_to(ROOT / 'snopt').as_posix()}" for f in (ROOT / "snopt").rglob("*.py")}
+    sources |= {
+        f"snopt/search/{f.relative_to(ROOT / 'search').as_posix()}" for f in (ROOT / "search").rglob("*.py")
+    }
+    assert sources - set(names) == set(), "source files missing from the wheel"
     assert "snopt/py.typed" in names
     assert not any(n.startswith("mlflow/") for n in names)
     assert not any(n.startswith("search/") for n in names)
