@@ -136,12 +136,9 @@ def study_result(
         res.work += trial_work(t)
         if t.number >= first_trial:
             res.n_now += 1
-            for key, amount in (
-                ("work", trial_work(t)),
-                ("nfe", trial_nfe(t)),
-                ("wall_time", trial_seconds(t)),
-            ):
-                now[key] += amount
+            now["work"] += trial_work(t)
+            now["nfe"] += trial_nfe(t)
+            now["wall_time"] += trial_seconds(t)
             now["trials"] += 1
         else:
             res.n_before += 1
@@ -161,37 +158,44 @@ def study_result(
                 "best": best,
             }
         )
-        res.trials.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "value": value,
-                "values": list(t.values) if t.values else None,
-                "status": t.user_attrs.get(STATUS_ATTR),
-                "t1_initial": t.user_attrs.get("t1_initial", t.params.get(HORIZON)),
-                "t1_final": _t1_final(t),
-                "t1_final_blocks": _t1_blocks(t),
-                "nfe": trial_nfe(t),
-                "work": trial_work(t),
-                "seconds": trial_seconds(t),
-                "inference_nfe": t.user_attrs.get("inference_nfe"),
-                "t1_trajectory": t.user_attrs.get("t1_trajectory"),
-                "fail_reason": t.user_attrs.get("fail_reason"),
-                "stop_reason": t.user_attrs.get("stop_reason"),
-            }
-        )
+        res.trials.append(_trial_record(t, value))
     res.spent_now = now
     if best_trial is not None:
-        res.best_value = best
-        res.best_trial = best_trial.number
-        res.best_t1 = _t1_final(best_trial)
-        res.best_t1_blocks = _t1_blocks(best_trial)
-        res.best_params = dict(best_trial.user_attrs.get("hyperparams", best_trial.params))
-        inference = best_trial.user_attrs.get("inference_nfe")
-        res.best_inference_nfe = float(inference) if inference is not None else None
+        _set_best(res, best, best_trial)
     if points:
         res.front = pareto_front(points, maximize_first=maximize)
     return res
+
+
+def _trial_record(t: FrozenTrial, value: float | None) -> dict[str, Any]:
+    """One counted trial as the report keeps it (``StudyResult.trials``)."""
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": value,
+        "values": list(t.values) if t.values else None,
+        "status": t.user_attrs.get(STATUS_ATTR),
+        "t1_initial": t.user_attrs.get("t1_initial", t.params.get(HORIZON)),
+        "t1_final": _t1_final(t),
+        "t1_final_blocks": _t1_blocks(t),
+        "nfe": trial_nfe(t),
+        "work": trial_work(t),
+        "seconds": trial_seconds(t),
+        "inference_nfe": t.user_attrs.get("inference_nfe"),
+        "t1_trajectory": t.user_attrs.get("t1_trajectory"),
+        "fail_reason": t.user_attrs.get("fail_reason"),
+        "stop_reason": t.user_attrs.get("stop_reason"),
+    }
+
+
+def _set_best(res: StudyResult, best: float | None, trial: FrozenTrial) -> None:
+    res.best_value = best
+    res.best_trial = trial.number
+    res.best_t1 = _t1_final(trial)
+    res.best_t1_blocks = _t1_blocks(trial)
+    res.best_params = dict(trial.user_attrs.get("hyperparams", trial.params))
+    inference = trial.user_attrs.get("inference_nfe")
+    res.best_inference_nfe = float(inference) if inference is not None else None
 
 
 def _t1_final(trial: FrozenTrial) -> float | None:
@@ -441,6 +445,12 @@ class ComparisonReport:
 
     def to_markdown(self) -> str:
         """The report as Markdown: settings, strategies, summary, paired differences, per seed, figures."""
+        sections = (self._md_settings, self._md_summary, self._md_paired, self._md_pareto, self._md_per_seed)
+        lines = [line for section in sections for line in section()]
+        lines += self._md_samplers_and_figures()
+        return "\n".join(lines) + "\n"
+
+    def _md_settings(self) -> list[str]:
         b = ", ".join(f"{k}={_fmt(v)}" for k, v in self.budget.items() if v is not None) or "unlimited"
         n = len(self.seeds)
         lines = [
@@ -458,7 +468,10 @@ class ComparisonReport:
             "",
         ]
         lines += [f"- `{s}`: {STRATEGY_HELP.get(s, '')}" for s in self.strategies]
-        lines += [
+        return lines
+
+    def _md_summary(self) -> list[str]:
+        lines = [
             "",
             "## Summary",
             "",
@@ -486,6 +499,10 @@ class ComparisonReport:
                 f"| {r['reached']} | {_fmt(r['work_to_target'])} | {_fmt(r['nfe_to_target'])} "
                 f"| {_fmt(r['time_to_target_s'])} |"
             )
+        return lines
+
+    def _md_paired(self) -> list[str]:
+        lines: list[str] = []
         paired = self.paired()
         if paired:
             lines += [
@@ -506,6 +523,10 @@ class ComparisonReport:
                     f"| {_diffs(v)} | {describe(t['mean'], t['ci'], t['n'])} "
                     f"| {_diffs(t)} |"
                 )
+        return lines
+
+    def _md_pareto(self) -> list[str]:
+        lines: list[str] = []
         if len(self.objectives) > 1:
             lines += [
                 "",
@@ -525,6 +546,10 @@ class ComparisonReport:
                     f"| {r['strategy']} | {_fmt(r['hypervolume'])} | {_fmt(r['hv_per_work'])} "
                     f"| {_fmt(_median(sizes))} |"
                 )
+        return lines
+
+    def _md_per_seed(self) -> list[str]:
+        lines: list[str] = []
         lines += [
             "",
             "## Per seed",
@@ -547,6 +572,10 @@ class ComparisonReport:
                 f"| {_fmt(s.work)} "
                 f"| {s.nfe} | {_fmt(s.wall_time)} | {_fmt(s.work_to_target)} |"
             )
+        return lines
+
+    def _md_samplers_and_figures(self) -> list[str]:
+        lines: list[str] = []
         samplers = self.settings.get("samplers")
         if samplers:
             lines += ["", "## Samplers and pruner", ""]
@@ -563,7 +592,7 @@ class ComparisonReport:
             for key, path in self.files.items():
                 if path.endswith(".png"):
                     lines.append(f"![{key}]({Path(path).name})")
-        return "\n".join(lines) + "\n"
+        return lines
 
     # ----------------------------------------------------------- files
     def write(self, output_dir: str | Path) -> dict[str, str]:
