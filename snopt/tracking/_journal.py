@@ -321,6 +321,10 @@ def sync_fallback(
     return results
 
 
+class _Waiting(Exception):
+    """A run this journal names (its own or its parent) is not synced yet: retried later."""
+
+
 def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> SyncResult:
     try:
         header, ops = _read_journal(path)
@@ -334,74 +338,97 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
         return SyncResult(str(path), "refused", error=f"not replayed: {exc}")
     progress = _read_progress(path)
     done = int(progress.get("done", 0))
-    run_id = progress.get("run_id") or header.get("run_id")
-    result = SyncResult(str(path), "failed", run_id=None)
-    if run_id and run_id.startswith(_OFFLINE_PREFIX):
-        if run_id[len(_OFFLINE_PREFIX) :] == header["local_id"]:
-            run_id = None  # this journal creates the run
-        else:
-            mapped = _map_offline(run_id, id_map)
-            if mapped is None:
-                return SyncResult(str(path), "waiting", error=f"run {run_id} is not synced yet")
-            run_id = mapped
+    try:
+        run_id = _known_run_id(header, progress, id_map)
+    except _Waiting as exc:
+        return SyncResult(str(path), "waiting", error=str(exc))
     if progress.get("run_id") and any(op["op"] == "create_run" for op in ops[:done]):
         id_map[header["local_id"]] = progress["run_id"]  # created by an earlier, interrupted sync
     client = _mlflow().MlflowClient(tracking_uri=uri)
     base = path.parent / header["local_id"]  # the journal's own folder (a plain name, checked on reading)
+    result = SyncResult(str(path), "failed", run_id=None)
     try:
         for index, op in enumerate(ops):
             if index < done:
                 if op["op"] == "create_run" and run_id is None:
                     raise RuntimeError(f"{path}: progress says the run was created but records no run id.")
                 continue
-            if op["op"] == "close":
-                pass
-            elif op["op"] == "create_run":
-                tags = dict(op.get("tags", {}))
-                if _PARENT_TAG in tags:
-                    parent = _map_offline(tags[_PARENT_TAG], id_map)
-                    if parent is None:
-                        return SyncResult(
-                            str(path), "waiting", error=f"parent {tags[_PARENT_TAG]} is not synced yet"
-                        )
-                    tags[_PARENT_TAG] = parent
-                experiment_id = _experiment_for(client, header["experiment"], tags, uri)
-                run = client.create_run(
-                    experiment_id, start_time=op.get("start_time"), tags=tags, run_name=op.get("run_name")
-                )
-                run_id = run.info.run_id
-                id_map[header["local_id"]] = run_id
-            else:
+            if op["op"] == "create_run":
+                run_id = _create_run(client, uri, header, op, id_map)
+            elif op["op"] != "close":
                 if run_id is None:
                     raise RuntimeError(f"{path}: operation {index} comes before the run is created.")
-                if op["op"] == "log_batch" and _PARENT_TAG in op.get("tags", {}):
-                    parent = _map_offline(op["tags"][_PARENT_TAG], id_map)
-                    if parent is None:
-                        return SyncResult(
-                            str(path),
-                            "waiting",
-                            run_id=run_id,
-                            error=f"parent {op['tags'][_PARENT_TAG]} is not synced yet",
-                        )
-                    op = {**op, "tags": {**op["tags"], _PARENT_TAG: parent}}
-                try:
-                    if op["op"] in _FILE_OPS:
-                        _confined(base, op.get("path"))
-                    result.notes += _apply(client, uri, run_id, op, base)
-                except JournalRefused as exc:
-                    result.notes.append(f"operation {index} ({op['op']}) refused: {exc}")
-                except Exception as exc:
-                    if not _is_rejection(exc):
-                        raise
-                    result.notes.append(f"operation {index} ({op['op']}) refused: {_describe(exc)}")
+                result.notes += _replay_op(client, uri, run_id, base, index, op, id_map)
             done = index + 1
             result.operations += 1
             _write_progress(path, {"run_id": run_id, "done": done})
+    except _Waiting as exc:
+        return SyncResult(str(path), "waiting", run_id=run_id, error=str(exc))
     except Exception as exc:
         result.error = _describe(exc)
         result.run_id = run_id
         return result
     _mark_reachable(uri)
+    _archive(path, base)
+    result.status, result.run_id = "synced", run_id
+    return result
+
+
+def _known_run_id(header: dict[str, Any], progress: dict[str, Any], id_map: dict[str, str]) -> str | None:
+    """The tracking run this journal writes to, or None when the journal creates it."""
+    run_id = progress.get("run_id") or header.get("run_id")
+    if run_id and run_id.startswith(_OFFLINE_PREFIX):
+        if run_id[len(_OFFLINE_PREFIX) :] == header["local_id"]:
+            return None  # this journal creates the run
+        mapped = _map_offline(run_id, id_map)
+        if mapped is None:
+            raise _Waiting(f"run {run_id} is not synced yet")
+        return mapped
+    return run_id
+
+
+def _with_parent(tags: dict[str, Any], id_map: dict[str, str]) -> dict[str, Any]:
+    """``tags`` with an offline parent run id replaced by the synced one."""
+    if _PARENT_TAG not in tags:
+        return tags
+    parent = _map_offline(tags[_PARENT_TAG], id_map)
+    if parent is None:
+        raise _Waiting(f"parent {tags[_PARENT_TAG]} is not synced yet")
+    return {**tags, _PARENT_TAG: parent}
+
+
+def _create_run(
+    client: Any, uri: str, header: dict[str, Any], op: dict[str, Any], id_map: dict[str, str]
+) -> str:
+    tags = _with_parent(dict(op.get("tags", {})), id_map)
+    experiment_id = _experiment_for(client, header["experiment"], tags, uri)
+    run = client.create_run(
+        experiment_id, start_time=op.get("start_time"), tags=tags, run_name=op.get("run_name")
+    )
+    id_map[header["local_id"]] = run.info.run_id
+    return str(run.info.run_id)
+
+
+def _replay_op(
+    client: Any, uri: str, run_id: str, base: Path, index: int, op: dict[str, Any], id_map: dict[str, str]
+) -> list[str]:
+    """Apply one logging operation; notes for what the server or the confinement refused."""
+    if op["op"] == "log_batch" and _PARENT_TAG in op.get("tags", {}):
+        op = {**op, "tags": _with_parent(op["tags"], id_map)}
+    try:
+        if op["op"] in _FILE_OPS:
+            _confined(base, op.get("path"))
+        return _apply(client, uri, run_id, op, base)
+    except JournalRefused as exc:
+        return [f"operation {index} ({op['op']}) refused: {exc}"]
+    except Exception as exc:
+        if not _is_rejection(exc):
+            raise
+        return [f"operation {index} ({op['op']}) refused: {_describe(exc)}"]
+
+
+def _archive(path: Path, base: Path) -> None:
+    """Move a synced journal, its progress file and its folder into ``synced/``."""
     synced = path.parent / "synced"
     synced.mkdir(exist_ok=True)
     for item in (path, _progress_path(path), base):
@@ -410,5 +437,3 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             shutil.move(str(item), str(target))
-    result.status, result.run_id = "synced", run_id
-    return result
