@@ -216,13 +216,17 @@ class Controller:
         self._batch = 1
         self._variables = self._build_variables(model, bounds, horizons)
         self._gauss_newton = GaussNewton(model, [b for _, b in ode_blocks(model)])
+        self._previous: list[tuple[Tensor, Tensor]] | None = None
+        self._dtheta_norm = math.nan
+        self._attach(model, optimizer)
+
+    def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Hook the model's forward (batch size, output) and the optimizer's step (the feedback term)."""
         if optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
         else:
             params = [p for p in model.parameters() if p.requires_grad]
         self._params: list[Tensor] = list({id(p): p for p in params}.values())
-        self._previous: list[tuple[Tensor, Tensor]] | None = None
-        self._dtheta_norm = math.nan
         self._hooks = [model.register_forward_pre_hook(self._on_forward)]
         self._hooks.append(model.register_forward_hook(self._on_output))
         if optimizer is not None:
