@@ -33,7 +33,7 @@ class Terminated(KeyboardInterrupt):
 
     Args:
         signum: the signal, as a number or a name (``"SIGTERM"``).
-        message: what was stopped (default: ``"received <signal>"``).
+        message: what was stopped (default: ``"interrupted by <signal>"``).
 
     Attributes:
         signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
@@ -44,7 +44,7 @@ class Terminated(KeyboardInterrupt):
         sig = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
         self.signal_name = sig.name
         self.exit_status = 128 + int(sig)
-        super().__init__(message or f"received {self.signal_name}")
+        super().__init__(message or f"interrupted by {self.signal_name}")
 
 
 def signal_name(exc: BaseException) -> str:
@@ -58,7 +58,7 @@ def exit_status(exc: BaseException) -> int:
 
 
 def interrupt_reason(exc: BaseException) -> str:
-    """One line on an interrupt that names its signal, e.g. ``"received SIGTERM"``."""
+    """One line on an interrupt that names its signal, e.g. ``"interrupted by SIGTERM"``."""
     text, name = str(exc), signal_name(exc)
     return text if name in text else f"interrupted by {name}" + (f": {text}" if text else "")
 

@@ -120,11 +120,19 @@ def test_sigterm_stops_snopt_worker_with_a_failed_trial_and_a_killed_run(tmp_pat
     from snopt import RunConfig
 
     db = tmp_path / "w.db"
-    config = RunConfig(task="digits", model_kwargs={"width": 4}, method="rk4", epochs=None, max_steps=100000,
-                       batch_size=32, eval_every=100000)  # fmt: skip
+    config = RunConfig(
+        model_kwargs={"width": 4}, method="rk4", epochs=None, max_steps=10**5, eval_every=10**5
+    )
     space = SearchSpace({"t1": Float(0.5, 2.0, default=1.0)})
-    create_study(config, strategy="random", space=space, budget=Budget(n_trials=2), storage=f"sqlite:///{db}",
-                 study_name="w", pruner="none")  # fmt: skip
+    create_study(
+        config,
+        strategy="random",
+        space=space,
+        budget=Budget(n_trials=2),
+        storage=f"sqlite:///{db}",
+        study_name="w",
+        pruner="none",
+    )
     args = ["worker", "--storage", f"sqlite:///{db}", "--study", "w", "--no-progress"]
     proc = _start([*args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
     status = _stop_when(proc, tmp_path, _running_trial_trains(db), signal.SIGTERM)

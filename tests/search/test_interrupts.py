@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 from snopt.search import Budget, Float, SearchSpace, create_study, load_study
 
-from snopt._signals import Terminated
+from snopt._signals import Terminated, terminate_as_interrupt
 from snopt._training import Callback
 
 SPACE = SearchSpace({"x": Float(0.0, 1.0)})
@@ -51,6 +51,19 @@ def test_sigterm_in_a_trial_fails_it_with_the_signal_and_the_checkpoint(tmp_path
     )
     # An interrupted trial is owed again: it does not count against the budget.
     assert "snopt_status" not in trial.user_attrs and study.spent().trials == 0
+
+
+def test_sigterm_outside_training_fails_the_trial_with_the_signal():
+    def objective(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # while sampling or building the model, say
+
+    study = create_study(objective, strategy="random", space=SPACE, storage=None, budget=Budget(n_trials=2))
+    with pytest.raises(Terminated), terminate_as_interrupt():  # as every snopt command runs
+        study.optimize()
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted by SIGTERM"
+    assert trial.user_attrs["snopt_pid"] == os.getpid()
 
 
 def _dead_pid() -> int:
