@@ -121,3 +121,12 @@ def test_a_trial_whose_heartbeat_stopped_fails_with_a_reason(tmp_path):
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs["fail_reason"]
     assert "no heartbeat for over 30 s" in reason and "pid 1 on elsewhere" in reason
+
+
+def test_heartbeats_are_on_by_default_for_database_storages(tmp_path):
+    from optuna.storages import RDBStorage
+    from snopt.search import resolve_storage
+
+    storage = resolve_storage(f"sqlite:///{tmp_path / 'd.db'}")
+    assert isinstance(storage, RDBStorage)
+    assert (storage.get_heartbeat_interval(), storage.grace_period) == (10, 30)
