@@ -62,8 +62,8 @@ def _runs(tracking_db: Path):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def _running_trial_trains(db: Path):
-    """A RUNNING trial has reported its NFE (every 5 steps): it is training."""
+def _running_trial_trains(db: Path, trials: int = 1):
+    """``trials`` RUNNING trials have reported their NFE (every 5 steps): they are training."""
 
     def started() -> bool:
         if not db.exists():
@@ -74,7 +74,7 @@ def _running_trial_trains(db: Path):
         )
         try:
             with sqlite3.connect(db, timeout=10) as con:
-                return con.execute(query).fetchone()[0] > 0
+                return con.execute(query).fetchone()[0] >= trials
         except sqlite3.OperationalError:  # the tables are not there yet
             return False
 
@@ -97,21 +97,27 @@ def test_a_signal_stops_snopt_train_with_a_checkpoint_and_a_killed_run(tmp_path,
     assert state["step"] == int(run.data.tags["summary.steps"]) >= 1  # the checkpoint is where it stopped
 
 
-def test_sigterm_stops_snopt_search_with_a_failed_trial_and_killed_runs(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_snopt_search_with_failed_trials_and_killed_runs(tmp_path, workers):
     db = tmp_path / "o.db"
     args = ["search", *RUN, "--strategy", "random", "--n-trials", "3", "--storage", f"sqlite:///{db}"]
-    proc = _start([*args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
-    status = _stop_when(proc, tmp_path, _running_trial_trains(db), signal.SIGTERM)
+    args += ["--workers", str(workers), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = _start(args, tmp_path)
+    # The signal goes to the main process alone; it passes it on to the other worker.
+    status = _stop_when(proc, tmp_path, _running_trial_trains(db, workers), signal.SIGTERM)
 
     assert status == 143, (tmp_path / "out.log").read_text()[-3000:]
-    (trial,) = optuna.load_study(study_name="digits-random-s0", storage=f"sqlite:///{db}").trials
-    assert trial.state == TrialState.FAIL and "by SIGTERM" in trial.user_attrs["fail_reason"]
+    trials = optuna.load_study(study_name="digits-random-s0", storage=f"sqlite:///{db}").trials
+    assert len(trials) == workers and len({t.user_attrs["snopt_pid"] for t in trials}) == workers
+    for trial in trials:
+        assert trial.state == TrialState.FAIL and "by SIGTERM" in trial.user_attrs["fail_reason"]
     assert read_checkpoint(tmp_path / "snopt-interrupted.pt", "cpu")["step"] >= 5
-    runs = {r.data.tags["snopt.kind"]: r for r in _runs(tmp_path / "mlflow.db")}
-    assert set(runs) == {"study", "trial"}
-    for run in runs.values():  # the trial's run and the study's parent run
+    runs = _runs(tmp_path / "mlflow.db")
+    (study,) = [r for r in runs if r.data.tags["snopt.kind"] == "study"]
+    kids = [r for r in runs if r.data.tags["snopt.kind"] == "trial"]
+    assert len(kids) == workers and all(r.data.tags["mlflow.parentRunId"] == study.info.run_id for r in kids)
+    for run in runs:  # the trials' runs and the study's parent run
         assert run.info.status == "KILLED" and run.data.tags["snopt.signal"] == "SIGTERM"
-    assert runs["trial"].data.tags["mlflow.parentRunId"] == runs["study"].info.run_id
 
 
 def test_sigterm_stops_snopt_worker_with_a_failed_trial_and_a_killed_run(tmp_path):
