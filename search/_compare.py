@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from optuna.storages import BaseStorage
 from snopt._progress import progress_bar
 from snopt._redact import redact_url
 from snopt._run import RunConfig
+from snopt._signals import exit_status, terminate_as_interrupt
 
 from ._budget import Budget
 from ._objective import TrainingObjective, TrialCallbacksFactory, check_objectives
@@ -33,6 +35,8 @@ from ._study import SESSION_ATTR, Objective, Study, _as_budget, create_study, lo
 DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
 #: Default tolerance of "reached the target" (0.5 accuracy points, as a fraction).
 DEFAULT_EPSILON = 0.005
+#: Seconds a stopped worker process gets to fail its trial and end its runs before it is killed.
+_WORKER_STOP_S = 60
 #: The feedback policy's cost weight swept by in-training strategies in a Pareto comparison.
 COST_WEIGHT = Float(1e-3, 1.0, log=True, default=0.1)
 
@@ -393,15 +397,19 @@ def _worker_main(
     import torch
 
     torch.set_num_threads(threads)
-    study = load_study(
-        study_name,
-        storage,
-        worker=worker,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        trial_callbacks_factory=trial_callbacks_factory,
-    )
-    study.optimize(n_trials=n_trials, timeout=timeout, join=True)
+    try:
+        with terminate_as_interrupt():
+            study = load_study(
+                study_name,
+                storage,
+                worker=worker,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                trial_callbacks_factory=trial_callbacks_factory,
+            )
+            study.optimize(n_trials=n_trials, timeout=timeout, join=True)
+    except KeyboardInterrupt as exc:  # its trial failed with the reason; no traceback
+        sys.exit(exit_status(exc))
 
 
 def run_workers(
@@ -456,12 +464,24 @@ def run_workers(
         p.start()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    stopping = False
     try:
         study.optimize(n_trials=n_trials, timeout=timeout, show_progress_bar=progress, join=True)
+    except KeyboardInterrupt:
+        # SIGTERM reaches this process alone: pass it on, so each worker fails its own trial
+        # with a reason and ends its MLflow run before this process exits.
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        raise
     finally:
         torch.set_num_threads(old_threads)
         for p in procs:
-            p.join()
+            p.join(_WORKER_STOP_S if stopping else None)
+            if p.is_alive():
+                p.kill()
+                p.join()
     bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"Worker processes failed: {bad}; see their output above.")

@@ -6,7 +6,9 @@ Optuna's pruners work for every strategy) and records what the run cost as user
 attributes of the trial:
 
 ``snopt_status``  completed, pruned, failed or budget (stopped where the budget ran out)
-``fail_reason``   why a failed trial failed: the solver's or the loop's own message
+``fail_reason``   why a failed trial failed: the solver's or the loop's own message, the
+                  signal that interrupted it (SIGTERM, SIGINT), or why a resumed study
+                  failed it (its process is gone, or its heartbeat stopped)
 ``stop_reason``   why a pruned trial stopped (the pruner, or which budget ran out)
 ``nfe_total``     forward plus backward function evaluations (also ``nfe_forward``, ``nfe_backward``)
 ``work``          multiply-adds of the fields' layers over those evaluations (:mod:`snopt._work`)
@@ -38,6 +40,7 @@ import optuna
 
 from snopt._ode import SolverError, ode_blocks
 from snopt._run import RunConfig, build_run, run_training
+from snopt._signals import Terminated, interrupt_reason
 from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError, jsonable
 from snopt._work import WorkCounter
 
@@ -60,6 +63,20 @@ _MAX_POINTS = 64
 
 class TrialFailed(RuntimeError):
     """A trial's training failed (solver error or non-finite loss); the study goes on."""
+
+
+def record_interrupt(trial: optuna.trial.BaseTrial, exc: BaseException) -> None:
+    """Record in ``fail_reason`` why an interrupted trial fails: the signal, and where it stopped.
+
+    An interrupted trial keeps no ``snopt_status``, so that it does not count against the
+    budget and a resumed study runs it again.  A reason recorded first (the trainer's, which
+    names the checkpoint) is kept.
+    """
+    try:
+        if not getattr(trial, "user_attrs", {}).get("fail_reason"):
+            trial.set_user_attr("fail_reason", interrupt_reason(exc))
+    except Exception:  # noqa: BLE001 - the storage may be what failed; the trial fails either way
+        pass
 
 
 def check_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
@@ -404,7 +421,8 @@ class TrainingObjective:
             result = run_training(config, callbacks=callbacks, progress=self.progress, run=run)
             if result.status == Status.INTERRUPTED:
                 status, reason = "interrupted", result.message
-                raise KeyboardInterrupt(result.message)
+                # Re-raised with its signal, for the trial's reason and the exit status.
+                raise Terminated(result.signal or "SIGINT", result.message)
             if result.status == Status.PRUNED:
                 status, reason = "pruned", result.message
             elif result.status == Status.BUDGET:
@@ -418,8 +436,9 @@ class TrainingObjective:
             status = "failed"
             partial = getattr(exc, "result", None)
             reason = partial.message if partial is not None and partial.message else str(exc)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = "interrupted"
+            record_interrupt(trial, exc)
             raise
         except Exception as exc:  # a bug or bad input, not solver trouble: record it, then stop the study
             status, reason = "failed", f"{type(exc).__name__}: {exc}"

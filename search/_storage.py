@@ -7,15 +7,24 @@ the study (a resumed run or another worker) marks it FAIL.  Marking every RUNNIN
 failed on start would be simpler, but it would also fail the live trials of other workers
 sharing the study.  Interrupted trials carry no ``snopt_status`` attribute and do not
 count against the budget, so a resumed study runs the trials it still owes.
+
+A trial also records its owner (user attributes ``snopt_host`` and ``snopt_pid``), so that a
+study resumed on the same machine fails the trials of a dead process at once, without
+waiting out the grace period (a trial killed and resumed within it would otherwise stay
+RUNNING).  Every trial failed this way, or by its heartbeat, gets a ``fail_reason``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
+from pathlib import Path
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages import BaseStorage
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from snopt._redact import redact_url
 
@@ -27,6 +36,33 @@ SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_INTERVAL = 10
 #: Seconds without a heartbeat after which a running trial counts as interrupted.
 GRACE_PERIOD = 30
+#: Trial user attributes naming the process that runs the trial.
+HOST_ATTR = "snopt_host"
+PID_ATTR = "snopt_pid"
+
+
+class _ReasonedRDBStorage(RDBStorage):
+    """An ``RDBStorage`` whose heartbeat-stale trials get a ``fail_reason`` before they fail.
+
+    Optuna fails stale trials itself before each new trial, from the ids this method
+    returns, and a finished trial's attributes can no longer be set: the reason is written
+    here, while the trial still runs.
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
+        for trial_id in stale:
+            owner = _owner(self.get_trial(trial_id))
+            reason = (
+                f"interrupted: no heartbeat for over {grace} s (its process{owner} was killed, "
+                "or lost the database); failed by the next process that worked on the study"
+            )
+            try:
+                self.set_trial_user_attr(trial_id, "fail_reason", reason)
+            except UpdateFinishedTrialError:  # another process failed it first
+                pass
+        return stale
 
 
 def resolve_storage(
@@ -81,7 +117,7 @@ def resolve_storage(
     with warnings.catch_warnings():
         # Optuna labels the heartbeat experimental; it is what makes resuming safe here.
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        return _ReasonedRDBStorage(
             storage,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
@@ -89,8 +125,60 @@ def resolve_storage(
         )
 
 
+def owner_attrs() -> dict[str, str | int]:
+    """The user attributes that name this process as a trial's owner."""
+    return {HOST_ATTR: socket.gethostname(), PID_ATTR: os.getpid()}
+
+
+def _owner(trial: FrozenTrial) -> str:
+    host, pid = trial.user_attrs.get(HOST_ATTR), trial.user_attrs.get(PID_ATTR)
+    return f" (pid {pid} on {host})" if host is not None and pid is not None else ""
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is known to have ended (a zombie has)."""
+    if os.name != "posix" or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # Linux: a killed child its parent has not reaped yet is a zombie, not alive
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
+
+
+def _owner_gone(trial: FrozenTrial) -> bool:
+    """Whether the process that ran ``trial`` is provably gone: this machine's, another pid, ended."""
+    pid = trial.user_attrs.get(PID_ATTR)
+    if trial.user_attrs.get(HOST_ATTR) != socket.gethostname() or not isinstance(pid, int):
+        return False
+    return pid != os.getpid() and _process_gone(pid)
+
+
 def fail_interrupted_trials(study: optuna.Study) -> None:
-    """Mark FAIL the running trials whose heartbeat stopped (their process was killed)."""
+    """Mark FAIL, with a ``fail_reason``, the running trials whose process was killed.
+
+    Those of a process of this machine that has ended fail at once; the others once their
+    heartbeat stopped for the grace period (RDB storages with a heartbeat).
+    """
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _owner_gone(trial):
+            continue
+        reason = (
+            f"interrupted: its process{_owner(trial)} ended while the trial ran (killed, or a crash); "
+            "failed when the study was resumed"
+        )
+        storage, trial_id = study._storage, trial._trial_id  # Optuna has no public trial id
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another process failed it first
+            pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -34,6 +34,7 @@ from ._objective import (
     TrialCallbacksFactory,
     TrialFailed,
     check_objectives,
+    record_interrupt,
 )
 from ._space import SearchSpace, block_names, default_space
 from ._storage import (
@@ -41,6 +42,7 @@ from ._storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
     fail_interrupted_trials,
+    owner_attrs,
     resolve_storage,
     storage_url,
 )
@@ -244,18 +246,28 @@ class Study:
         return False
 
     def _guarded(self, func: Objective) -> Objective:
-        """``func`` behind a check that the trial budget is not taken by running trials."""
+        """``func`` behind a check that the trial budget is not taken by running trials.
+
+        The trial records its owner (host and pid) first, so that a resumed study can fail it
+        at once if this process dies, and an interrupt (SIGTERM, Ctrl-C) fails it with a reason.
+        """
 
         def objective(trial: optuna.trial.BaseTrial) -> Any:
-            number = getattr(trial, "number", None)
-            if number is not None and self._over_trial_budget(int(number)):
-                trial.set_user_attr(STATUS_ATTR, SKIPPED)
-                trial.set_user_attr(
-                    "stop_reason", "not run: running trials already took the study's trial budget"
-                )
-                self.study.stop()
-                raise TrialFailed("not run: running trials already took the study's trial budget")
-            return func(trial)
+            try:
+                for key, value in owner_attrs().items():
+                    trial.set_user_attr(key, value)
+                number = getattr(trial, "number", None)
+                if number is not None and self._over_trial_budget(int(number)):
+                    trial.set_user_attr(STATUS_ATTR, SKIPPED)
+                    trial.set_user_attr(
+                        "stop_reason", "not run: running trials already took the study's trial budget"
+                    )
+                    self.study.stop()
+                    raise TrialFailed("not run: running trials already took the study's trial budget")
+                return func(trial)
+            except KeyboardInterrupt as exc:
+                record_interrupt(trial, exc)
+                raise
 
         return objective
 
@@ -277,8 +289,9 @@ class Study:
         :attr:`budget` anew, as ``optuna.Study.optimize(n_trials=N)`` runs N more trials
         each time; :attr:`total` caps the study as a whole (so ``total`` = ``budget``
         resumes an interrupted study up to its budget and no further).  Interrupted
-        trials left by killed processes are marked failed first (after their heartbeat's
-        grace period); finished trials are kept.
+        trials left by killed processes are marked failed first, with a ``fail_reason``: at
+        once when their process ran on this machine and has ended, else after their
+        heartbeat's grace period; finished trials are kept.
 
         Args:
             objective: ``f(trial) -> float``; default: the study's training objective.

@@ -14,8 +14,6 @@ import enum
 import math
 import os
 import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +36,8 @@ from ._checkpoint import (
 from ._checks import writable_file
 from ._ode import SolverError, as_solver_error, ode_blocks
 from ._progress import progress_bar
+from ._signals import Terminated as Terminated  # re-exported: it was defined here first
+from ._signals import signal_name, terminate_as_interrupt
 
 
 class Status(str, enum.Enum):
@@ -127,6 +127,7 @@ class FitResult:
         stats: totals (steps, NFE forward/backward, wall-clock without evaluation,
             evaluation time) and the optimizer's and controller's own stats.
         checkpoint: path of the last checkpoint written, if any.
+        signal: the signal that interrupted the run (``"SIGTERM"``, ``"SIGINT"``), else None.
     """
 
     status: Status
@@ -135,6 +136,7 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    signal: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the result."""
@@ -144,6 +146,7 @@ class FitResult:
             "final": self.final,
             "stats": jsonable(self.stats),
             "checkpoint": self.checkpoint,
+            "signal": self.signal,
             "history": self.history,
         }
 
@@ -533,9 +536,10 @@ class Trainer:
             self.total_steps, self.step, desc="train", unit="step", enabled=self.progress, leave=False
         )
         status, message, error = Status.COMPLETED, "", None
+        stop_signal: str | None = None
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(_terminate_as_interrupt())
+            stack.enter_context(terminate_as_interrupt())
             for batch in self._batches():
                 record = self._train_step(batch)
                 self.history.append(record)
@@ -559,10 +563,10 @@ class Trainer:
         except StopTraining as exc:
             status, message = exc.status, f"Stopped at step {self.step}: {exc.message}"
         except KeyboardInterrupt as exc:
-            status = Status.INTERRUPTED
+            status, stop_signal = Status.INTERRUPTED, signal_name(exc)
             path = self.checkpoint_path or Path("snopt-interrupted.pt")
             self.save_checkpoint(path)
-            what = f"by {exc.signal_name}" if isinstance(exc, Terminated) else "by Ctrl-C (SIGINT)"
+            what = "by Ctrl-C (SIGINT)" if stop_signal == "SIGINT" else f"by {stop_signal}"
             message = (
                 f"Interrupted at step {self.step} {what}; checkpoint saved to {path} "
                 "(resume with resume=True, or --resume)."
@@ -578,7 +582,7 @@ class Trainer:
             stack.close()
             if bar is not None:
                 bar.close()
-        result = self._result(status, message)
+        result = self._result(status, message, stop_signal)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         if error is not None:
@@ -590,7 +594,7 @@ class Trainer:
             raise TrainingError(str(error), result) from error
         return result
 
-    def _result(self, status: Status, message: str) -> FitResult:
+    def _result(self, status: Status, message: str, stop_signal: str | None = None) -> FitResult:
         final = dict(self.last_eval)
         if self.history:
             final["train_loss"] = self.history[-1]["train_loss"]
@@ -607,7 +611,7 @@ class Trainer:
             own = getattr(owner, "stats", None)
             if own is not None:
                 stats[name] = dict(own.as_dict() if hasattr(own, "as_dict") else own)
-        return FitResult(status, message, self.history, final, stats, self.last_checkpoint)
+        return FitResult(status, message, self.history, final, stats, self.last_checkpoint, stop_signal)
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -691,36 +695,6 @@ class Trainer:
 
 #: What a checkpoint holds besides the model, by trainer attribute.
 _OWNERS = ("optimizer", "controller", "preconditioner", "scheduler")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (from ``kill``, ``timeout`` or a job scheduler) during training, seen as an interrupt.
-
-    A ``KeyboardInterrupt``, so the trainer saves a checkpoint and ends the run as
-    :attr:`Status.INTERRUPTED` exactly as on Ctrl-C, and code above it (Optuna, the CLI) that
-    handles Ctrl-C handles it too.
-    """
-
-    def __init__(self, signum: int) -> None:
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(f"received {self.signal_name}")
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Raise :class:`Terminated` on SIGTERM while training (main thread only; restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _t1_key(name: str) -> str:

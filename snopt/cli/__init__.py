@@ -166,15 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(command: Command, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .._signals import exit_status, interrupt_reason, terminate_as_interrupt
+
     try:
-        return command.run(args)
+        # SIGTERM (kill, timeout, a scheduler) stops as Ctrl-C does, wherever it lands: the
+        # checkpoint is written, MLflow runs end KILLED and the Optuna trial fails with a reason.
+        with terminate_as_interrupt():
+            return command.run(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"snopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"snopt {args.command}: stopped ({interrupt_reason(exc)})", file=sys.stderr)
+        return exit_status(exc)
     except Exception as exc:  # noqa: BLE001 - the CLI reports errors instead of tracebacks
         if getattr(args, "debug", False):
             raise

@@ -52,6 +52,7 @@ class TrainCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from .._run import build_run, run_training
+        from .._signals import Terminated, exit_status
         from .._training import TrainingError
 
         config = config_from_args(
@@ -94,6 +95,8 @@ class TrainCommand(Command):
         for cb in callbacks:
             if isinstance(getattr(cb, "run_id", None), str):
                 print(where_logged(cb.run_id, cb.tracking_uri, experiment=cb.experiment, journal=cb.journal))
+        if result.status == "interrupted":
+            return exit_status(Terminated(result.signal or "SIGINT"))
         return 0 if result.status == "completed" else 130
 
 

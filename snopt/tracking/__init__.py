@@ -26,9 +26,11 @@ What is logged
   be traced to ``pt2``; requirements are written explicitly, so nothing is looked up online).
 
 The run ends ``FINISHED`` when training completed, ``FAILED`` when it failed (solver failure,
-non-finite loss), ``KILLED`` when it was interrupted (Ctrl-C) and ``KILLED`` with the tag
-``snopt.status=pruned`` when Optuna pruned it (the same mapping as MLflow's own Optuna
-storage uses: a pruned trial is a run stopped on purpose, not a failure).
+non-finite loss), ``KILLED`` when it was interrupted (Ctrl-C, or SIGTERM from ``kill``,
+``timeout`` or a scheduler; the tag ``snopt.signal`` names which, on the parent runs of a
+study or comparison too) and ``KILLED`` with the tag ``snopt.status=pruned`` when Optuna
+pruned it (the same mapping as MLflow's own Optuna storage uses: a pruned trial is a run
+stopped on purpose, not a failure).
 
 Where it goes
 -------------

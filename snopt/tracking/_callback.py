@@ -484,6 +484,8 @@ class MlflowCallback(Callback):
         if result.message:
             tags["snopt.message"] = result.message
             tags["mlflow.note.content"] = f"**{result.status}**: {result.message}"
+        if result.signal:
+            tags["snopt.signal"] = result.signal
         self.sink.log_batch(tags=tags)
 
     def _log_artifacts(self, trainer: Trainer, result: FitResult) -> None:

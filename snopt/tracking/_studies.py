@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._redact import is_redacted, redact_url
+from .._signals import interrupt_reason, signal_name
 from .._training import Callback, jsonable
 from ._callback import MlflowCallback
 from ._common import (
@@ -171,6 +172,7 @@ def end_parent_run(
     tracking_uri: str | None = None,
     fallback_dir: str | os.PathLike | None = None,
     quiet: bool = False,
+    tags: Mapping[str, str] | None = None,
 ) -> None:
     """End a parent run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``).
 
@@ -180,6 +182,7 @@ def end_parent_run(
         tracking_uri: as for :class:`MlflowCallback`.
         fallback_dir: where the status goes if MLflow is unreachable.
         quiet: do not print MLflow's link to the run.
+        tags: tags set on the run just before it ends (why it ended, say).
     """
     if status not in _TERMINAL:
         raise ValueError(f"`status` must be one of {list(_TERMINAL)}, but got status={status!r}.")
@@ -187,6 +190,8 @@ def end_parent_run(
         return  # `mlflow run` ends its own run from the exit code
     with _short_http_retries():
         sink = _parent_sink(run_id, tracking_uri, fallback_dir)
+        if tags:
+            sink.log_batch(tags=dict(tags))
         sink.submit({"op": "terminate", "status": status, "end_time": _now_ms(), "quiet": quiet})
         sink.close()
 
@@ -270,6 +275,7 @@ class StudyTracker:
         self.parent_run_id = parent_run_id or env_run
         self._from_env = parent_run_id is None and env_run is not None
         self._owns_parent = False  # set when start() creates the run
+        self._open_runs: list[str] = []  # a comparison's study runs not yet ended
         self.fallback_dir = str(fallback_dir) if fallback_dir is not None else None
         self.callback_kwargs = callback_kwargs
 
@@ -314,11 +320,29 @@ class StudyTracker:
         self._from_env = False
         return self.parent_run_id
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End the parent run (if this tracker created it); replay it if it went to the fallback."""
+    def end(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+        """End the parent run (if this tracker created it); replay it if it went to the fallback.
+
+        A comparison's study runs still open (the study was stopped) end first, with the same
+        ``status`` and ``tags``.
+        """
+        for run_id in self._open_runs:
+            end_parent_run(
+                run_id,
+                status,
+                tracking_uri=self.tracking_uri,
+                fallback_dir=self.fallback_dir,
+                quiet=True,
+                tags=tags,
+            )
+        self._open_runs.clear()
         if self.parent_run_id is not None and self._owns_parent:
             end_parent_run(
-                self.parent_run_id, status, tracking_uri=self.tracking_uri, fallback_dir=self.fallback_dir
+                self.parent_run_id,
+                status,
+                tracking_uri=self.tracking_uri,
+                fallback_dir=self.fallback_dir,
+                tags=tags,
             )
             if self.parent_run_id.startswith(_OFFLINE_PREFIX):
                 # Try once to replay the study now; `snopt tracking sync` does it later otherwise.
@@ -334,8 +358,17 @@ class StudyTracker:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            # SIGTERM or Ctrl-C: say which, on the run and in its note in the UI.
+            reason = interrupt_reason(exc)
+            tags = {
+                "snopt.signal": signal_name(exc),
+                "snopt.message": reason,
+                "mlflow.note.content": f"**killed**: {reason}",
+            }
+            self.end("KILLED", tags)
         else:
-            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            self.end("FAILED")
 
     # ---------------------------------------------------------- study hooks
     def on_study_start(self, study: Any) -> None:
@@ -356,7 +389,7 @@ class StudyTracker:
             value = getattr(study, key, None) if getattr(study, key, None) is not None else desc.get(key)
             if value is not None:
                 tags[key] = str(value)
-        start_parent_run(
+        run_id = start_parent_run(
             study,
             name=_study_run_name(study, tags, desc),
             kind="study",
@@ -367,6 +400,7 @@ class StudyTracker:
             fallback_dir=self.fallback_dir,
             nest_under=parent,
         )
+        self._open_runs.append(run_id)
 
     def on_study_end(self, study: Any) -> None:
         """Log the study's outcome on its run; end it when it is a comparison's child."""
@@ -392,6 +426,8 @@ class StudyTracker:
         log_report(run_id, metrics=metrics, tags=tags, tracking_uri=self.tracking_uri,
                    fallback_dir=self.fallback_dir)  # fmt: skip
         if self.kind == "comparison" and run_id != self.parent_run_id:
+            if run_id in self._open_runs:
+                self._open_runs.remove(run_id)
             end_parent_run(
                 run_id, "FINISHED", tracking_uri=self.tracking_uri, fallback_dir=self.fallback_dir, quiet=True
             )

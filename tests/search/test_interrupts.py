@@ -1,0 +1,132 @@
+"""Interrupted trials fail with a reason: a signal in a trial, a dead process, a stopped heartbeat."""
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from snopt.search import Budget, Float, SearchSpace, create_study, load_study
+
+from snopt._signals import Terminated, terminate_as_interrupt
+from snopt._training import Callback
+
+SPACE = SearchSpace({"x": Float(0.0, 1.0)})
+
+
+def _x(trial):
+    return trial.suggest_float("x", 0.0, 1.0)
+
+
+class _SignalAt(Callback):
+    def on_step_end(self, trainer, record):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would, mid-training
+
+
+def test_sigterm_in_a_trial_fails_it_with_the_signal_and_the_checkpoint(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    study = create_study(
+        tiny_config(),
+        strategy="random",
+        space=SearchSpace({"t1": Float(0.5, 2.0, default=1.0)}),
+        budget=Budget(n_trials=2),
+        storage=None,
+        pruner="none",
+        trial_callbacks_factory=lambda trial, config: [_SignalAt()],
+    )
+    with pytest.raises(Terminated) as info, pytest.warns(UserWarning, match="by SIGTERM"):
+        study.optimize()
+    assert info.value.exit_status == 143
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert (
+        "SIGTERM" in reason
+        and "snopt-interrupted.pt" in reason
+        and (tmp_path / "snopt-interrupted.pt").exists()
+    )
+    # An interrupted trial is owed again: it does not count against the budget.
+    assert "snopt_status" not in trial.user_attrs and study.spent().trials == 0
+
+
+def test_sigterm_outside_training_fails_the_trial_with_the_signal():
+    def objective(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # while sampling or building the model, say
+
+    study = create_study(objective, strategy="random", space=SPACE, storage=None, budget=Budget(n_trials=2))
+    with pytest.raises(Terminated), terminate_as_interrupt():  # as every snopt command runs
+        study.optimize()
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted by SIGTERM"
+    assert trial.user_attrs["snopt_pid"] == os.getpid()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: the pid names no process now
+    return proc.pid
+
+
+def _running_trial(study, **attrs):
+    """A trial left RUNNING by a process, as ``ask`` leaves it (Optuna warns: no heartbeat thread)."""
+    with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used with Study.optimize"):
+        trial = study.study.ask()
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    study.study._storage.record_heartbeat(trial._trial_id)  # a fresh heartbeat: not stale by time
+    return trial.number
+
+
+@pytest.mark.integration  # an SQLite database and a child process (for a pid that is gone)
+def test_a_resumed_study_fails_the_trials_of_a_dead_process_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_study(
+        _x, strategy="random", space=SPACE, storage=url, study_name="s", budget=Budget(n_trials=1)
+    )
+    host = socket.gethostname()
+    dead = _running_trial(study, snopt_host=host, snopt_pid=_dead_pid())
+    alive = _running_trial(study, snopt_host=host, snopt_pid=os.getppid())  # another live worker
+    remote = _running_trial(study, snopt_host=host + "-elsewhere", snopt_pid=_dead_pid())
+
+    # Resumed well within the 30 s grace period of the heartbeat.
+    load_study("s", url, objective=_x).optimize()
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert trials[dead].state == TrialState.FAIL
+    reason = trials[dead].user_attrs["fail_reason"]
+    assert f"pid {trials[dead].user_attrs['snopt_pid']} on {host}" in reason and "ended" in reason
+    # What cannot be proven dead is left to its heartbeat.
+    assert trials[alive].state == TrialState.RUNNING and trials[remote].state == TrialState.RUNNING
+    assert [t.state for t in trials[3:]] == [TrialState.COMPLETE]
+    assert trials[3].user_attrs["snopt_host"] == host and trials[3].user_attrs["snopt_pid"] == os.getpid()
+
+
+@pytest.mark.integration  # an SQLite database
+def test_a_trial_whose_heartbeat_stopped_fails_with_a_reason(tmp_path):
+    path = tmp_path / "h.db"
+    url = f"sqlite:///{path}"
+    study = create_study(
+        _x, strategy="random", space=SPACE, storage=url, study_name="h", budget=Budget(n_trials=1)
+    )
+    number = _running_trial(study, snopt_host="elsewhere", snopt_pid=1)
+    with sqlite3.connect(path) as db:  # its last heartbeat, a minute ago: past the 30 s grace period
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-60 seconds')")
+
+    load_study("h", url, objective=_x).optimize()
+    trial = optuna.load_study(study_name="h", storage=url).trials[number]
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert "no heartbeat for over 30 s" in reason and "pid 1 on elsewhere" in reason
+
+
+def test_heartbeats_are_on_by_default_for_database_storages(tmp_path):
+    from optuna.storages import RDBStorage
+    from snopt.search import resolve_storage
+
+    storage = resolve_storage(f"sqlite:///{tmp_path / 'd.db'}")
+    assert isinstance(storage, RDBStorage)
+    assert (storage.get_heartbeat_interval(), storage.grace_period) == (10, 30)
