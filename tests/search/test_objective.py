@@ -16,6 +16,7 @@ from snopt.search import (
     TrainingObjective,
     TrialFailed,
     create_study,
+    load_study,
 )
 
 from snopt import RunConfig, run_training
@@ -270,3 +271,12 @@ def test_a_diverging_trial_fails_within_10_s_of_its_first_non_finite_value(tiny_
     assert any(m in trial.user_attrs["fail_reason"] for m in ("loss became nan", "ODE solve"))
     assert first, "the run never produced a non-finite value"
     assert end - first[0] < 10.0
+
+
+def test_a_studys_trial_budget_is_stored_for_its_workers(tiny_config):
+    storage = "sqlite:///s.db"
+    create_study(tiny_config(), strategy="random", storage=storage, study_name="s", trial_budget={"nfe": 500})
+    loaded = load_study("s", storage)
+    assert loaded.objective.trial_budget == Budget(nfe=500)
+    with pytest.raises(ValueError, match="`trial_budget` .* needs a task or a RunConfig"):
+        create_study(lambda t: 0.0, strategy="random", space=SPACE, storage=None, trial_budget={"nfe": 5})
