@@ -14,6 +14,7 @@ trials), recorded in the study attribute ``snopt_session`` so that workers can j
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -650,6 +651,10 @@ def _existing(study_name: str, storage: BaseStorage) -> optuna.Study | None:
 
 def _check_compatible(study_name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     keys = ("strategy", "space", "config", "objective", "seed", "sampler", "pruner", "objectives")
+    if old.get("config") is not None:
+        # A study stored before a setting was added (max_nfe, say) has that setting's default.
+        with contextlib.suppress(ValueError, TypeError):
+            old = {**old, "config": RunConfig.from_dict(old["config"]).to_dict()}
     defaults = {"objectives": ["metric"]}
     differ = [
         k for k in keys if _normalise(old.get(k, defaults.get(k))) != _normalise(new.get(k, defaults.get(k)))

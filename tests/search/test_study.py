@@ -202,3 +202,13 @@ def test_compare_bad_input(tiny_config, tmp_path, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         compare(tiny_config(), **args)
+
+
+def test_a_study_stored_before_a_setting_existed_resumes(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    study = _study(tiny_config(), storage=url, budget=Budget(n_trials=1), seed=3)
+    desc = dict(study.study.user_attrs["snopt"])
+    desc["config"] = {k: v for k, v in desc["config"].items() if k != "max_nfe"}  # an older snopt's
+    study.study.set_user_attr("snopt", desc)
+    again = _study(tiny_config(), storage=url, budget=Budget(n_trials=1), seed=3)
+    assert again.study.study_name == study.study.study_name
