@@ -105,6 +105,7 @@ def compare(
     total: Budget | Mapping[str, Any] | None = None,
     objectives: Sequence[str] | str = ("metric",),
     test: bool = False,
+    trial_budget: Budget | Mapping[str, Any] | None = None,
 ) -> ComparisonReport:
     """Run every strategy under the same budget for every seed and report which found what, at what cost.
 
@@ -136,6 +137,8 @@ def compare(
             (data loading, library initialisation) do not land on the first strategy's clock.
         total: caps each study as a whole over every session (None: no cap; each call runs
             ``budget`` again).
+        trial_budget: what each trial of every study may spend (NFE, work, seconds), see
+            :func:`create_study`.
         objectives: ``("metric",)``, or ``("metric", "nfe")`` for a Pareto comparison of the
             metric against the inference NFE: black-box strategies (``nsga2`` is NSGA-II,
             ``tpe`` multi-objective TPE) search hyperparameters and horizons; in-training ones
@@ -196,6 +199,7 @@ def compare(
                     space=_strategy_space(task_or_objective, space, strategy, objectives),
                     budget=budget,
                     total=total,
+                    trial_budget=trial_budget,
                     objectives=objectives,
                     storage=storage,
                     study_name=f"{name}-{strategy}-s{seed}",

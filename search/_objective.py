@@ -95,6 +95,20 @@ def check_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
+def check_trial_budget(budget: Budget | None) -> Budget | None:
+    """Validate a per-trial budget: a :class:`Budget` without ``n_trials``, or None."""
+    if budget is None:
+        return None
+    if not isinstance(budget, Budget):
+        raise TypeError(f"`trial_budget` must be a Budget or None, but got {type(budget).__name__}.")
+    if budget.n_trials is not None:
+        raise ValueError(
+            "`trial_budget` limits one trial's NFE, work or seconds; it takes no n_trials, "
+            f"but got n_trials={budget.n_trials}."
+        )
+    return budget
+
+
 class PruningCallback(Callback):
     """Report each validation metric to an Optuna trial and prune when its pruner says so.
 
@@ -145,9 +159,14 @@ class _TrialMonitor(Callback):
     """Count work, collect the horizons and the curve, stop where a budget ends, report progress."""
 
     def __init__(
-        self, trial: optuna.trial.BaseTrial, limits: LimitsFn | None, refresh_every: int = 5
+        self,
+        trial: optuna.trial.BaseTrial,
+        limits: LimitsFn | None,
+        refresh_every: int = 5,
+        trial_budget: Budget | None = None,
     ) -> None:
         self.trial = trial
+        self.trial_budget = trial_budget if trial_budget is not None and trial_budget.limited else None
         self.limits_fn = limits
         self.limits: Sequence[tuple[Budget, Spent]] = limits(_number(trial)) if limits else ()
         self.refresh_every = max(int(refresh_every), 1)
@@ -177,15 +196,29 @@ class _TrialMonitor(Callback):
         t1 = _block_t1(record)
         if t1:
             self._point(record["step"], record.get("nfe_total", 0), t1)
-        if not self.limits:
+        if not self.limits and self.trial_budget is None:
             return
         step = int(record["step"])
         nfe = int(record.get("nfe_total", 0))
-        if step % self.refresh_every == 0:
+        if self.limits and step % self.refresh_every == 0:
             self._progress(nfe)
             if self.limits_fn is not None:
                 self.limits = self.limits_fn(_number(self.trial))
+        self._check_budgets(nfe)
+
+    def on_solve(self, trainer: Any) -> None:
+        # Inside a solve: a diverging or very tight solve is stopped where the budget ends.
+        if self.limits or self.trial_budget is not None:
+            self._check_budgets(trainer.nfe_so_far)
+
+    def _check_budgets(self, nfe: int) -> None:
+        """Stop training (status ``budget``) when the trial's or the study's budget is spent."""
         own = Spent(1, nfe, time.perf_counter() - self.start, self.work)
+        if self.trial_budget is not None:
+            crossed = self.trial_budget.crossed(own)
+            if crossed is not None:
+                self.stopped = True
+                raise StopTraining(Status.BUDGET, f"the trial's budget ran out ({crossed})")
         for budget, others in self.limits:
             crossed = budget.crossed(others + own)
             if crossed is not None:
@@ -252,6 +285,14 @@ def _mean(values: Any) -> float:
     return sum(values) / len(values)
 
 
+def _truncated_evaluation(run: Any) -> dict[str, float]:
+    """The validation metrics of a run cut by a budget; none where its solves fail (SolverError)."""
+    try:
+        return dict(run.task.evaluate(run.model, run.val_loader))
+    except SolverError:
+        return {}
+
+
 def _inference_nfe(run: Any) -> int:
     """Forward NFE of the model on the first validation batch (what one prediction costs)."""
     import torch
@@ -289,6 +330,12 @@ class TrainingObjective:
         limits: ``limits(own_trial_number) -> [(budget, spent by other trials), ...]``;
             replaces ``budget``/``spent_fn`` (a :class:`Study` passes its session and total
             budgets, with running trials counted).
+        trial_budget: what one trial may spend (NFE, work, seconds; no ``n_trials``); a
+            trial that crosses it is stopped there and pruned with status ``budget``.
+
+    Every budget is checked inside the ODE solves too (every few field evaluations, see
+    :meth:`snopt.Callback.on_solve`), so a diverging or very tight solve is stopped within
+    a few evaluations of the limit, not at the end of its training step.
 
     Calling the objective with a trial returns the final validation metric of the run
     (with ``objectives=("metric", "nfe")`` the pair (metric, inference NFE)).  Training
@@ -308,12 +355,14 @@ class TrainingObjective:
         progress: bool = False,
         objectives: Sequence[str] = ("metric",),
         limits: LimitsFn | None = None,
+        trial_budget: Budget | None = None,
     ) -> None:
         if not isinstance(config, RunConfig):
             raise TypeError(f"`config` must be a snopt.RunConfig, but got {type(config).__name__}.")
         if not isinstance(space, SearchSpace):
             raise TypeError(f"`space` must be a SearchSpace, but got {type(space).__name__}.")
         self.strategy = check_strategy(strategy)
+        self.trial_budget = check_trial_budget(trial_budget)
         space.validate_for(config)
         self.config = config
         self.space = space
@@ -405,7 +454,7 @@ class TrainingObjective:
         config = self.config_for(values)
         trial.set_user_attr("strategy", self.strategy)
         trial.set_user_attr("hyperparams", jsonable(values))
-        monitor = _TrialMonitor(trial, self.limits)
+        monitor = _TrialMonitor(trial, self.limits, trial_budget=self.trial_budget)
         single = len(self.objectives) == 1
         callbacks: list[Callback] = [monitor]
         if single:
@@ -428,8 +477,8 @@ class TrainingObjective:
             elif result.status == Status.BUDGET:
                 status, reason = "budget", result.message
             final = dict(result.final)
-            if status == "budget":
-                final.update(run.task.evaluate(run.model, run.val_loader))
+            if status == "budget" and int(result.stats.get("steps", 0)) > 0:
+                final.update(_truncated_evaluation(run))
             if "nfe" in self.objectives or status == "completed":
                 final["inference_nfe"] = _inference_nfe(run)
         except (TrainingError, SolverError) as exc:

@@ -14,6 +14,7 @@ trials), recorded in the study attribute ``snopt_session`` so that workers can j
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from ._objective import (
     TrialCallbacksFactory,
     TrialFailed,
     check_objectives,
+    check_trial_budget,
     record_interrupt,
 )
 from ._space import SearchSpace, block_names, default_space
@@ -416,6 +418,7 @@ def _description(
     metric_name: str,
     total: Budget | None = None,
     objectives: Sequence[str] = ("metric",),
+    trial_budget: Budget | None = None,
 ) -> dict[str, Any]:
     from snopt import __version__
 
@@ -429,6 +432,7 @@ def _description(
         "objective": "training" if config is not None else "custom",
         "budget": budget.to_dict(),
         "total": (total or Budget()).to_dict(),
+        "trial_budget": (trial_budget or Budget()).to_dict(),
         "objectives": list(objectives),
         "seed": seed,
         "sampler": sampler,
@@ -468,6 +472,7 @@ def create_study(
     progress: bool = False,
     total: Budget | Mapping[str, Any] | None = None,
     objectives: Sequence[str] = ("metric",),
+    trial_budget: Budget | Mapping[str, Any] | None = None,
 ) -> Study:
     """Create (or reopen) a study of one strategy over a search space.
 
@@ -504,6 +509,9 @@ def create_study(
             study of the validation metric against the inference NFE.  Optuna cannot prune
             or record intermediate values in a multi-objective study, so the pruner is then
             ``none`` and a budget-cut trial is pruned without an intermediate value.
+        trial_budget: a :class:`Budget` (NFE, work, seconds; no ``n_trials``) that each
+            trial may spend; a trial that crosses it is stopped inside its solve and pruned.
+            Stored with the study, so that its workers enforce it too.
 
     Returns:
         The :class:`Study`.
@@ -517,6 +525,7 @@ def create_study(
     seed = _check_seed(seed)
     budget = _as_budget(budget)
     total_budget = _as_budget(total)
+    per_trial = check_trial_budget(_as_budget(trial_budget))
     objectives = check_objectives(objectives)
     if len(objectives) > 1:
         pruner = None  # Optuna cannot prune multi-objective trials
@@ -525,6 +534,11 @@ def create_study(
     if direction is not None and direction not in ("maximize", "minimize"):
         raise ValueError(f"`direction` must be 'maximize' or 'minimize', but got direction={direction!r}.")
     custom = callable(task) and not isinstance(task, (str, RunConfig))
+    if custom and per_trial is not None and per_trial.limited:
+        raise ValueError(
+            "`trial_budget` is enforced inside the training solves and needs a task or a RunConfig, "
+            "not a custom objective."
+        )
     if custom and strategy in IN_TRAINING:
         raise ValueError(
             f"Strategy {strategy!r} controls T inside training and needs a task or a RunConfig, "
@@ -568,6 +582,7 @@ def create_study(
         metric_name=metric_name,
         total=total_budget,
         objectives=objectives,
+        trial_budget=per_trial,
     )
     resolved = resolve_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     existing = _existing(study_name, resolved)
@@ -625,6 +640,7 @@ def create_study(
             progress=progress,
             objectives=objectives,
             limits=wrapper.limits if (budget.limited or total_budget.limited) else None,
+            trial_budget=per_trial,
         )
     else:
         wrapper.objective = CustomObjective(task, strategy)  # type: ignore[arg-type]
@@ -648,6 +664,10 @@ def _existing(study_name: str, storage: BaseStorage) -> optuna.Study | None:
 
 def _check_compatible(study_name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     keys = ("strategy", "space", "config", "objective", "seed", "sampler", "pruner", "objectives")
+    if old.get("config") is not None:
+        # A study stored before a setting was added (max_nfe, say) has that setting's default.
+        with contextlib.suppress(ValueError, TypeError):
+            old = {**old, "config": RunConfig.from_dict(old["config"]).to_dict()}
     defaults = {"objectives": ["metric"]}
     differ = [
         k for k in keys if _normalise(old.get(k, defaults.get(k))) != _normalise(new.get(k, defaults.get(k)))
@@ -717,6 +737,7 @@ def load_study(
         space=SearchSpace.from_dict(desc["space"]),
         budget=_as_budget(budget) if budget is not None else Budget.from_dict(desc["budget"]),
         total=_as_budget(total) if total is not None else Budget.from_dict(desc.get("total")),
+        trial_budget=Budget.from_dict(desc.get("trial_budget")),
         objectives=desc.get("objectives", ["metric"]),
         storage=storage if isinstance(storage, (str, type(None))) else resolved,
         study_name=study_name,

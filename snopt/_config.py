@@ -83,7 +83,8 @@ class RunConfig:
         task_kwargs: extra arguments of the task (e.g. ``{"dataset": "two_moons"}``).
         model_kwargs: extra arguments of ``task.build_model`` (e.g. ``{"width": 32}``).
         t1: initial integration horizon of every ODE block.
-        method, rtol, atol, adjoint: solver settings of every ODE block.
+        method, rtol, atol, adjoint, max_nfe: solver settings of every ODE block (``max_nfe``:
+            the cap on field evaluations per solve, see :class:`snopt.ODEBlock`).
         optimizer: ``adam``, ``sgd`` or ``snopt``.
         lr: learning rate (None: the optimizer's default, :data:`snopt._defaults.LR`).
         momentum: SGD's and SNOpt's momentum (None: the optimizer's default).
@@ -117,6 +118,13 @@ class RunConfig:
     atol: float = _setting(D.ODE["atol"], _ODE, "absolute tolerance of adaptive methods", check.positive)
     adjoint: bool = _setting(
         D.ODE["adjoint"], _ODE, "adjoint solve (O(1) memory) or backprop through the solver", check.flag
+    )
+    max_nfe: int | None = _setting(
+        D.ODE["max_nfe"],
+        _ODE,
+        "cap on field evaluations per solve (forward and backward each); a solve that needs more "
+        "fails the run ('none': no cap)",
+        check.optional(_pos_int),
     )
     optimizer: str = _setting(
         "adam", _OPT, "parameter optimizer", _choice(D.OPTIMIZERS), choices=D.OPTIMIZERS

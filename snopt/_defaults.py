@@ -30,9 +30,19 @@ FIXED_METHODS = (
 #: Every method an :class:`snopt.ODEBlock` accepts.
 METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 
-#: :class:`snopt.ODEBlock`: start and end time, solver and tolerances, adjoint mode.
+#: :class:`snopt.ODEBlock`: start and end time, solver and tolerances, adjoint mode, and the cap
+#: on field evaluations per solve (a healthy solve takes tens to a few hundred; a diverging one
+#: runs into the cap in seconds instead of burning tens of thousands of evaluations).
 ODE: MappingProxyType[str, Any] = MappingProxyType(
-    {"t0": 0.0, "t1": 1.0, "method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint": True}
+    {
+        "t0": 0.0,
+        "t1": 1.0,
+        "method": "dopri5",
+        "rtol": 1e-3,
+        "atol": 1e-3,
+        "adjoint": True,
+        "max_nfe": 10_000,
+    }
 )
 
 #: Parameter optimizers a run can use.

@@ -43,6 +43,12 @@ _ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_iters", "max_order"}
 
 #: Default cap on adaptive steps, so that a stiff field fails loudly instead of hanging.
 DEFAULT_MAX_NUM_STEPS = 10_000
+#: Default cap on field evaluations per solve (the forward solve, and the backward pass, each).
+DEFAULT_MAX_NFE: int = ODE["max_nfe"]
+
+#: ``stop_check(block)``: called by an :class:`ODEBlock` at every field evaluation inside a
+#: solve; it may raise to stop the solve there (in the forward solve or the adjoint backward).
+StopCheck = Callable[["ODEBlock"], None]
 
 # Messages of torchdiffeq's internal assertions that signal a failed solve.
 _SOLVER_FAILURES = ("underflow in dt", "max_num_steps exceeded", "non-finite values in state")
@@ -132,10 +138,17 @@ class _Field(nn.Module):
         block = self._block
         run = block._run
         if run is not None:
-            if run.backward_phase:
-                block._count("nfe_backward")
-            else:
-                block._count("nfe_forward")
+            block._count("nfe_backward" if run.backward_phase else "nfe_forward")
+            run.nfe += 1
+            if block.max_nfe is not None and run.nfe > block.max_nfe:
+                raise SolverError(
+                    f"ODE solve stopped: the {'backward' if run.backward_phase else 'forward'} "
+                    f"solve took more than max_nfe={block.max_nfe} field evaluations (t0={block.t0}, "
+                    f"t1={block.t1:.4g}); the field is likely stiff or diverging. Try a smaller "
+                    "learning rate, looser rtol/atol, a smaller horizon t1, or a larger max_nfe."
+                )
+            if block.stop_check is not None:
+                block.stop_check(block)
         if block._shapes is None:
             return self.func(t, y)
         return _flatten(self.func(t, _unflatten(y, block._shapes)))
@@ -163,6 +176,8 @@ class _Run:
 
     def __init__(self, sampler: StateSampler | None, t0: float, spacing: float) -> None:
         self.backward_phase = False
+        #: Field evaluations of the current solve (reset when the backward pass starts).
+        self.nfe = 0
         self.sampler = sampler
         self.t0 = t0
         self.spacing = spacing
@@ -218,6 +233,13 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_max_nfe(value: int | None) -> int | None:
+    """Validate a per-solve evaluation cap: a positive integer or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"`max_nfe` must be a positive integer or None, but got max_nfe={value!r}.")
+    return value
+
+
 class ODEBlock(nn.Module):
     """Solve ``dx/dt = func(t, x)`` from ``t0`` to ``t1`` and return ``x(t1)``.
 
@@ -238,6 +260,14 @@ class ODEBlock(nn.Module):
             fixed-grid methods. Adaptive methods default to ``max_num_steps=10000``.
         adjoint: solve the backward pass with the adjoint ODE at O(1) memory (True) or
             backpropagate through the solver (False).
+        max_nfe: cap on field evaluations per solve, for every method (the forward solve and
+            the backward pass count separately); a solve that needs more stops there with a
+            :class:`SolverError`.  None: no cap.
+
+    Attributes:
+        stop_check: None, or ``stop_check(block)``, called at every field evaluation inside
+            a solve (forward and adjoint backward); whatever it raises stops the solve and
+            propagates to the caller.  The trainer installs one to enforce budgets mid-solve.
     """
 
     def __init__(
@@ -251,6 +281,7 @@ class ODEBlock(nn.Module):
         atol: float = ODE["atol"],
         options: dict[str, Any] | None = None,
         adjoint: bool = ODE["adjoint"],
+        max_nfe: int | None = ODE["max_nfe"],
     ) -> None:
         super().__init__()
         if not isinstance(func, nn.Module):
@@ -285,6 +316,8 @@ class ODEBlock(nn.Module):
             options.setdefault("max_num_steps", DEFAULT_MAX_NUM_STEPS)
         if not isinstance(adjoint, bool):
             raise TypeError(f"`adjoint` must be a bool, but got {adjoint!r}.")
+        self.max_nfe = check_max_nfe(max_nfe)
+        self.stop_check: StopCheck | None = None
         self.t0 = t0
         self.method = method
         self.options = options
@@ -383,13 +416,14 @@ class ODEBlock(nn.Module):
             raise err from exc
         finally:
             run.backward_phase = True
+            run.nfe = 0
         out = ys[-1]
         if not self.adjoint and out.requires_grad and run.sampler is not None:
             # The forward steps of a direct solve never start at t1: sample it from out's gradient.
             out.register_hook(self._end_sample_hook(run, t1, out.detach(), self._shapes))
-        if self.adjoint and out.requires_grad and run.sampler is not None:
-            # A block called several times in one forward (an ODE-RNN) must sample each
-            # adjoint solve with that call's own grid record and shapes.
+        if self.adjoint and out.requires_grad:
+            # A block called several times in one forward (an ODE-RNN) must sample and count
+            # (for ``max_nfe``) each adjoint solve with that call's own record and shapes.
             out.register_hook(self._restore_run_hook(run, self._shapes))
         if self.horizon_grad and torch.is_grad_enabled() and not out.requires_grad:
             # A frozen field on an input that needs no grad: dL/dt1 is still wanted whenever

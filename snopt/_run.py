@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._config import RunConfig
+from ._ode import ode_blocks
 from ._training import Callback, FitResult, fit
 from .control import Controller
 
@@ -90,7 +91,7 @@ class Run:
 
 
 #: Model arguments that have a RunConfig setting of their own (``--t1``, ``--method``...).
-_MODEL_SETTINGS = ("t1", "method", "rtol", "atol", "adjoint")
+_MODEL_SETTINGS = ("t1", "method", "rtol", "atol", "adjoint", "max_nfe")
 
 
 def build_run(config: RunConfig) -> Run:
@@ -124,6 +125,8 @@ def build_run(config: RunConfig) -> Run:
         adjoint=config.adjoint,
         **config.model_kwargs,
     )
+    for _, block in ode_blocks(model):
+        block.max_nfe = config.max_nfe
     train_loader, val_loader = task.loaders(config.batch_size, seed=config.seed)
     optimizer = build_optimizer(config, model)
     controller = build_controller(config, model, optimizer)

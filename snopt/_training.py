@@ -182,8 +182,21 @@ class Callback:
     def on_checkpoint(self, trainer: Trainer, path: str) -> None:
         """Called after a checkpoint was written to ``path``."""
 
+    def on_solve(self, trainer: Trainer) -> None:
+        """Called every :data:`SOLVE_CHECK_EVERY` field evaluations inside the ODE solves.
+
+        In the forward solve and in the adjoint backward, of training steps and evaluations
+        alike: raise :class:`StopTraining` here to stop a long solve where a budget runs out,
+        instead of after the step.  :attr:`Trainer.nfe_so_far` counts the step's evaluations
+        so far.  It runs inside the solver, so keep it cheap (no host syncs).
+        """
+
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         """Called once at the end, whatever the status."""
+
+
+#: Field evaluations between two :meth:`Callback.on_solve` calls.
+SOLVE_CHECK_EVERY = 8
 
 
 class _Objective:
@@ -389,6 +402,10 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_checkpoint: str | None = None
         self._epoch_rng: dict[str, Any] | None = None
+        # Field evaluations of the training step under way, and its blocks' counts at its start.
+        self._live_nfe = 0
+        self._step_start: list[tuple[Any, dict[str, int]]] | None = None
+        self._solve_calls = 0
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -399,6 +416,20 @@ class Trainer:
         if self.max_steps is None:
             return by_epochs
         return self.max_steps if by_epochs is None else min(self.max_steps, by_epochs)
+
+    @property
+    def nfe_so_far(self) -> int:
+        """Training NFE (forward plus backward) of the run so far, the step under way included."""
+        return self.totals["nfe_forward"] + self.totals["nfe_backward"] + self._live_nfe
+
+    def _stop_check(self, block: Any) -> None:
+        """The blocks' ``stop_check`` while training: count, and ask the callbacks now and then."""
+        if block.training:
+            self._live_nfe += 1
+        self._solve_calls += 1
+        if self._solve_calls % SOLVE_CHECK_EVERY == 0:
+            for cb in self.callbacks:
+                cb.on_solve(self)
 
     def horizons(self) -> dict[str, float]:
         """``t1/<block name>`` -> current horizon, for every ODE block of the model."""
@@ -470,12 +501,10 @@ class Trainer:
         batch = self.objective.to(batch, self.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        blocks = ode_blocks(model)
-        counted = ("nfe_forward", "nfe_backward", "steps_forward", "steps_backward")
-        before = []
-        for _, block in blocks:
+        for _, block in ode_blocks(model):
             block.zero_t1_grad()
-            before.append({k: getattr(block.totals, k) for k in counted})
+        self._step_start = [(b, {k: getattr(b.totals, k) for k in _COUNTED}) for _, b in ode_blocks(model)]
+        self._live_nfe = 0
         loss = self.objective.loss(model, batch)
         if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
@@ -506,14 +535,7 @@ class Trainer:
             "train_loss": float(loss.detach()),
             "lr": lr,
         }
-        # The blocks' cumulative counts over this step: every call of a block counts (an
-        # ODE-RNN calls its block once per observation; ``block.stats`` holds the last call).
-        nfe = dict.fromkeys(counted, 0)
-        for (_, block), start_counts in zip(blocks, before):
-            for key in counted:
-                nfe[key] += getattr(block.totals, key) - start_counts[key]
-        for key, value in nfe.items():
-            self.totals[key] += value
+        nfe = self._settle_step_counts()
         record["nfe_forward"] = nfe["nfe_forward"]
         record["nfe_backward"] = nfe["nfe_backward"]
         record["nfe_total"] = self.totals["nfe_forward"] + self.totals["nfe_backward"]
@@ -521,6 +543,22 @@ class Trainer:
         if self.controller is not None:
             record.update({k: float(v) for k, v in self.controller.values.items()})
         return record
+
+    def _settle_step_counts(self) -> dict[str, int]:
+        """Add the step's counts to :attr:`totals` (also for a step stopped mid-solve); return them.
+
+        The blocks' cumulative counts over the step: every call of a block counts (an ODE-RNN
+        calls its block once per observation; ``block.stats`` holds the last call).
+        """
+        nfe = dict.fromkeys(_COUNTED, 0)
+        for block, start_counts in self._step_start or ():
+            for key in _COUNTED:
+                nfe[key] += getattr(block.totals, key) - start_counts[key]
+        for key, value in nfe.items():
+            self.totals[key] += value
+        self._step_start = None
+        self._live_nfe = 0
+        return nfe
 
     # ------------------------------------------------------------- the loop
     def run(self) -> FitResult:
@@ -540,6 +578,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(terminate_as_interrupt())
+            stack.enter_context(self._checking_solves())
             for batch in self._batches():
                 record = self._train_step(batch)
                 self.history.append(record)
@@ -582,6 +621,7 @@ class Trainer:
             stack.close()
             if bar is not None:
                 bar.close()
+        self._settle_step_counts()  # a step stopped mid-solve still spent its evaluations
         result = self._result(status, message, stop_signal)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
@@ -593,6 +633,20 @@ class Trainer:
                 raise error
             raise TrainingError(str(error), result) from error
         return result
+
+    @contextlib.contextmanager
+    def _checking_solves(self) -> Iterator[None]:
+        """Install :meth:`_stop_check` on every ODE block for the run (the previous checks restored)."""
+        blocks = [b for _, b in ode_blocks(self.model)]
+        previous = [b.stop_check for b in blocks]
+        self._solve_calls = 0
+        for block in blocks:
+            block.stop_check = self._stop_check
+        try:
+            yield
+        finally:
+            for block, check in zip(blocks, previous):
+                block.stop_check = check
 
     def _result(self, status: Status, message: str, stop_signal: str | None = None) -> FitResult:
         final = dict(self.last_eval)
@@ -693,6 +747,8 @@ class Trainer:
             ) from None
 
 
+#: The per-step counts of the blocks that the trainer sums into :attr:`Trainer.totals`.
+_COUNTED = ("nfe_forward", "nfe_backward", "steps_forward", "steps_backward")
 #: What a checkpoint holds besides the model, by trainer attribute.
 _OWNERS = ("optimizer", "controller", "preconditioner", "scheduler")
 

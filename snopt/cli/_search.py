@@ -118,6 +118,13 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
         help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
         "(by default every run continues the study and spends its budget again, as Optuna does)",
     )
+    g.add_argument(
+        "--trial-budget",
+        default=None,
+        metavar="SPEC",
+        help="cap on each trial, checked inside its ODE solves, e.g. nfe=20000 or timeout=60,work=1e10 "
+        "(a trial that reaches it is pruned)",
+    )
 
 
 def _budget(args: argparse.Namespace, defaults: dict[str, Any]) -> Budget:
@@ -132,23 +139,32 @@ def _budget(args: argparse.Namespace, defaults: dict[str, Any]) -> Budget:
 
 
 def _total(args: argparse.Namespace) -> Budget | None:
-    if args.total is None:
+    return _budget_spec("--total", args.total, ("n_trials", "nfe", "timeout", "work"))
+
+
+def _trial_budget(args: argparse.Namespace) -> Budget | None:
+    return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
+
+
+def _budget_spec(flag: str, spec: str | None, keys: tuple[str, ...]) -> Budget | None:
+    """A :class:`Budget` from ``key=value,...`` (None when the flag is not given)."""
+    if spec is None:
         return None
     values: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in args.total.split(","))):
+    for item in filter(None, (p.strip() for p in spec.split(","))):
         key, _, text = item.partition("=")
-        if key not in ("n_trials", "nfe", "timeout", "work") or not text:
-            raise UsageError(
-                f"--total items must be n_trials=N, nfe=N, timeout=S or work=W, but got {item!r}."
-            )
+        if key not in keys or not text:
+            forms = {"n_trials": "n_trials=N", "nfe": "nfe=N", "timeout": "timeout=S", "work": "work=W"}
+            listed = ", ".join(forms[k] for k in keys[:-1]) + f" or {forms[keys[-1]]}"
+            raise UsageError(f"{flag} items must be {listed}, but got {item!r}.")
         try:
             values[key] = int(text) if key in ("n_trials", "nfe") else float(text)
         except ValueError:
-            raise UsageError(f"--total item {item!r} must have a number.") from None
+            raise UsageError(f"{flag} item {item!r} must have a number.") from None
     try:
         return Budget(**values)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"{flag}: {exc}") from exc
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,6 +332,7 @@ class SearchCommand(Command):
                 pruner=args.pruner,
                 progress=not args.no_progress,
                 total=_total(args),
+                trial_budget=_trial_budget(args),
                 sampler_kwargs=_sampler_kwargs(args.sampler, args.strategy),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
@@ -435,6 +452,7 @@ class CompareCommand(Command):
             workers=args.workers,
             progress=not args.no_progress,
             total=_total(args),
+            trial_budget=_trial_budget(args),
             objectives=args.objectives,
             test=args.test,
             sampler_kwargs={

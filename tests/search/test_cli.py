@@ -89,6 +89,36 @@ def test_search_then_worker_on_the_same_study(tmp_path):
     assert len(optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path / 's.db'}").trials) == 2
 
 
+def test_a_trial_budget_stops_a_minutes_long_solve_and_prunes_the_trial(tmp_path):
+    # rtol 1e-12 and no evaluation cap: one training step takes minutes; the trial's 2 s do not.
+    res = _snopt(
+        "search",
+        *TINY,
+        "--method",
+        "dopri5",
+        "--rtol",
+        "1e-12",
+        "--atol",
+        "1e-12",
+        "--max-nfe",
+        "none",
+        "--n-trials",
+        "1",
+        "--trial-budget",
+        "timeout=2",
+        "--storage",
+        "sqlite:///s.db",
+        "--study-name",
+        "tight",
+        "--no-tracking",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    trial = optuna.load_study(study_name="tight", storage=f"sqlite:///{tmp_path / 's.db'}").trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["steps"] == 0
+    assert "the trial's budget ran out (wall-clock" in trial.user_attrs["stop_reason"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -102,6 +132,11 @@ def test_search_then_worker_on_the_same_study(tmp_path):
         (["search", "--space", "t1=4:1"], "`low <= high` must hold"),
         (["search", "--space", "depth=1:3:int"], "Unknown search parameters ['depth']"),
         (["worker", "--storage", "sqlite:///none.db", "--study", "nope"], "No study named 'nope'"),
+        (
+            ["search", "--trial-budget", "n_trials=3"],
+            "--trial-budget items must be nfe=N, timeout=S or work=W",
+        ),
+        (["search", "--trial-budget", "nfe=-1"], "--trial-budget: Budget `nfe` must be a positive integer"),
     ],
 )
 def test_bad_input_is_a_usage_error(tmp_path, args, message):

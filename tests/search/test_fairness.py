@@ -112,6 +112,11 @@ def test_work_budget_cuts_the_trial_and_prunes_it(tiny_config):
     assert states[0] == TrialState.COMPLETE and states[-1] == TrialState.PRUNED
     assert "budget ran out (work" in study.trials[-1].user_attrs["stop_reason"]
     assert study.spent().work >= 1.5 * per_trial
+    # the truncated score is kept as an intermediate value (Optuna shows a pruned trial's last
+    # one as its value) and a user attribute, not as a complete result
+    cut = study.trials[-1]
+    assert cut.user_attrs["steps"] >= 1
+    assert cut.intermediate_values[cut.user_attrs["steps"]] == cut.user_attrs["metric"] == cut.value
 
 
 def test_solver_failure_message_is_the_solvers(tiny_config, monkeypatch):

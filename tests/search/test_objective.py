@@ -1,13 +1,26 @@
 """The training objective, tested with ``optuna.trial.FixedTrial`` against direct training runs."""
 
 import math
+import time
 
 import optuna
 import pytest
-from snopt.search import Float, Int, PruningCallback, SearchSpace, TrainingObjective, TrialFailed
+import snopt.search._objective as objective_module
+import torch
+from snopt.search import (
+    Budget,
+    Float,
+    Int,
+    PruningCallback,
+    SearchSpace,
+    TrainingObjective,
+    TrialFailed,
+    create_study,
+    load_study,
+)
 
 from snopt import RunConfig, run_training
-from snopt._training import Callback
+from snopt._training import SOLVE_CHECK_EVERY, Callback
 
 SPACE = SearchSpace(
     {"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True), "width": Int(2, 6)}
@@ -177,3 +190,93 @@ def test_pruners_are_built_and_recorded(tiny_config, pruner, cls, kwargs):
     assert study.user_attrs["snopt"]["pruner"] == {"class": cls.__name__, "kwargs": kwargs}
     gp = study.user_attrs["snopt"]["sampler"]
     assert gp["class"] == "GPSampler" and gp["kwargs"]["n_startup_trials"] == 4
+
+
+def _one_trial(objective):
+    study = optuna.create_study(direction=objective.direction)
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+    return study.trials[0]
+
+
+# A tight tolerance: the first forward solve alone takes hundreds of field evaluations.
+TIGHT = dict(method="dopri5", rtol=1e-6, atol=1e-6, max_steps=2)
+#: An NFE budget that runs out inside the first forward solve.
+LIMIT = 60
+
+
+def test_a_trial_budget_stops_the_trial_inside_its_first_solve_and_prunes_it(tiny_config):
+    space = SearchSpace({"lr": Float(1e-3, 1e-1, log=True)})
+    objective = TrainingObjective(tiny_config(**TIGHT), space, "random", trial_budget=Budget(nfe=LIMIT))
+    trial = _one_trial(objective)
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    attrs = trial.user_attrs
+    assert attrs["snopt_status"] == "budget" and attrs["steps"] == 0
+    assert "the trial's budget ran out (NFE" in attrs["stop_reason"]
+    assert LIMIT <= attrs["nfe_total"] <= LIMIT + SOLVE_CHECK_EVERY
+
+
+def test_a_study_nfe_budget_is_enforced_inside_the_solve(tiny_config):
+    config = tiny_config(**TIGHT)
+    space = SearchSpace({"lr": Float(1e-3, 1e-1, log=True)})
+    study = create_study(
+        config, strategy="random", space=space, storage=None, budget=Budget(nfe=LIMIT), pruner="none"
+    )
+    study.optimize()
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["steps"] == 0
+    assert "the study's budget ran out (NFE" in trial.user_attrs["stop_reason"]
+    assert LIMIT <= study.spent().nfe <= LIMIT + SOLVE_CHECK_EVERY
+
+
+def test_a_tiny_trial_time_budget_prunes_a_solve_that_would_take_minutes(tiny_config):
+    # rtol 1e-12: one training step takes minutes; the budget stops it inside that step.
+    config = tiny_config(method="dopri5", rtol=1e-12, atol=1e-12, max_nfe=None)
+    space = SearchSpace({"lr": Float(1e-3, 1e-1, log=True)})
+    objective = TrainingObjective(config, space, "random", trial_budget=Budget(timeout=0.5))
+    trial = _one_trial(objective)
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["steps"] == 0
+    assert "the trial's budget ran out (wall-clock" in trial.user_attrs["stop_reason"]
+
+
+def test_a_trial_budget_takes_no_trial_count(tiny_config):
+    with pytest.raises(ValueError, match=r"`trial_budget` .* takes no n_trials, but got n_trials=3"):
+        TrainingObjective(tiny_config(), SPACE, "random", trial_budget=Budget(n_trials=3))
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_diverging_trial_fails_within_10_s_of_its_first_non_finite_value(tiny_config, monkeypatch, method):
+    """SGD at lr 1e4 on digits: the trial fails soon after any output stops being finite."""
+    config = tiny_config(optimizer="sgd", momentum=0.0, method=method, max_steps=10)
+    objective = TrainingObjective(config, SearchSpace({"lr": Float(1.0, 1e4, log=True)}), "random")
+    first: list[float] = []
+
+    def hook(module, inputs, output):
+        if not first and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+            first.append(time.perf_counter())
+
+    def build_run(cfg):
+        run = real_build(cfg)
+        for module in run.model.modules():
+            module.register_forward_hook(hook)
+        return run
+
+    real_build = objective_module.build_run
+    monkeypatch.setattr(objective_module, "build_run", build_run)
+    study = optuna.create_study(direction=objective.direction)
+    study.enqueue_trial({"lr": 1e4})
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+    end = time.perf_counter()
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert any(m in trial.user_attrs["fail_reason"] for m in ("loss became nan", "ODE solve"))
+    assert first, "the run never produced a non-finite value"
+    assert end - first[0] < 10.0
+
+
+def test_a_studys_trial_budget_is_stored_for_its_workers(tiny_config):
+    storage = "sqlite:///s.db"
+    create_study(tiny_config(), strategy="random", storage=storage, study_name="s", trial_budget={"nfe": 500})
+    loaded = load_study("s", storage)
+    assert loaded.objective.trial_budget == Budget(nfe=500)
+    with pytest.raises(ValueError, match="`trial_budget` .* needs a task or a RunConfig"):
+        create_study(lambda t: 0.0, strategy="random", space=SPACE, storage=None, trial_budget={"nfe": 5})

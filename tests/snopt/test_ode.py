@@ -264,6 +264,57 @@ def test_solver_failure_is_a_solver_error():
 
 
 @pytest.mark.parametrize(
+    "method,options", [("dopri5", {}), ("rk4", {"step_size": 1e-3}), ("euler", {"step_size": 1e-3})]
+)
+def test_max_nfe_stops_a_forward_solve_at_the_cap(method, options):
+    a, x0, _ = _problem()
+    # dopri5 at rtol 1e-12 on a stiff field, or a fixed grid of 1000 steps: thousands of evaluations.
+    block = ODEBlock(
+        Linear(a * 50), 0.0, 1.0, method=method, rtol=1e-12, atol=1e-12, options=options, max_nfe=40
+    )
+    with pytest.raises(SolverError, match=r"forward solve took more than max_nfe=40 field evaluations"):
+        block(x0)
+    assert block.stats.nfe_forward == 41
+
+
+def test_max_nfe_counts_the_backward_pass_of_each_call_on_its_own():
+    a, x0, w = _problem()
+    block = ODEBlock(Linear(a), 0.0, 1.0, method="rk4", options={"step_size": 0.05}, max_nfe=100)
+    # An ODE-RNN calls its block twice: 2 x 80 backward evaluations, each solve under the cap.
+    (w * block(block(x0))).sum().backward()
+    assert block.totals.nfe_backward >= 160
+    out = block(x0)
+    assert block.stats.nfe_forward == 80  # 20 rk4 steps; the adjoint solve takes as many
+    block.max_nfe = 79
+    with pytest.raises(SolverError, match=r"backward solve took more than max_nfe=79"):
+        (w * out).sum().backward()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_stop_check_stops_the_solve_mid_way_forward_and_in_the_adjoint(backward):
+    a, x0, w = _problem()
+    block = ODEBlock(Linear(a), 0.0, 1.0, method="rk4", options={"step_size": 0.01})
+
+    def check(b):
+        run = b._run
+        if run.backward_phase == backward and run.nfe >= 7:
+            raise _Stop(f"stopped at {run.nfe}")
+
+    block.stop_check = check
+    with pytest.raises(_Stop, match="stopped at 7"):
+        (w * block(x0.requires_grad_())).sum().backward()
+    if not backward:
+        assert block.stats.nfe_forward == 7
+    else:
+        assert block.stats.nfe_backward == 7 + 1  # and the one evaluation dL/dt1 costs
+        assert block.stats.nfe_forward == 400  # the forward solve ran to its end
+
+
+@pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(t0=1.0, t1=1.0), r"`t1 > t0` must hold, but got t0=1.0, t1=1.0"),
@@ -280,6 +331,8 @@ def test_solver_failure_is_a_solver_error():
         ),
         (dict(options={"step_size": 0.1}), r"Unknown `options` keys \['step_size'\] for method 'dopri5'"),
         (dict(options={"step_size": 0.0}, method="euler"), r"`options\['step_size'\]` must be a positive"),
+        (dict(max_nfe=0), r"`max_nfe` must be a positive integer or None, but got max_nfe=0"),
+        (dict(max_nfe=2.5), r"`max_nfe` must be a positive integer or None, but got max_nfe=2.5"),
     ],
 )
 def test_bad_input_is_named(kwargs, match):

@@ -6,7 +6,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snopt._ode import ODEBlock
-from snopt._training import Callback, NonFiniteLossError, TrainingError, fit
+from snopt._training import (
+    SOLVE_CHECK_EVERY,
+    Callback,
+    NonFiniteLossError,
+    Status,
+    StopTraining,
+    TrainingError,
+    fit,
+)
 
 
 class Field(nn.Module):
@@ -260,3 +268,53 @@ def test_nfe_of_a_block_called_twice_per_step_counts_every_call():
         assert record["nfe_forward"] > model.block.stats.nfe_forward  # two calls, not the last one only
         previous = total_calls
     assert result.stats["nfe_forward"] + result.stats["nfe_backward"] == len(calls)
+
+
+class _NFEBudget(Callback):
+    """Stops training where the run's NFE reaches ``limit``, checked inside the solves too."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def on_solve(self, trainer):
+        if trainer.nfe_so_far >= self.limit:
+            raise StopTraining(Status.BUDGET, f"NFE {trainer.nfe_so_far} >= {self.limit}")
+
+
+def _long_solve_model(**block_kwargs):
+    """A model whose every solve takes 4 x 500 field evaluations (rk4, 500 steps)."""
+    model = make_model()
+    model[1] = ODEBlock(Field(), 0.0, 0.5, method="rk4", options={"step_size": 0.001}, **block_kwargs)
+    return model
+
+
+@pytest.mark.parametrize("limit", [100, 2100])  # in the first forward solve; in its adjoint solve
+def test_an_nfe_budget_stops_training_inside_the_solve(limit):
+    model = _long_solve_model()
+    train, _ = make_loaders()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = fit(
+        model,
+        train,
+        optimizer=opt,
+        loss_fn=nn.functional.cross_entropy,
+        epochs=1,
+        callbacks=[_NFEBudget(limit)],
+        progress=False,
+    )
+    assert result.status == "budget" and result.history == []  # the first step never finished
+    assert "NFE" in result.message
+    # Stopped within one check interval (plus the dL/dt1 evaluation) of the limit, not after
+    # the step's 4000 evaluations; the partial step's evaluations are counted.
+    assert limit <= result.stats["nfe_total"] <= limit + SOLVE_CHECK_EVERY + 1
+    assert (result.stats["nfe_backward"] > 0) == (limit > 2000)
+
+
+def test_a_solve_over_max_nfe_fails_the_run_with_the_cap_in_the_message():
+    model = _long_solve_model(max_nfe=300)
+    train, _ = make_loaders()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TrainingError, match=r"forward solve took more than max_nfe=300") as info:
+        fit(model, train, optimizer=opt, loss_fn=nn.functional.cross_entropy, epochs=1, progress=False)
+    result = info.value.result
+    assert result.status == "failed" and result.stats["nfe_total"] == 301
