@@ -661,7 +661,8 @@ class SNOpt(torch.optim.Optimizer):
         damping: ``"kfac"``: damping as a fraction of each layer's mean Kronecker eigenvalue (> 0).
         factor_decay: ``"kfac"``: weight of the previous running factors at a refresh, in [0, 1).
         kl_clip: ``"kfac"`` and ``"reference"``: trust-region bound on ``lr^2 sum <d, G>``
-            per param group (> 0), or None for none.
+            per param group (> 0), None for none, or ``"auto"``: 1e-3 for ``"kfac"`` and
+            1e-2 for ``"reference"`` (``snopt._defaults.KL_CLIP``, with the measurement behind it).
         eps: ``"reference"``: damping added to the second moment (> 0).
         update_freq: steps from the first refresh to the second (positive integer).
         update_growth: growth of the refresh interval per refresh, in units of
@@ -693,7 +694,7 @@ class SNOpt(torch.optim.Optimizer):
         curvature: str = D.SNOPT["curvature"],
         damping: Schedule = D.SNOPT["damping"],
         factor_decay: Schedule = D.SNOPT["factor_decay"],
-        kl_clip: Schedule | None = D.SNOPT["kl_clip"],
+        kl_clip: Schedule | str | None = D.SNOPT["kl_clip"],
         eps: Schedule = D.SNOPT["eps"],
         update_freq: int | Callable[[int], int] = D.SNOPT["update_freq"],
         update_growth: float = D.SNOPT["update_growth"],
@@ -706,6 +707,11 @@ class SNOpt(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
+        self.curvature = _check_choice("curvature", curvature, CURVATURES)
+        if isinstance(kl_clip, str) and kl_clip != "auto":
+            raise ValueError(
+                f"`kl_clip` must be a positive number, None or 'auto', but got kl_clip={kl_clip!r}."
+            )
         defaults = dict(
             lr=_check_hyper("lr", lr),
             momentum=_check_hyper("momentum", momentum),
@@ -714,10 +720,9 @@ class SNOpt(torch.optim.Optimizer):
             alpha=_check_hyper("alpha", alpha),
             damping=_check_hyper("damping", damping),
             factor_decay=_check_hyper("factor_decay", factor_decay),
-            kl_clip=_check_optional("kl_clip", kl_clip),
+            kl_clip=_check_optional("kl_clip", D.KL_CLIP[curvature] if kl_clip == "auto" else kl_clip),
             diag_scale=_check_hyper("diag_scale", diag_scale),
         )
-        self.curvature = _check_choice("curvature", curvature, CURVATURES)
         self.untracked = _check_choice("untracked", untracked, UNTRACKED)
         update_freq = _check_update_freq(update_freq)
         update_growth = _check_growth(update_growth)
