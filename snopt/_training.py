@@ -579,38 +579,12 @@ class Trainer:
         try:
             stack.enter_context(terminate_as_interrupt())
             stack.enter_context(self._checking_solves())
-            for batch in self._batches():
-                record = self._train_step(batch)
-                self.history.append(record)
-                if self.eval_every is not None and self.step % self.eval_every == 0:
-                    self._evaluate(record)
-                for cb in self.callbacks:
-                    cb.on_step_end(self, record)
-                if (
-                    self.checkpoint_path is not None
-                    and self.checkpoint_every is not None
-                    and self.step % self.checkpoint_every == 0
-                ):
-                    self.save_checkpoint(self.checkpoint_path)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
-            if self.history and "val_loss" not in self.history[-1]:
-                self._evaluate(self.history[-1])
-            if self.checkpoint_path is not None:
-                self.save_checkpoint(self.checkpoint_path)
+            self._train_loop(bar)
         except StopTraining as exc:
             status, message = exc.status, f"Stopped at step {self.step}: {exc.message}"
         except KeyboardInterrupt as exc:
             status, stop_signal = Status.INTERRUPTED, signal_name(exc)
-            path = self.checkpoint_path or Path("snopt-interrupted.pt")
-            self.save_checkpoint(path)
-            what = "by Ctrl-C (SIGINT)" if stop_signal == "SIGINT" else f"by {stop_signal}"
-            message = (
-                f"Interrupted at step {self.step} {what}; checkpoint saved to {path} "
-                "(resume with resume=True, or --resume)."
-            )
-            warnings.warn(message, stacklevel=2)
+            message = self._save_interrupted(stop_signal)
         except BaseException as exc:  # noqa: BLE001 - re-raised below with the partial result
             error = exc
             solver = as_solver_error(exc)
@@ -633,6 +607,41 @@ class Trainer:
                 raise error
             raise TrainingError(str(error), result) from error
         return result
+
+    def _train_loop(self, bar: Any) -> None:
+        """The steps: train, evaluate, callbacks, checkpoints; a final evaluation and checkpoint."""
+        for batch in self._batches():
+            record = self._train_step(batch)
+            self.history.append(record)
+            if self.eval_every is not None and self.step % self.eval_every == 0:
+                self._evaluate(record)
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+            if (
+                self.checkpoint_path is not None
+                and self.checkpoint_every is not None
+                and self.step % self.checkpoint_every == 0
+            ):
+                self.save_checkpoint(self.checkpoint_path)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
+        if self.history and "val_loss" not in self.history[-1]:
+            self._evaluate(self.history[-1])
+        if self.checkpoint_path is not None:
+            self.save_checkpoint(self.checkpoint_path)
+
+    def _save_interrupted(self, stop_signal: str | None) -> str:
+        """Checkpoint an interrupted run; the message (also warned) says where and how to resume."""
+        path = self.checkpoint_path or Path("snopt-interrupted.pt")
+        self.save_checkpoint(path)
+        what = "by Ctrl-C (SIGINT)" if stop_signal == "SIGINT" else f"by {stop_signal}"
+        message = (
+            f"Interrupted at step {self.step} {what}; checkpoint saved to {path} "
+            "(resume with resume=True, or --resume)."
+        )
+        warnings.warn(message, stacklevel=3)
+        return message
 
     @contextlib.contextmanager
     def _checking_solves(self) -> Iterator[None]:
