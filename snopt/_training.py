@@ -316,6 +316,38 @@ def _loader_generator(loader: Any) -> torch.Generator | None:
     return gen if isinstance(gen, torch.Generator) else None
 
 
+def _check_trainer_args(
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    optimizer: Any,
+    epochs: int | None,
+    max_steps: int | None,
+    eval_every: int | None,
+    checkpoint: str | os.PathLike | None,
+    checkpoint_every: int | None,
+    resume: bool,
+    max_grad_norm: float | None,
+) -> None:
+    """The :class:`Trainer`'s arguments, checked before any work (the checkpoint path writable)."""
+    if epochs is None and max_steps is None:
+        raise ValueError("One of `epochs` or `max_steps` must be given.")
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("max_steps", max_steps)
+    _check_positive_int("eval_every", eval_every)
+    _check_positive_int("checkpoint_every", checkpoint_every)
+    if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"`max_grad_norm` must be a positive number, but got max_grad_norm={max_grad_norm}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}.")
+    if resume and checkpoint is None:
+        raise ValueError("`resume=True` needs a `checkpoint` path.")
+    if checkpoint is not None:
+        writable_file("checkpoint", checkpoint)
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if loader is not None and _safe_len(loader) == 0:
+            raise ValueError(f"`{name}` must yield at least one batch, but it is empty (len({name}) == 0).")
+
+
 class Trainer:
     """Runs the training loop; :func:`fit` is the usual way in.
 
@@ -349,29 +381,18 @@ class Trainer:
         max_grad_norm: float | None = None,
         progress: bool = True,
     ) -> None:
-        if epochs is None and max_steps is None:
-            raise ValueError("One of `epochs` or `max_steps` must be given.")
-        _check_positive_int("epochs", epochs)
-        _check_positive_int("max_steps", max_steps)
-        _check_positive_int("eval_every", eval_every)
-        _check_positive_int("checkpoint_every", checkpoint_every)
-        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(
-                f"`max_grad_norm` must be a positive number, but got max_grad_norm={max_grad_norm}."
-            )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}."
-            )
-        if resume and checkpoint is None:
-            raise ValueError("`resume=True` needs a `checkpoint` path.")
-        if checkpoint is not None:
-            writable_file("checkpoint", checkpoint)
-        for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
-            if loader is not None and _safe_len(loader) == 0:
-                raise ValueError(
-                    f"`{name}` must yield at least one batch, but it is empty (len({name}) == 0)."
-                )
+        _check_trainer_args(
+            train_loader,
+            val_loader,
+            optimizer,
+            epochs,
+            max_steps,
+            eval_every,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            max_grad_norm,
+        )
         self.objective = _Objective(task, loss_fn, metric_fn)
         self.model = model
         self.train_loader = train_loader
