@@ -240,6 +240,26 @@ def check_max_nfe(value: int | None) -> int | None:
     return value
 
 
+def _solver_options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of torchdiffeq ``options`` checked against ``method`` (``max_num_steps`` defaulted)."""
+    options = dict(options or {})
+    valid = (
+        _ADAPTIVE_OPTIONS
+        if method in ADAPTIVE_METHODS
+        else (_ADAMS_OPTIONS if "adams" in method else _FIXED_OPTIONS)
+    )
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(
+            f"Unknown `options` keys {unknown} for method {method!r}; valid keys are {sorted(valid)}."
+        )
+    if "step_size" in options:
+        _check_positive("options['step_size']", options["step_size"])
+    if method in ADAPTIVE_METHODS:
+        options.setdefault("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+    return options
+
+
 class ODEBlock(nn.Module):
     """Solve ``dx/dt = func(t, x)`` from ``t0`` to ``t1`` and return ``x(t1)``.
 
@@ -299,21 +319,7 @@ class ODEBlock(nn.Module):
             )
         self.rtol = _check_positive("rtol", rtol)
         self.atol = _check_positive("atol", atol)
-        options = dict(options or {})
-        valid = (
-            _ADAPTIVE_OPTIONS
-            if method in ADAPTIVE_METHODS
-            else (_ADAMS_OPTIONS if "adams" in method else _FIXED_OPTIONS)
-        )
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise ValueError(
-                f"Unknown `options` keys {unknown} for method {method!r}; valid keys are {sorted(valid)}."
-            )
-        if "step_size" in options:
-            _check_positive("options['step_size']", options["step_size"])
-        if method in ADAPTIVE_METHODS:
-            options.setdefault("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+        options = _solver_options(method, options)
         if not isinstance(adjoint, bool):
             raise TypeError(f"`adjoint` must be a bool, but got {adjoint!r}.")
         self.max_nfe = check_max_nfe(max_nfe)
