@@ -59,6 +59,24 @@ def _wanted(option: bool | Callable[[FitResult], bool], result: FitResult) -> bo
     return bool(option(result)) if callable(option) else bool(option)
 
 
+def _check_callback_args(
+    config: Any, experiment: Any, flush_every: Any, flush_interval: Any, system_metrics_interval: Any
+) -> None:
+    """:class:`MlflowCallback`'s arguments, checked before any run starts."""
+    if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
+        raise ValueError(f"`experiment` must be a non-empty string, but got experiment={experiment!r}.")
+    if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+        raise ValueError(f"`flush_every` must be a positive integer, but got flush_every={flush_every!r}.")
+    for name, value in (
+        ("flush_interval", flush_interval),
+        ("system_metrics_interval", system_metrics_interval),
+    ):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"`{name}` must be a positive number of seconds, but got {name}={value!r}.")
+    if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
+        raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
+
+
 class MlflowCallback(Callback):
     """Log a training run to MLflow (see the module documentation for what is logged).
 
@@ -115,20 +133,7 @@ class MlflowCallback(Callback):
         fallback_dir: str | os.PathLike | None = None,
         sync_on_end: bool = True,
     ) -> None:
-        if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
-            raise ValueError(f"`experiment` must be a non-empty string, but got experiment={experiment!r}.")
-        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(
-                f"`flush_every` must be a positive integer, but got flush_every={flush_every!r}."
-            )
-        for name, value in (
-            ("flush_interval", flush_interval),
-            ("system_metrics_interval", system_metrics_interval),
-        ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"`{name}` must be a positive number of seconds, but got {name}={value!r}.")
-        if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
-            raise TypeError(f"`config` must be a mapping or have to_dict(), but got {type(config).__name__}.")
+        _check_callback_args(config, experiment, flush_every, flush_interval, system_metrics_interval)
         self.config: dict[str, Any] | None = None if config is None else config_dict(config)
         self._uri_given = tracking_uri is not None and tracking_uri != ""
         self.tracking_uri = _resolve_uri(tracking_uri)
