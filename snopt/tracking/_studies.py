@@ -601,6 +601,25 @@ def _report_part(report: Any, key: str) -> Any:
     return getattr(report, key, None)
 
 
+def _comparison_parts(report: Any, metrics: Mapping[str, float] | None) -> tuple[Any, Any, Any]:
+    """A ``snopt.search.ComparisonReport``'s table (one row per strategy), studies (one row per
+    study; per-trial curves stay in report.json) and metrics (given ones win)."""
+    table = report.summary()
+    studies = [
+        {k: v for k, v in jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
+        for s in getattr(report, "studies", [])
+    ] or None
+    if metrics is None:
+        found: dict[str, float] = {}
+        if isinstance(getattr(report, "target", None), (int, float)):
+            found["target"] = float(report.target)
+        for row in table:
+            if isinstance(row.get("best"), (int, float)) and row.get("strategy"):
+                found[f"best/{row['strategy']}"] = float(row["best"])
+        metrics = found
+    return table, studies, metrics
+
+
 def log_report(
     parent_run_id: str,
     report: Any = None,
@@ -638,20 +657,7 @@ def log_report(
     table = table if table is not None else (_report_part(report, "table") or _report_part(report, "rows"))
     studies = None
     if table is None and callable(getattr(report, "summary", None)):
-        # A snopt.search.ComparisonReport: one row per strategy, and one per study.
-        table = report.summary()
-        # Per-trial curves stay in report.json; the table keeps one line per study.
-        studies = [
-            {k: v for k, v in jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
-            for s in getattr(report, "studies", [])
-        ] or None
-        if metrics is None:
-            metrics = {}
-            if isinstance(getattr(report, "target", None), (int, float)):
-                metrics["target"] = float(report.target)
-            for row in table:
-                if isinstance(row.get("best"), (int, float)) and row.get("strategy"):
-                    metrics[f"best/{row['strategy']}"] = float(row["best"])
+        table, studies, metrics = _comparison_parts(report, metrics)
     figures = figures if figures is not None else _report_part(report, "figures")
     files = files if files is not None else _report_part(report, "files")
     metrics = metrics if metrics is not None else _report_part(report, "metrics")
