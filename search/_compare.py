@@ -18,6 +18,7 @@ from typing import Any
 
 from optuna.storages import BaseStorage
 
+from snopt._checks import text, writable_dir
 from snopt._progress import progress_bar
 from snopt._redact import redact_url
 from snopt._run import RunConfig
@@ -168,6 +169,10 @@ def compare(
     workers = _check_workers(workers, storage)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
         raise ValueError(f"`epsilon` must be a finite number >= 0, but got epsilon={epsilon!r}.")
+    if output_dir is not None:  # a report folder that cannot be written fails now, not after every study
+        writable_dir("output_dir", output_dir)
+    if name is not None:
+        text("name", name)
     sampler_kwargs = dict(sampler_kwargs or {})
     unknown = sorted(set(sampler_kwargs) - set(strategies))
     if unknown:

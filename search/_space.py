@@ -13,6 +13,7 @@ horizons (or the defaults) and let the controller move them inside their range.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +55,8 @@ _CONFIG_FIELDS = (
     "snopt_update_freq",
     "max_grad_norm",
 )
+#: The check of every RunConfig field, which a searched value must also pass.
+_RULES = {f.name: f.metadata["rule"] for f in dataclasses.fields(RunConfig)}
 #: Sets both ``rtol`` and ``atol`` of the solver.
 TOLERANCE = "tol"
 
@@ -409,6 +412,8 @@ class SearchSpace:
                 f"RunConfig fields {valid} (`tol` sets rtol and atol), model arguments {model_args} "
                 f"and per-block horizons t1/<block>."
             )
+        for name in self.names:
+            self._check_values(name, "rtol" if name == TOLERANCE else name)
         per_block = [n[len(HORIZON_PREFIX) :] for n in self.names if n.startswith(HORIZON_PREFIX)]
         if per_block:
             blocks = block_names(config)
@@ -418,6 +423,19 @@ class SearchSpace:
                     f"Unknown blocks {bad} in per-block horizons of task {config.task!r}; "
                     f"its blocks are {blocks} (parameters t1/<block>)."
                 )
+
+    def _check_values(self, name: str, setting: str) -> None:
+        """The ends (or choices) of a parameter that sets a RunConfig field obey that field's rule."""
+        rule = _RULES.get("t1" if _is_horizon(setting) else setting)
+        if rule is None:
+            return  # a model argument: the model checks it
+        param = self.params[name]
+        values = param.choices if isinstance(param, Categorical) else (param.low, param.high)
+        for value in values:
+            try:
+                rule(setting, value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"Search parameter {name!r} reaches a value a run refuses: {exc}") from None
 
     def apply(self, config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
         """A copy of ``config`` with ``values`` set (config fields directly, the rest as model arguments)."""
@@ -451,8 +469,16 @@ class SearchSpace:
             if "=" not in item:
                 raise ValueError(f"Search space item {item!r} must look like {form}.")
             name, spec = (x.strip() for x in item.split("=", 1))
+            if name in params:
+                raise ValueError(
+                    f"Search space parameter {name!r} is given twice ({item!r} and an earlier item); "
+                    "give each parameter once."
+                )
             if "|" in spec or ":" not in spec:
-                params[name] = Categorical([_scalar(c) for c in spec.split("|")])
+                choices = spec.split("|")
+                if not all(c.strip() for c in choices):
+                    raise ValueError(f"Search space item {item!r} has an empty choice; use {form}.")
+                params[name] = Categorical([_scalar(c) for c in choices])
                 continue
             parts = spec.split(":")
             flags = {p.lower() for p in parts[2:]}

@@ -26,6 +26,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from snopt._checks import sqlite_path, writable_file
 from snopt._redact import redact_url
 
 #: The storage used when none is given: an SQLite file in the working directory.
@@ -70,6 +71,7 @@ def resolve_storage(
     *,
     heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
     grace_period: int | None = GRACE_PERIOD,
+    create: bool = True,
 ) -> BaseStorage:
     """The Optuna storage for ``storage``.
 
@@ -79,13 +81,18 @@ def resolve_storage(
             an in-memory storage (one process, lost at exit).
         heartbeat_interval: seconds between heartbeats of running trials (None: off).
         grace_period: seconds without heartbeat before a trial is failed as interrupted.
+        create: whether a missing SQLite file may be created (False: opening an existing
+            study, where a missing file is a wrong path, not a new database).
 
     Returns:
         The storage.
 
     Raises:
-        ValueError: on a URL whose scheme is not supported (the message lists them) or
-            bad heartbeat settings.
+        ValueError: on a URL whose scheme is not supported (the message lists them), an
+            SQLite file that cannot be written (or is missing, with ``create=False``) or bad
+            heartbeat settings.
+        ImportError: the database driver of the URL is not installed (the message names
+            the extra that installs it).
     """
     if storage is None:
         return optuna.storages.InMemoryStorage()
@@ -112,17 +119,53 @@ def resolve_storage(
         )
     engine_kwargs = {}
     if scheme == "sqlite":
+        _check_sqlite(storage, create)
         # Several worker processes write to one file: wait for the lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         # Optuna labels the heartbeat experimental; it is what makes resuming safe here.
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return _ReasonedRDBStorage(
-            storage,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period if heartbeat_interval is not None else None,
+        try:
+            return _ReasonedRDBStorage(
+                storage,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period if heartbeat_interval is not None else None,
+            )
+        except ImportError as exc:
+            raise ImportError(_missing_driver(storage, scheme)) from exc
+
+
+#: The extra of snopt that installs the driver SQLAlchemy picks for a plain ``scheme://`` URL.
+DRIVER_EXTRAS = {"postgresql": ("postgres", "psycopg (3)")}
+
+
+def _missing_driver(storage: str, scheme: str) -> str:
+    url = redact_url(storage)
+    if scheme in DRIVER_EXTRAS and "+" not in storage.split("://", 1)[0]:
+        extra, driver = DRIVER_EXTRAS[scheme]
+        return (
+            f"`storage` {url!r} needs the database driver {driver}, which is not installed: "
+            f"pip install 'snopt[{extra}]'."
         )
+    return f"`storage` {url!r} needs a database driver that is not installed; install the one its URL names."
+
+
+def _check_sqlite(storage: str, create: bool) -> None:
+    """An SQLite URL names a file (not memory) that exists (``create=False``) or can be written."""
+    path = sqlite_path(storage)
+    url = redact_url(storage)
+    if path is None:
+        raise ValueError(
+            f"`storage` must name an SQLite file, e.g. {DEFAULT_STORAGE!r} (an in-memory database is lost "
+            f"at once and is not shared with workers), but got storage={url!r}."
+        )
+    if not create and not os.path.isfile(path):
+        raise ValueError(
+            f"`storage` must name an existing SQLite file (a study's database), but {path!r} does not exist; "
+            f"check the path, or create the study first (snopt search), storage={url!r}."
+        )
+    writable_file("storage", path)
 
 
 def owner_attrs() -> dict[str, str | int]:

@@ -24,6 +24,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from snopt._checks import text
 from snopt._progress import progress_bar
 from snopt._redact import redact_url
 from snopt._run import RunConfig
@@ -533,6 +534,8 @@ def create_study(
         raise ValueError(f"`worker` must be a non-negative integer, but got worker={worker!r}.")
     if direction is not None and direction not in ("maximize", "minimize"):
         raise ValueError(f"`direction` must be 'maximize' or 'minimize', but got direction={direction!r}.")
+    if study_name is not None:
+        text("study_name", study_name)
     custom = callable(task) and not isinstance(task, (str, RunConfig))
     if custom and per_trial is not None and per_trial.limited:
         raise ValueError(
@@ -716,7 +719,9 @@ def load_study(
     Raises:
         ValueError: if the study does not exist or was not created by snopt.
     """
-    resolved = resolve_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    resolved = resolve_storage(
+        storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period, create=False
+    )
     existing = _existing(study_name, resolved)
     if existing is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(resolved)]

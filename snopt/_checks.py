@@ -48,11 +48,12 @@ def nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
-def fraction(name: str, value: Any, *, closed_high: bool = True) -> float:
-    """A number in [0, 1] (``closed_high=False``: in [0, 1))."""
+def fraction(name: str, value: Any, *, closed_low: bool = True, closed_high: bool = True) -> float:
+    """A number in [0, 1] (``closed_low=False``: in (0, 1]; ``closed_high=False``: in [0, 1))."""
     value = real(name, value)
-    if not (0.0 <= value <= 1.0) or (not closed_high and value == 1.0):
-        raise _fail(name, "in [0, 1]" if closed_high else "in [0, 1)", value)
+    if not (0.0 <= value <= 1.0) or (not closed_low and value == 0.0) or (not closed_high and value == 1.0):
+        rule = f"in {'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+        raise _fail(name, rule, value)
     return value
 
 
@@ -220,3 +221,90 @@ def tracking_uri(name: str, value: Any) -> str:
             f"http://127.0.0.1:5000), but got {name}={redact_url(value)!r}."
         )
     return value
+
+
+def writable_dir(name: str, value: Any) -> str:
+    """A folder where files can be written (created if missing, as the writer would).
+
+    Checked before any work, so that a study or a comparison does not fail at its end.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise _fail(name, "a folder path", value)
+    folder = Path(value)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`{name}` must be a folder, but {name}={str(value)!r} is a file.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be a folder that can be created, but got {name}={str(value)!r} "
+            f"({exc.strerror or exc})."
+        ) from None
+    probe = folder / f".snopt.{os.getpid()}.probe"
+    try:
+        with open(probe, "a"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"`{name}` must be a writable folder, but got {name}={str(value)!r} ({exc.strerror or exc})."
+        ) from None
+    return str(os.fspath(value))
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of an ``sqlite:///path`` URL (None: in memory, or not an SQLite URL)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0].lower() != "sqlite":
+        return None
+    path = rest[1:] if rest.startswith("/") else rest  # sqlite:///rel.db and sqlite:////abs.db
+    path = path.split("?", 1)[0]
+    return None if path in ("", ":memory:") else path
+
+
+def writable_store(name: str, value: str) -> str:
+    """A tracking URI whose local store (an SQLite file or a folder) can be written.
+
+    A server URI is not contacted here (a server that is down is journaled, see
+    :mod:`snopt.tracking`); a local store that cannot be written is an error before any work.
+    """
+    if "://" not in value:
+        writable_dir(name, value)
+        return value
+    scheme = value.split("://", 1)[0].lower()
+    if scheme == "file":
+        from urllib.parse import urlparse
+
+        writable_dir(name, urlparse(value).path)
+    elif scheme.split("+", 1)[0] == "sqlite":
+        path = sqlite_path(value)
+        if path is None and value.split("://", 1)[1] in ("", "/"):
+            raise _fail(name, "an SQLite URL with a file, e.g. sqlite:///mlflow.db", value)
+        if path is not None:
+            writable_file(name, path)
+    return value
+
+
+#: The largest seed every generator takes (NumPy's legacy seeding is 32-bit).
+MAX_SEED = 2**32 - 1
+
+
+def seed(name: str, value: Any) -> int:
+    """An integer seed in [0, 2**32 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise _fail(name, f"an integer in [0, {MAX_SEED}]", value)
+    return value
+
+
+def device(name: str, value: Any) -> Any:
+    """``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (or a torch.device).
+
+    Whether the device exists is checked where torch is imported (:func:`snopt.fit`).
+    """
+    import re
+
+    if type(value).__name__ == "device" and type(value).__module__ == "torch":
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value.strip()):
+        raise _fail(name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", value)
+    return value.strip()

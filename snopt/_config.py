@@ -171,7 +171,7 @@ class RunConfig:
         D.SNOPT["sample_step"],
         _OPT,
         "SNOpt: sampling grid spacing as a fraction of the horizon, in (0, 1]",
-        check.positive,
+        partial(check.fraction, closed_low=False),
     )
     snopt_full_precond: bool = _setting(
         D.SNOPT["full_precond"], _OPT, "SNOpt: also precondition layers outside the ODE blocks", check.flag
@@ -233,8 +233,8 @@ class RunConfig:
         check.optional(_pos_int),
         default_text="at the end of every epoch",
     )
-    seed: int = _setting(D.TRAINING["seed"], _TRAIN, "random seed", _nonneg_int)
-    device: str = _setting(D.TRAINING["device"], _TRAIN, "cpu, cuda, cuda:N or auto", check.text)
+    seed: int = _setting(D.TRAINING["seed"], _TRAIN, "random seed, in [0, 2**32 - 1]", check.seed)
+    device: str = _setting(D.TRAINING["device"], _TRAIN, "cpu, cuda, cuda:N, mps or auto", check.device)
     max_grad_norm: float | None = _setting(
         None, _TRAIN, "clip the gradient norm to this value", check.optional(check.positive)
     )

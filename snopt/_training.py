@@ -33,6 +33,7 @@ from ._checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from ._checks import device as check_device
 from ._checks import writable_file
 from ._ode import SolverError, as_solver_error, ode_blocks
 from ._progress import progress_bar
@@ -259,7 +260,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None picks CUDA when available; otherwise the named device."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    dev = torch.device(check_device("device", device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {str(device)!r} but CUDA is not available; use 'cpu' or 'auto'.")
     return dev

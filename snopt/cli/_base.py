@@ -61,6 +61,13 @@ def _nonneg_int(text: str) -> int:
     return _int_at_least(text, 0, "a non-negative integer")
 
 
+def nonempty(text: str) -> str:
+    """A name that is not empty (an empty one would quietly fall back to the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty name, got {text!r}")
+    return text
+
+
 def _nonneg_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):

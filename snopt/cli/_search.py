@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+from .._checks import writable_dir
 from .._redact import redact_url
 from .._run import RunConfig
 from ..search import (
@@ -40,6 +41,7 @@ from ._base import (
     _positive_int,
     add_run_arguments,
     config_from_args,
+    nonempty,
     print_table,
 )
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
@@ -206,11 +208,15 @@ def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
     _quiet_optuna()
+    return config_from_args(args)
+
+
+def _check_storage(args: argparse.Namespace) -> None:
+    """A bad storage URL is a usage error, reported before any work (last: it creates the database)."""
     try:
-        resolve_storage(args.storage)  # a bad URL is a usage error, reported before any work
+        resolve_storage(args.storage)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    return config_from_args(args)
 
 
 def _quiet_optuna() -> None:
@@ -295,7 +301,10 @@ class SearchCommand(Command):
             help="search strategy: " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
         )
         parser.add_argument(
-            "--study-name", default=None, help="study name (default: <task>-<strategy>-s<seed>)"
+            "--study-name",
+            type=nonempty,
+            default=None,
+            help="study name (default: <task>-<strategy>-s<seed>)",
         )
         _add_budget_arguments(parser, SEARCH_BUDGET)
         _add_study_arguments(parser)
@@ -319,6 +328,7 @@ class SearchCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
+        _check_storage(args)
         try:
             study = create_study(
                 config,
@@ -380,11 +390,15 @@ class CompareCommand(Command):
         )
         parser.add_argument(
             "--study-name",
+            type=nonempty,
             default=None,
             help="prefix of the study names <name>-<strategy>-s<seed> (default: the task)",
         )
         parser.add_argument(
-            "--output-dir", default="compare_report", help="where report.md/.json and PNGs go"
+            "--output-dir",
+            type=nonempty,
+            default="compare_report",
+            help="where report.md/.json and PNGs go (checked to be writable before any trial)",
         )
         parser.add_argument(
             "--epsilon",
@@ -431,6 +445,11 @@ class CompareCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
+        try:  # checked again by compare(); here it is a usage error, before the database is made
+            writable_dir("output_dir", args.output_dir)
+        except ValueError as exc:
+            raise UsageError(f"--output-dir: {exc}") from None
+        _check_storage(args)
         with tracker or contextlib.nullcontext():
             report = self._compare(args, config, space, budget, seeds, tracker)
         code = self._print(args, report)
@@ -486,7 +505,7 @@ class WorkerCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--storage", required=True, help="the study's storage URL")
-        parser.add_argument("--study", required=True, help="the study's name")
+        parser.add_argument("--study", type=nonempty, required=True, help="the study's name")
         parser.add_argument(
             "--n-trials",
             type=_positive_int,

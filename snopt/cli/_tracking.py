@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._redact import redact_url
 from ..tracking._common import DEFAULT_EXPERIMENT, _mlflow, _resolve_uri, default_fallback_dir
-from ._base import Command, UsageError, print_table
+from ._base import Command, UsageError, nonempty, print_table
 
 if TYPE_CHECKING:  # imported where used: `snopt train --help` must not load torch or MLflow
     from .._training import Callback
@@ -29,8 +30,10 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )
-    g.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    g.add_argument("--run-name", default=None, help="MLflow run name (default: task-optimizer-strategy)")
+    g.add_argument("--experiment", type=nonempty, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    g.add_argument(
+        "--run-name", type=nonempty, default=None, help="MLflow run name (default: task-optimizer-strategy)"
+    )
     g.add_argument(
         "--log-models",
         choices=("best", "all", "none"),
@@ -60,8 +63,8 @@ def tracking_callbacks(
         return []
     from ..tracking._callback import MlflowCallback
 
-    return [
-        MlflowCallback(
+    with _flag_errors():
+        callback = MlflowCallback(
             config_dict,
             log_model=getattr(args, "log_models", "best") != "none",
             log_figures=getattr(args, "log_models", "best") != "none",
@@ -70,7 +73,19 @@ def tracking_callbacks(
             run_name=getattr(args, "run_name", None),
             tags=tags,
         )
-    ]
+    return [callback]
+
+
+@contextlib.contextmanager
+def _flag_errors() -> Iterator[None]:
+    """A bad tracking setting (an unwritable store, say) as a usage error that names its flag."""
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        names = message.split("`")[1::2]
+        flag = next((f"--{n.replace('_', '-')}: " for n in names if n in ("tracking_uri", "experiment")), "")
+        raise UsageError(flag + message) from None
 
 
 def where_logged(
@@ -130,15 +145,16 @@ def study_tracker(
         return None
     from ..tracking._studies import StudyTracker
 
-    return StudyTracker(
-        kind=kind,
-        name=getattr(args, "run_name", None) or name,
-        tracking_uri=getattr(args, "tracking_uri", None),
-        experiment=getattr(args, "experiment", None) or DEFAULT_EXPERIMENT,
-        tags=tags,
-        params=params,
-        log_models=getattr(args, "log_models", "best"),
-    )
+    with _flag_errors():
+        return StudyTracker(
+            kind=kind,
+            name=getattr(args, "run_name", None) or name,
+            tracking_uri=getattr(args, "tracking_uri", None),
+            experiment=getattr(args, "experiment", None) or DEFAULT_EXPERIMENT,
+            tags=tags,
+            params=params,
+            log_models=getattr(args, "log_models", "best"),
+        )
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
@@ -195,7 +211,9 @@ class UiCommand(Command):
             metavar="URI",
             help="store to show (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
         )
-        parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it)")
+        parser.add_argument(
+            "--host", type=nonempty, default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it)"
+        )
         parser.add_argument("--port", type=int, default=5000, help="port")
         parser.add_argument(
             "--artifacts-destination",

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
 
+from .. import _defaults as D
 from .._config import RunConfig
 from ._base import (
     Command,
     UsageError,
     _positive_int,
+    _shown,
     add_run_arguments,
     config_from_args,
+    flag_of,
     name_the_flag,
     print_table,
     write_json,
@@ -58,6 +62,7 @@ class TrainCommand(Command):
         config = config_from_args(
             args, checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every
         )
+        _check_used(args, config)
         if args.checkpoint_every is not None and args.checkpoint is None:
             raise UsageError("`--checkpoint-every` needs `--checkpoint FILE`, but no --checkpoint was given.")
         for flag, path in (("--checkpoint", args.checkpoint), ("--output-json", args.output_json)):
@@ -68,11 +73,11 @@ class TrainCommand(Command):
             "building the model...",
             flush=True,
         )
+        callbacks = _tracking_callbacks(args, config)  # an unwritable tracking store fails here
         try:
             run = build_run(config)
         except ValueError as exc:  # e.g. a --model-kwargs key the model does not take
             raise UsageError(name_the_flag(str(exc))) from exc
-        callbacks = _tracking_callbacks(args, config)
         try:
             result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
         except TrainingError as exc:
@@ -98,6 +103,31 @@ class TrainCommand(Command):
         if result.status == "interrupted":
             return exit_status(Terminated(result.signal or "SIGINT"))
         return 0 if result.status == "completed" else 130
+
+
+def _ignored(name: str, config: RunConfig) -> tuple[str, str] | None:
+    """``(setting, what uses the field)`` when ``config`` ignores its field ``name``, else None."""
+    if name == "momentum" and config.optimizer not in D.MOMENTUM:
+        return "optimizer", f"--optimizer {' or '.join(D.MOMENTUM)}"
+    if name.startswith("snopt_") and config.optimizer != "snopt":
+        return "optimizer", "--optimizer snopt"
+    if name.startswith("t1_") and config.control == "fixed":
+        return "control", "--control gradient or feedback"
+    return None
+
+
+def _check_used(args: argparse.Namespace, config: RunConfig) -> None:
+    """Refuse a flag the run would ignore (``--momentum`` with Adam, ``--t1-lr`` with a fixed T)."""
+    for f in dataclasses.fields(RunConfig):
+        # Flags default to SUPPRESS: only the given ones are attributes of args.
+        ignored = _ignored(f.name, config) if hasattr(args, f.name) else None
+        if ignored is not None:
+            setting, users = ignored
+            flag = flag_of(f.name)
+            raise UsageError(
+                f"{flag} is only used with {users}, but got {flag}={_shown(getattr(args, f.name))} "
+                f"with --{setting} {getattr(config, setting)}; drop {flag} or change --{setting}."
+            )
 
 
 def _writable(flag: str, path: str) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._checks import writable_store
 from .._training import Callback, FitResult, jsonable
 from ._common import (
     _OFFLINE_PREFIX,
@@ -136,7 +137,7 @@ class MlflowCallback(Callback):
         _check_callback_args(config, experiment, flush_every, flush_interval, system_metrics_interval)
         self.config: dict[str, Any] | None = None if config is None else config_dict(config)
         self._uri_given = tracking_uri is not None and tracking_uri != ""
-        self.tracking_uri = _resolve_uri(tracking_uri)
+        self.tracking_uri = writable_store("tracking_uri", _resolve_uri(tracking_uri))
         self._experiment_given = experiment is not None
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         #: The task's metric name (``accuracy``, ``mse``, ``nll``): ``metric`` is logged under it.

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._checks import text as check_text
+from .._checks import writable_store
 from .._redact import is_redacted, redact_url
 from .._signals import interrupt_reason, signal_name
 from .._training import Callback, jsonable
@@ -261,8 +263,8 @@ class StudyTracker:
             raise ValueError(f"Unknown StudyTracker arguments {unknown}; valid ones are {sorted(valid)}.")
         self.kind = kind
         self.name = name
-        self.tracking_uri = _resolve_uri(tracking_uri)
-        self.experiment = experiment
+        self.tracking_uri = writable_store("tracking_uri", _resolve_uri(tracking_uri))
+        self.experiment = check_text("experiment", experiment)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.params = dict(params or {})
         if log_models not in LOG_MODELS:

@@ -63,7 +63,7 @@ def _pg_bin() -> str | None:
 def postgres_url():
     """A PostgreSQL server started for the session in a temporary data directory; yields its URL."""
     pytest.importorskip(
-        "psycopg2", reason="psycopg2 is needed to talk to PostgreSQL (pip install psycopg2-binary)"
+        "psycopg", reason="psycopg 3 is needed to talk to PostgreSQL (pip install 'snopt[postgres]')"
     )
     bindir = _pg_bin()
     if bindir is None:
@@ -115,14 +115,14 @@ def postgres_url():
     try:
         run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "snopt_test")
         deadline = time.time() + 30
-        url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/snopt_test"
-        import psycopg2
+        url = f"postgresql://postgres@127.0.0.1:{port}/snopt_test"  # as documented: no driver named
+        import psycopg
 
         while True:
             try:
-                psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="snopt_test").close()
+                psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="snopt_test").close()
                 break
-            except psycopg2.OperationalError:
+            except psycopg.OperationalError:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)

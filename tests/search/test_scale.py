@@ -10,7 +10,7 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
-from snopt.search import Budget, Float, SearchSpace, create_study, load_study, run_workers
+from snopt.search import Budget, Float, SearchSpace, create_study, load_study, resolve_storage, run_workers
 
 pytestmark = pytest.mark.integration  # worker processes, SQLite and PostgreSQL shared between them
 
@@ -119,8 +119,16 @@ def _worker_cmd(url, name, n_trials):
 
 
 def _two_workers_share(url, config):
+    storage = resolve_storage(url)
+    try:
+        _check_two_workers_share(url, storage, config)
+    finally:  # close the pool's connections before the database goes away
+        storage.engine.dispose()
+
+
+def _check_two_workers_share(url, storage, config):
     study = create_study(
-        config, strategy="random", space=SPACE, storage=url, study_name="shared", pruner="none"
+        config, strategy="random", space=SPACE, storage=storage, study_name="shared", pruner="none"
     )
     assert study.trials == []
     procs = [
@@ -131,7 +139,7 @@ def _two_workers_share(url, config):
     ]
     outputs = [p.communicate(timeout=280)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    trials = optuna.load_study(study_name="shared", storage=url).trials
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
     assert len(trials) == 4  # the sum of both workers' trials
     assert sorted(t.number for t in trials) == list(range(4))  # no duplicates, no gaps
     assert len({t._trial_id for t in trials}) == 4
