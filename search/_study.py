@@ -530,23 +530,8 @@ def create_study(
     objectives = check_objectives(objectives)
     if len(objectives) > 1:
         pruner = None  # Optuna cannot prune multi-objective trials
-    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
-        raise ValueError(f"`worker` must be a non-negative integer, but got worker={worker!r}.")
-    if direction is not None and direction not in ("maximize", "minimize"):
-        raise ValueError(f"`direction` must be 'maximize' or 'minimize', but got direction={direction!r}.")
-    if study_name is not None:
-        text("study_name", study_name)
     custom = callable(task) and not isinstance(task, (str, RunConfig))
-    if custom and per_trial is not None and per_trial.limited:
-        raise ValueError(
-            "`trial_budget` is enforced inside the training solves and needs a task or a RunConfig, "
-            "not a custom objective."
-        )
-    if custom and strategy in IN_TRAINING:
-        raise ValueError(
-            f"Strategy {strategy!r} controls T inside training and needs a task or a RunConfig, "
-            f"not a custom objective; use one of the black-box strategies with it."
-        )
+    _check_create_args(worker, direction, study_name, custom, per_trial, strategy)
     if space is None:
         if custom:
             raise ValueError("A custom objective needs an explicit `space`.")
@@ -556,22 +541,7 @@ def create_study(
         raise TypeError(f"`space` must be a SearchSpace, but got {type(space).__name__}.")
     s_spec = sampler_spec(strategy, sampler_kwargs)
     p_spec = pruner_spec(pruner, pruner_kwargs)
-    config = None if custom else _base_config(task, seed)  # type: ignore[arg-type]
-    if config is not None and config.seed != seed:
-        # One seed per study: it drives the sampler and every training run.
-        data = config.to_dict()
-        data["seed"] = seed
-        config = RunConfig.from_dict(data)
-    if config is not None:
-        space.validate_for(config)
-        task_obj = _task_of(config)
-        metric_name = str(task_obj.metric_name)
-        default_direction = "maximize" if task_obj.higher_is_better else "minimize"
-        label = config.task
-    else:
-        metric_name = "value"
-        default_direction = "minimize"
-        label = getattr(task, "__name__", "objective")
+    config, metric_name, default_direction, label = _study_target(task, seed, custom, space)
     direction = direction or default_direction
     study_name = study_name or f"{label}-{strategy}-s{seed}"
     desc = _description(
@@ -594,18 +564,9 @@ def create_study(
             f"Study {study_name!r} already exists in {redact_url(storage_url(storage))!r}; "
             "use load_if_exists=True."
         )
-    n_existing = 0
-    if existing is not None:
-        old = existing.user_attrs.get(STUDY_ATTR)
-        if old is None:
-            raise ValueError(
-                f"Study {study_name!r} exists but was not created by snopt; choose another study_name."
-            )
-        _check_compatible(study_name, old, desc)
-        n_existing = len(existing.get_trials(deepcopy=False))
-        old_directions = [d.name.lower() for d in existing.directions]
-        if old_directions[0] != direction or len(old_directions) != len(objectives):
-            raise ValueError(f"Study {study_name!r} exists with directions {old_directions}.")
+    n_existing = (
+        0 if existing is None else _check_existing(existing, study_name, desc, direction, len(objectives))
+    )
     names = sampled_names(strategy, space)
     sampler = make_sampler(s_spec, space, names, derive_seed(seed, strategy, worker, n_existing))
     directions = [direction] + ["minimize"] * (len(objectives) - 1)
@@ -648,6 +609,67 @@ def create_study(
     else:
         wrapper.objective = CustomObjective(task, strategy)  # type: ignore[arg-type]
     return wrapper
+
+
+def _check_create_args(
+    worker: Any, direction: Any, study_name: Any, custom: bool, per_trial: Budget | None, strategy: str
+) -> None:
+    """:func:`create_study`'s argument rules that the helpers it calls do not check."""
+    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+        raise ValueError(f"`worker` must be a non-negative integer, but got worker={worker!r}.")
+    if direction is not None and direction not in ("maximize", "minimize"):
+        raise ValueError(f"`direction` must be 'maximize' or 'minimize', but got direction={direction!r}.")
+    if study_name is not None:
+        text("study_name", study_name)
+    if custom and per_trial is not None and per_trial.limited:
+        raise ValueError(
+            "`trial_budget` is enforced inside the training solves and needs a task or a RunConfig, "
+            "not a custom objective."
+        )
+    if custom and strategy in IN_TRAINING:
+        raise ValueError(
+            f"Strategy {strategy!r} controls T inside training and needs a task or a RunConfig, "
+            f"not a custom objective; use one of the black-box strategies with it."
+        )
+
+
+def _study_target(
+    task: Any, seed: int, custom: bool, space: SearchSpace
+) -> tuple[RunConfig | None, str, str, str]:
+    """The base run (None for a custom objective), its metric name, default direction and label."""
+    config = None if custom else _base_config(task, seed)  # type: ignore[arg-type]
+    if config is not None and config.seed != seed:
+        # One seed per study: it drives the sampler and every training run.
+        data = config.to_dict()
+        data["seed"] = seed
+        config = RunConfig.from_dict(data)
+    if config is not None:
+        space.validate_for(config)
+        task_obj = _task_of(config)
+        metric_name = str(task_obj.metric_name)
+        default_direction = "maximize" if task_obj.higher_is_better else "minimize"
+        label = config.task
+    else:
+        metric_name = "value"
+        default_direction = "minimize"
+        label = getattr(task, "__name__", "objective")
+    return config, metric_name, default_direction, label
+
+
+def _check_existing(
+    existing: Any, study_name: str, desc: dict[str, Any], direction: str, n_objectives: int
+) -> int:
+    """An existing study of that name must be snopt's and compatible; its number of trials."""
+    old = existing.user_attrs.get(STUDY_ATTR)
+    if old is None:
+        raise ValueError(
+            f"Study {study_name!r} exists but was not created by snopt; choose another study_name."
+        )
+    _check_compatible(study_name, old, desc)
+    old_directions = [d.name.lower() for d in existing.directions]
+    if old_directions[0] != direction or len(old_directions) != n_objectives:
+        raise ValueError(f"Study {study_name!r} exists with directions {old_directions}.")
+    return len(existing.get_trials(deepcopy=False))
 
 
 def _task_of(config: RunConfig) -> Any:
