@@ -26,7 +26,7 @@ from snopt._signals import exit_status, terminate_as_interrupt
 
 from ._budget import Budget
 from ._objective import TrainingObjective, TrialCallbacksFactory, check_objectives
-from ._report import ComparisonReport, study_result
+from ._report import ComparisonReport, StudyResult, study_result
 from ._space import Float, SearchSpace, block_names, default_space
 from ._storage import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, storage_url
 from ._strategies import IN_TRAINING, STRATEGIES, check_strategy
@@ -179,13 +179,7 @@ def compare(
         raise ValueError(
             f"`sampler_kwargs` names strategies {unknown} that are not compared; compared: {strategies}."
         )
-    if name is None:
-        if isinstance(task_or_objective, RunConfig):
-            name = task_or_objective.task
-        elif isinstance(task_or_objective, str):
-            name = task_or_objective
-        else:
-            name = getattr(task_or_objective, "__name__", "objective")
+    name = name if name is not None else _default_name(task_or_objective)
 
     if warm_up and isinstance(task_or_objective, (str, RunConfig)):
         _warm_up(task_or_objective)
@@ -220,34 +214,21 @@ def compare(
                 )
                 if overall is not None:
                     overall.set_postfix({"study": study.study_name}, refresh=True)
-                if on_study_start is not None:
-                    on_study_start(study)
-                if workers > 1:
-                    run_workers(
-                        study, workers, progress=progress, trial_callbacks_factory=trial_callbacks_factory
+                results.append(
+                    _run_study(
+                        study,
+                        strategy,
+                        seed,
+                        settings,
+                        workers,
+                        test,
+                        progress,
+                        trial_callbacks_factory,
+                        on_study_start,
+                        on_study_end,
                     )
-                else:
-                    study.optimize()
-                if on_study_end is not None:
-                    on_study_end(study)
-                desc = study.user_attrs["snopt"]
-                settings["samplers"][strategy] = desc["sampler"]
-                settings["pruner"] = desc["pruner"]
-                settings["config"] = desc["config"]
-                settings["space"] = desc["space"]
-                metric_name = study.metric_name
-                study_direction = study.directions[0].name.lower()
-                result = study_result(
-                    strategy,
-                    seed,
-                    study.study_name,
-                    study.get_trials(),
-                    study_direction == "maximize",
-                    first_trial=int(study.session["first_trial"]),
                 )
-                if test and study.config is not None:
-                    result.retrained = retrain_best(study)
-                results.append(result)
+                metric_name, study_direction = study.metric_name, study.directions[0].name.lower()
                 if overall is not None:
                     overall.update(1)
     finally:
@@ -269,6 +250,54 @@ def compare(
     if on_report is not None:
         on_report(report)
     return report
+
+
+def _default_name(task_or_objective: Any) -> str:
+    """A comparison's name: the task's, or the objective function's."""
+    if isinstance(task_or_objective, RunConfig):
+        return task_or_objective.task
+    if isinstance(task_or_objective, str):
+        return task_or_objective
+    return getattr(task_or_objective, "__name__", "objective")
+
+
+def _run_study(
+    study: Study,
+    strategy: str,
+    seed: int,
+    settings: dict[str, Any],
+    workers: int,
+    test: bool,
+    progress: bool,
+    trial_callbacks_factory: Any,
+    on_study_start: Callable[[Study], None] | None,
+    on_study_end: Callable[[Study], None] | None,
+) -> StudyResult:
+    """Run one study of a comparison (its settings noted in ``settings``) and summarise it."""
+    if on_study_start is not None:
+        on_study_start(study)
+    if workers > 1:
+        run_workers(study, workers, progress=progress, trial_callbacks_factory=trial_callbacks_factory)
+    else:
+        study.optimize()
+    if on_study_end is not None:
+        on_study_end(study)
+    desc = study.user_attrs["snopt"]
+    settings["samplers"][strategy] = desc["sampler"]
+    settings["pruner"] = desc["pruner"]
+    settings["config"] = desc["config"]
+    settings["space"] = desc["space"]
+    result = study_result(
+        strategy,
+        seed,
+        study.study_name,
+        study.get_trials(),
+        study.directions[0].name.lower() == "maximize",
+        first_trial=int(study.session["first_trial"]),
+    )
+    if test and study.config is not None:
+        result.retrained = retrain_best(study)
+    return result
 
 
 def _strategy_space(
