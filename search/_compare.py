@@ -153,6 +153,9 @@ def compare(
     Returns:
         The :class:`ComparisonReport` (also written to ``output_dir``).
 
+    Over 60 lines because it hands 18 settings on to :func:`create_study` for every study,
+    one per line; the parts are in ``_check_*``, ``_run_study`` and ``ComparisonReport``.
+
     Raises:
         ValueError: on unknown strategies, empty or invalid seeds, an unlimited or
             non-positive budget, a bad space, storage scheme or worker count.

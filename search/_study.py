@@ -517,6 +517,9 @@ def create_study(
     Returns:
         The :class:`Study`.
 
+    Over 60 lines because it resolves and stores 25 settings, one per line; the rules are
+    in ``_check_create_args``, ``_study_target`` and ``_check_existing``.
+
     Raises:
         ValueError: on an unknown strategy, pruner, storage scheme or task; a bad space or
             budget; an in-training strategy with a custom objective; or an existing study
