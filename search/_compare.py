@@ -110,6 +110,9 @@ def compare(
 ) -> ComparisonReport:
     """Run every strategy under the same budget for every seed and report which found what, at what cost.
 
+    Over 60 lines because it hands 18 settings on to :func:`create_study` for every study,
+    one per line; the parts are in ``_check_*``, ``_run_study`` and ``ComparisonReport``.
+
     Args:
         task_or_objective: a built-in task name, a base :class:`snopt.RunConfig`, or a
             custom objective ``f(trial) -> float`` (black-box strategies only).
@@ -152,9 +155,6 @@ def compare(
 
     Returns:
         The :class:`ComparisonReport` (also written to ``output_dir``).
-
-    Over 60 lines because it hands 18 settings on to :func:`create_study` for every study,
-    one per line; the parts are in ``_check_*``, ``_run_study`` and ``ComparisonReport``.
 
     Raises:
         ValueError: on unknown strategies, empty or invalid seeds, an unlimited or

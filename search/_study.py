@@ -477,6 +477,9 @@ def create_study(
 ) -> Study:
     """Create (or reopen) a study of one strategy over a search space.
 
+    Over 60 lines because it resolves and stores 25 settings, one per line; the rules are
+    in ``_check_create_args``, ``_study_target`` and ``_check_existing``.
+
     Args:
         task: a built-in task name, a base :class:`snopt.RunConfig`, or a custom
             objective ``f(trial) -> float`` (black-box strategies only; it may record
@@ -516,9 +519,6 @@ def create_study(
 
     Returns:
         The :class:`Study`.
-
-    Over 60 lines because it resolves and stores 25 settings, one per line; the rules are
-    in ``_check_create_args``, ``_study_target`` and ``_check_existing``.
 
     Raises:
         ValueError: on an unknown strategy, pruner, storage scheme or task; a bad space or
