@@ -186,16 +186,21 @@ def writable_file(name: str, value: Any) -> str:
             f"({exc.strerror or exc})."
         ) from None
     probe = file if file.exists() else file.parent / f".{file.name}.{os.getpid()}.probe"
+    _try_write(name, path, probe, remove=probe != file, what="a writable file")
+    return str(os.fspath(path))
+
+
+def _try_write(name: str, value: Any, probe: Path, *, remove: bool, what: str) -> None:
+    """Open ``probe`` for appending (and remove it when ``remove``); an OSError names ``name``."""
     try:
         with open(probe, "a"):
             pass
-        if probe != file:
+        if remove:
             probe.unlink()
     except OSError as exc:
         raise ValueError(
-            f"`{name}` must be a writable file, but got {name}={str(path)!r} ({exc.strerror or exc})."
+            f"`{name}` must be {what}, but got {name}={str(value)!r} ({exc.strerror or exc})."
         ) from None
-    return str(os.fspath(path))
 
 
 #: URI schemes an MLflow tracking URI may have (a database scheme may name a driver: ``mysql+pymysql``).
@@ -240,15 +245,7 @@ def writable_dir(name: str, value: Any) -> str:
             f"`{name}` must be a folder that can be created, but got {name}={str(value)!r} "
             f"({exc.strerror or exc})."
         ) from None
-    probe = folder / f".snopt.{os.getpid()}.probe"
-    try:
-        with open(probe, "a"):
-            pass
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"`{name}` must be a writable folder, but got {name}={str(value)!r} ({exc.strerror or exc})."
-        ) from None
+    _try_write(name, value, folder / f".snopt.{os.getpid()}.probe", remove=True, what="a writable folder")
     return str(os.fspath(value))
 
 
