@@ -165,7 +165,7 @@ def _check_sqlite(storage: str, create: bool) -> None:
             f"`storage` must name an existing SQLite file (a study's database), but {path!r} does not exist; "
             f"check the path, or create the study first (snopt search), storage={url!r}."
         )
-    writable_file("storage", path)
+    writable_file("storage", path, create=True)
 
 
 def owner_attrs() -> dict[str, str | int]:

@@ -166,11 +166,14 @@ def keywords(
     return dict(value)
 
 
-def writable_file(name: str, value: Any) -> str:
-    """A path where a file can be written (its folder is created if missing).
+def writable_file(name: str, value: Any, *, create: bool = False) -> str:
+    """A path where a file can be written.
 
     Checked before any work, so that a run does not fail (or lose its result) at its end.
-    Creates the missing parent folders, as the writer would.
+    Nothing is made unless ``create``: a missing folder must be one that can be created in
+    the nearest folder that exists (the writer makes it), so that a check that passes
+    leaves no trace when a later argument is refused. ``create=True`` makes the missing
+    folders now, for callers that write at once (a database file).
     """
     path = value
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
@@ -178,16 +181,34 @@ def writable_file(name: str, value: Any) -> str:
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"`{name}` must be a file path, but {name}={str(path)!r} is a folder.")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"`{name}` must be in a folder that can be created, but got {name}={str(path)!r} "
-            f"({exc.strerror or exc})."
-        ) from None
-    probe = file if file.exists() else file.parent / f".{file.name}.{os.getpid()}.probe"
-    _try_write(name, path, probe, remove=probe != file, what="a writable file")
+    if file.exists():
+        _try_write(name, path, file, remove=False, what="a writable file")
+    else:
+        _check_folder(name, path, file.parent, create=create, what="in a folder that can be created")
     return str(os.fspath(path))
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or the closest of its parents that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_folder(name: str, value: Any, folder: Path, *, create: bool, what: str) -> None:
+    """``folder`` exists and takes files, or can be made (made now when ``create``)."""
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"`{name}` must be {what}, but got {name}={str(value)!r} ({exc.strerror or exc})."
+            ) from None
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise ValueError(f"`{name}` must be {what}, but got {name}={str(value)!r} ({str(base)!r} is a file).")
+    _try_write(name, value, base / f".snopt.{os.getpid()}.probe", remove=True, what=what)
 
 
 def _try_write(name: str, value: Any, probe: Path, *, remove: bool, what: str) -> None:
@@ -228,24 +249,19 @@ def tracking_uri(name: str, value: Any) -> str:
     return value
 
 
-def writable_dir(name: str, value: Any) -> str:
-    """A folder where files can be written (created if missing, as the writer would).
+def writable_dir(name: str, value: Any, *, create: bool = False) -> str:
+    """A folder where files can be written.
 
     Checked before any work, so that a study or a comparison does not fail at its end.
+    A missing folder must be one that can be made (see :func:`writable_file`); it is made
+    now only when ``create``.
     """
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise _fail(name, "a folder path", value)
     folder = Path(value)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"`{name}` must be a folder, but {name}={str(value)!r} is a file.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"`{name}` must be a folder that can be created, but got {name}={str(value)!r} "
-            f"({exc.strerror or exc})."
-        ) from None
-    _try_write(name, value, folder / f".snopt.{os.getpid()}.probe", remove=True, what="a writable folder")
+    _check_folder(name, value, folder, create=create, what="a writable folder")
     return str(os.fspath(value))
 
 
@@ -266,19 +282,19 @@ def writable_store(name: str, value: str) -> str:
     :mod:`snopt.tracking`); a local store that cannot be written is an error before any work.
     """
     if "://" not in value:
-        writable_dir(name, value)
+        writable_dir(name, value, create=True)
         return value
     scheme = value.split("://", 1)[0].lower()
     if scheme == "file":
         from urllib.parse import urlparse
 
-        writable_dir(name, urlparse(value).path)
+        writable_dir(name, urlparse(value).path, create=True)
     elif scheme.split("+", 1)[0] == "sqlite":
         path = sqlite_path(value)
         if path is None and value.split("://", 1)[1] in ("", "/"):
             raise _fail(name, "an SQLite URL with a file, e.g. sqlite:///mlflow.db", value)
         if path is not None:
-            writable_file(name, path)
+            writable_file(name, path, create=True)
     return value
 
 

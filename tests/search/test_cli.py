@@ -131,7 +131,10 @@ def test_a_trial_budget_stops_a_minutes_long_solve_and_prunes_the_trial(tmp_path
         ),
         (["search", "--space", "t1=4:1"], "`low <= high` must hold"),
         (["search", "--space", "depth=1:3:int"], "Unknown search parameters ['depth']"),
-        (["worker", "--storage", "sqlite:///none.db", "--study", "nope"], "No study named 'nope'"),
+        (
+            ["worker", "--storage", "sqlite:///none.db", "--study", "nope"],
+            "`storage` must name an existing SQLite file",
+        ),
         (
             ["search", "--trial-budget", "n_trials=3"],
             "--trial-budget items must be nfe=N, timeout=S or work=W",
@@ -144,4 +147,5 @@ def test_bad_input_is_a_usage_error(tmp_path, args, message):
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert message in res.stderr
     assert "usage: snopt" in res.stderr
-    assert not Path(tmp_path / "compare_report").exists()
+    assert not Path(tmp_path / "compare_report").exists()  # a refused command leaves nothing behind
+    assert not Path(tmp_path / "none.db").exists()
