@@ -34,3 +34,24 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     # One thread: on a loaded 2-core CI machine two threads made steps several times slower.
     torch.set_num_threads(1)
+    _sqlite_without_fsync()
+
+
+def _sqlite_without_fsync() -> None:
+    """SQLite files opened by this test process (Optuna's and MLflow's stores) skip fsync.
+
+    Every commit of an SQLite store waits for the disk (~10 ms each on CI's disk); a comparison
+    makes a thousand of them, MLflow's schema migrations hundreds.  The tests check what is
+    stored, not that it survives a power cut, and with ``synchronous=OFF`` the data still
+    reaches the operating system at every commit, so a killed process loses nothing.
+    Subprocesses (the CLI, servers) keep SQLite's defaults.
+    """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _no_fsync(dbapi_connection, connection_record):  # noqa: ARG001 - SQLAlchemy's signature
+        if type(dbapi_connection).__module__.startswith("sqlite3"):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.close()
