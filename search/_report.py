@@ -32,9 +32,8 @@ import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
 from ._budget import STATUS_ATTR, counts, trial_nfe, trial_seconds, trial_work
-from ._space import HORIZON
+from ._choices import BLACK_BOX, HORIZON, IN_TRAINING, STRATEGY_HELP
 from ._stats import bootstrap_ci, describe, hypervolume_2d, paired_differences, pareto_front
-from ._strategies import BLACK_BOX, IN_TRAINING, STRATEGY_HELP
 
 
 @dataclass

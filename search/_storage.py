@@ -29,8 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from snopt._checks import sqlite_path, writable_file
 from snopt._redact import redact_url
 
-#: The storage used when none is given: an SQLite file in the working directory.
-DEFAULT_STORAGE = "sqlite:///snopt.db"
+from ._choices import DEFAULT_STORAGE
+
 #: URL schemes accepted (optionally with a driver, e.g. ``postgresql+psycopg2``).
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
 #: Seconds between heartbeats of a running trial.

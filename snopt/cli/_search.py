@@ -11,29 +11,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._checks import writable_dir
+from .._config import RunConfig
 from .._redact import redact_url
-from .._run import RunConfig
-from ..search import (
+from ..search._budget import Budget
+from ..search._choices import (
+    BLACK_BOX,
     DEFAULT_EPSILON,
     DEFAULT_STORAGE,
     DEFAULT_STRATEGIES,
     HORIZON,
     PRUNERS,
     STRATEGIES,
-    Budget,
-    SearchSpace,
-    Study,
-    compare,
-    create_study,
-    default_space,
-    load_study,
-    resolve_storage,
-    run_workers,
+    STRATEGY_HELP,
 )
-from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
@@ -45,6 +38,9 @@ from ._base import (
     print_table,
 )
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
+
+if TYPE_CHECKING:  # imported in run(): `--help` must not load Optuna or torch
+    from ..search import SearchSpace, Study
 
 #: In-training strategies whose other hyperparameters a black-box sampler picks (``--sampler``).
 TUNING_IN_TRAINING = ("feedback", "gradient", "hybrid")
@@ -86,13 +82,6 @@ def _seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
     return seeds
-
-
-def _space(text: str) -> SearchSpace:
-    try:
-        return SearchSpace.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -173,7 +162,6 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("study")
     g.add_argument(
         "--space",
-        type=_space,
         default=None,
         metavar="SPEC",
         help="search space, e.g. t1=0.25:4:log,lr=1e-3:5e-2:log,width=4:32:int:log,tol=1e-3:1e-1:log "
@@ -213,6 +201,8 @@ def _task_config(args: argparse.Namespace) -> RunConfig:
 
 def _check_storage(args: argparse.Namespace) -> None:
     """A bad storage URL is a usage error, reported before any work (last: it creates the database)."""
+    from ..search import resolve_storage
+
     try:
         resolve_storage(args.storage)
     except ValueError as exc:
@@ -227,11 +217,17 @@ def _quiet_optuna() -> None:
 
 
 def _space_for(args: argparse.Namespace, config: RunConfig) -> SearchSpace:
-    space = args.space if args.space is not None else default_space(config.task)
+    """The ``--space`` of ``args`` (default: the task's), parsed and checked against ``config``."""
+    from ..search import SearchSpace, default_space
+
+    try:
+        space = SearchSpace.parse(args.space) if args.space is not None else default_space(config.task)
+    except ValueError as exc:
+        raise UsageError(f"--space: {exc}") from exc
     try:
         space.validate_for(config)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"--space: {exc}") from exc
     return space
 
 
@@ -311,6 +307,8 @@ class SearchCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from ..search import create_study, run_workers
+
         config = _task_config(args)
         space = _space_for(args, config)
         try:
@@ -457,6 +455,8 @@ class CompareCommand(Command):
         return code
 
     def _compare(self, args, config, space, budget, seeds, tracker):  # type: ignore[no-untyped-def]
+        from ..search import compare
+
         return compare(
             config,
             strategies=args.strategies,
@@ -528,6 +528,8 @@ class WorkerCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from ..search import load_study
+
         _quiet_optuna()
         worker = args.worker_index if args.worker_index is not None else os.getpid()
         try:

@@ -55,10 +55,6 @@ class TrainCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._run import build_run, run_training
-        from .._signals import Terminated, exit_status
-        from .._training import TrainingError
-
         config = config_from_args(
             args, checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every
         )
@@ -73,6 +69,11 @@ class TrainCommand(Command):
             "building the model...",
             flush=True,
         )
+        # Imported after the first line: loading torch takes seconds.
+        from .._run import build_run, run_training
+        from .._signals import Terminated, exit_status
+        from .._training import TrainingError
+
         callbacks = _tracking_callbacks(args, config)  # an unwritable tracking store fails here
         try:
             run = build_run(config)
