@@ -378,7 +378,9 @@ class CompareCommand(Command):
             "--strategies",
             type=_strategies,
             default=list(DEFAULT_STRATEGIES),
-            help="comma-separated, from " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
+            help="comma-separated, from "
+            + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
+            + f" (default: {','.join(DEFAULT_STRATEGIES)})",
         )
         parser.add_argument(
             "--seeds",
