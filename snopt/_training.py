@@ -139,16 +139,27 @@ class FitResult:
     checkpoint: str | None = None
     signal: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of the result."""
+    def to_dict(self, metric_name: str = "metric") -> dict[str, Any]:
+        """A JSON-serialisable dict of the result.
+
+        Args:
+            metric_name: the name of ``metric`` in ``final`` and ``history``: the task's
+                (``task.metric_name``: ``"accuracy"``, ``"mse"``, ``"nll"``); the dict says
+                it again as ``"metric_name"``.
+        """
+
+        def named(record: dict[str, Any]) -> dict[str, Any]:
+            return {metric_name if key == "metric" else key: value for key, value in record.items()}
+
         return {
             "status": str(self.status),
             "message": self.message,
-            "final": self.final,
+            "metric_name": metric_name,
+            "final": named(self.final),
             "stats": jsonable(self.stats),
             "checkpoint": self.checkpoint,
             "signal": self.signal,
-            "history": self.history,
+            "history": [named(record) for record in self.history],
         }
 
 
@@ -457,6 +468,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_solve(self)
 
+    @property
+    def metric_name(self) -> str:
+        """The task's name for ``metric`` (``accuracy``, ``mse``, ``nll``); ``metric`` without a task."""
+        return str(getattr(self.objective.task, "metric_name", None) or "metric")
+
     def horizons(self) -> dict[str, float]:
         """``t1/<block name>`` -> current horizon, for every ODE block of the model."""
         return {_t1_key(name): block.t1 for name, block in ode_blocks(self.model)}
@@ -651,7 +667,7 @@ class Trainer:
                 self.save_checkpoint(self.checkpoint_path)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
+                bar.set_postfix(_postfix(record, self.last_eval, self.metric_name), refresh=False)
         if self.history and "val_loss" not in self.history[-1]:
             self._evaluate(self.history[-1])
         if self.checkpoint_path is not None:
@@ -799,10 +815,10 @@ def _safe_len(loader: Any) -> int | None:
         return None
 
 
-def _postfix(record: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:
+def _postfix(record: dict[str, float], last_eval: dict[str, float], metric_name: str) -> dict[str, str]:
     post = {"loss": f"{record['train_loss']:.4g}"}
     if "metric" in last_eval:
-        post["metric"] = f"{last_eval['metric']:.4g}"
+        post[metric_name] = f"{last_eval['metric']:.4g}"
     t1 = [v for k, v in record.items() if k.startswith("t1")]
     if t1:
         post["T"] = ",".join(f"{v:.3g}" for v in t1)

@@ -87,12 +87,12 @@ def test_train_writes_a_json_summary(tmp_path):
         str(path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "snopt train: completed" in out.stdout and "metric" in out.stdout
+    assert "snopt train: completed" in out.stdout and "accuracy" in out.stdout
     data = json.loads(path.read_text())
-    assert data["status"] == "completed"
+    assert data["status"] == "completed" and data["metric_name"] == "accuracy"
     assert data["config"]["optimizer"] == "adam" and data["config"]["lr"] == 0.01
     assert len(data["history"]) == 6 and data["stats"]["steps"] == 6
-    assert 0.0 <= data["final"]["metric"] <= 1.0 and "t1/blocks.0" in data["final"]
+    assert 0.0 <= data["final"]["accuracy"] <= 1.0 and "t1/blocks.0" in data["final"]
 
 
 @pytest.mark.parametrize(

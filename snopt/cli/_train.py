@@ -84,11 +84,12 @@ class TrainCommand(Command):
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.output_json and exc.result is not None:
-                write_json(args.output_json, {"config": config.resolved().to_dict(), **exc.result.to_dict()})
+                write_json(args.output_json, _json_summary(config, exc.result, run.task.metric_name))
             return 1
+        metric_name = run.task.metric_name
         summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
         summary["control"] = config.control
-        summary.update(result.final)
+        summary.update({metric_name if k == "metric" else k: v for k, v in result.final.items()})
         summary["steps"] = result.stats["steps"]
         summary["wall_time_s"] = result.stats["wall_time"]
         summary["nfe_total"] = result.stats["nfe_total"]
@@ -96,7 +97,7 @@ class TrainCommand(Command):
         if result.message:
             print(result.message)
         if args.output_json:
-            write_json(args.output_json, {"config": config.resolved().to_dict(), **result.to_dict()})
+            write_json(args.output_json, _json_summary(config, result, metric_name))
             print(f"summary written to {os.path.abspath(args.output_json)}")
         for cb in callbacks:
             if isinstance(getattr(cb, "run_id", None), str):
@@ -104,6 +105,12 @@ class TrainCommand(Command):
         if result.status == "interrupted":
             return exit_status(Terminated(result.signal or "SIGINT"))
         return 0 if result.status == "completed" else 130
+
+
+def _json_summary(config: RunConfig, result: Any, metric_name: str) -> dict[str, Any]:
+    """What ``--output-json`` writes: the resolved configuration and the result, with ``metric``
+    under the task's name for it (``accuracy``, ``mse``, ``nll``)."""
+    return {"config": config.resolved().to_dict(), **result.to_dict(metric_name)}
 
 
 def _ignored(name: str, config: RunConfig) -> tuple[str, str] | None:

@@ -315,8 +315,7 @@ class MlflowCallback(Callback):
         with self._pending_lock:
             self._pending = []
         self._follow_mlflow_state()
-        task = getattr(trainer.objective, "task", None)
-        self.metric_name = str(getattr(task, "metric_name", None) or "metric")
+        self.metric_name = trainer.metric_name
         self._resume_from_checkpoint(trainer)
         self.sink = _RunSink(
             self.tracking_uri, self.experiment, fallback_dir=self.fallback_dir, run_id=self._attach_to
@@ -507,13 +506,14 @@ class MlflowCallback(Callback):
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "summary.json"), "artifact_path": None}
             )
-            (folder / "result.json").write_text(json.dumps(jsonable(result.to_dict()), indent=2, default=str))
+            (folder / "result.json").write_text(
+                json.dumps(jsonable(result.to_dict(self.metric_name)), indent=2, default=str)
+            )
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "result.json"), "artifact_path": None}
             )
             if _wanted(self.log_figures, result) and result.history:
-                task = getattr(trainer.objective, "task", None)
-                figures = _history_figures(result.history, getattr(task, "metric_name", None) or "metric")
+                figures = _history_figures(result.history, self.metric_name)
                 fig_dir = folder / "figures"
                 fig_dir.mkdir()
                 for name, fig in figures.items():
