@@ -253,7 +253,8 @@ def test_comparison_of_two_strategies(mlflow_server, tmp_path):
             assert trial_run.data.tags["strategy"] == strategy
             assert trial_run.info.run_name == f"{strategy} #0"
             # The study's best trial (its only one) keeps its model and figures.
-            assert trial_run.outputs.model_outputs
+            (output,) = trial_run.outputs.model_outputs
+            assert client.get_logged_model(output.model_id).name == f"digits-{strategy}-s0-trial-0"
             assert any(a.path == "figures" for a in client.list_artifacts(trial_run.info.run_id))
             assert trial_run.info.status == "FINISHED"
             steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_loss")]
