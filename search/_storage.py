@@ -216,7 +216,12 @@ def fail_interrupted_trials(study: optuna.Study) -> None:
             f"interrupted: its process{_owner(trial)} ended while the trial ran (killed, or a crash); "
             "failed when the study was resumed"
         )
-        storage, trial_id = study._storage, trial._trial_id  # Optuna has no public trial id
+        # Private storage and trial id, as Optuna's own fail_stale_trials does it: the public
+        # Study.tell(trial.number, state=FAIL) also runs the sampler's after_trial, and
+        # GridSampler's then calls study.stop(), which raises RuntimeError outside optimize()
+        # (Optuna 5.0).  Optuna has no public call that fails a dead process's trial, nor one that
+        # sets a user attribute of a trial given by number.
+        storage, trial_id = study._storage, trial._trial_id
         try:
             storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
