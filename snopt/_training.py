@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import math
 import os
 import random
@@ -19,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from ._ode import SolverError, as_solver_error, ode_blocks
 from ._progress import progress_bar
 from ._signals import Terminated as Terminated  # re-exported: it was defined here first
 from ._signals import signal_name, terminate_as_interrupt
+
+_P = ParamSpec("_P")
 
 
 class Status(str, enum.Enum):
@@ -825,30 +828,26 @@ def _postfix(record: dict[str, float], last_eval: dict[str, float], metric_name:
     return post
 
 
-def fit(
-    model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable | None = None,
-    *,
-    optimizer: torch.optim.Optimizer,
-    task: Any = None,
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    metric_fn: Callable[[Any, Any], Any] | None = None,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    controller: Any = None,
-    preconditioner: Any = None,
-    scheduler: Any = None,
-    callbacks: Sequence[Callback] = (),
-    eval_every: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    seed: int | None = None,
-    device: str | torch.device | None = "cpu",
-    max_grad_norm: float | None = None,
-    progress: bool = True,
-) -> FitResult:
+def _takes_the_arguments_of(
+    cls: Callable[_P, Any],
+) -> Callable[[Callable[..., FitResult]], Callable[_P, FitResult]]:
+    """Give the decorated function the parameters of ``cls``'s constructor.
+
+    Type checkers see them through the ``ParamSpec``; ``help()``, IDEs and
+    ``inspect.signature`` through ``__signature__``.  The parameters are written once, in
+    :class:`Trainer`, and ``fit`` forwards them.
+    """
+
+    def decorate(function: Callable[..., FitResult]) -> Callable[_P, FitResult]:
+        signature = inspect.signature(cls)
+        function.__signature__ = signature.replace(return_annotation="FitResult")  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+@_takes_the_arguments_of(Trainer)
+def fit(*args: Any, **kwargs: Any) -> FitResult:
     """Train ``model`` and return a :class:`FitResult`.
 
     Args:
@@ -889,27 +888,4 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (the message names the step).
         TrainingError: the ODE solver failed; ``exc.result`` holds the partial run.
     """
-    trainer = Trainer(
-        model,
-        train_loader,
-        val_loader,
-        optimizer=optimizer,
-        task=task,
-        loss_fn=loss_fn,
-        metric_fn=metric_fn,
-        epochs=epochs,
-        max_steps=max_steps,
-        controller=controller,
-        preconditioner=preconditioner,
-        scheduler=scheduler,
-        callbacks=callbacks,
-        eval_every=eval_every,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        seed=seed,
-        device=device,
-        max_grad_norm=max_grad_norm,
-        progress=progress,
-    )
-    return trainer.run()
+    return Trainer(*args, **kwargs).run()
