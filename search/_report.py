@@ -321,53 +321,52 @@ class ComparisonReport:
         hypervolume (multi-objective comparisons).
         """
         hv = self.hypervolumes()
-        rows = []
-        for strategy in self.strategies:
-            runs = self._runs(strategy)
-            scored = [s for s in runs if s.best_value is not None]
-            values = [float(s.best_value) for s in scored]  # type: ignore[arg-type]
-            sign = 1.0 if self.maximize else -1.0
-            ranked = sorted(scored, key=lambda s: sign * float(s.best_value))  # type: ignore[arg-type]
-            median_run = ranked[(len(ranked) - 1) // 2] if ranked else None
-            tests = [s.retrained["test"] for s in runs if s.retrained and s.retrained.get("test") is not None]
-            vals = [s.retrained["val"] for s in runs if s.retrained and s.retrained.get("val") is not None]
-            reached = [s for s in runs if s.work_to_target is not None or s.nfe_to_target is not None]
-            hvs = [hv[(strategy, s.seed)] for s in runs if (strategy, s.seed) in hv]
-            per_work = [h / s.work for s in runs for h in [hv.get((strategy, s.seed))] if h and s.work > 0]
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "n": len(values),
-                    "results": f"{len(values)}/{len(runs)}",
-                    "no_result_seeds": [s.seed for s in runs if s.best_value is None],
-                    "best": _median(values),
-                    "best_ci": bootstrap_ci(values, np.median),
-                    "test": _median(tests),
-                    "test_ci": bootstrap_ci(tests, np.median),
-                    "n_test": len(tests),
-                    "val_retrained": _median(vals),
-                    "T": dict(median_run.best_t1_blocks) if median_run else {},
-                    "hyperparams": median_run.best_params if median_run else {},
-                    "inference_nfe": median_run.best_inference_nfe if median_run else None,
-                    "trials": sum(s.n_trials for s in runs),
-                    "now": sum(s.n_now for s in runs),
-                    "before": sum(s.n_before for s in runs),
-                    "pruned": sum(s.n_pruned for s in runs),
-                    "failed": sum(s.n_failed for s in runs),
-                    "budget_cut": sum(s.n_budget for s in runs),
-                    "work": _median([s.work for s in runs]),
-                    "nfe": _median([float(s.nfe) for s in runs]),
-                    "wall_time_s": _median([s.wall_time for s in runs]),
-                    "trials_per_seed": _median([float(s.n_trials) for s in runs]),
-                    "reached": f"{len(reached)}/{len(runs)}",
-                    "work_to_target": _median([float(s.work_to_target) for s in reached if s.work_to_target]),
-                    "nfe_to_target": _median([float(s.nfe_to_target or 0) for s in reached]),
-                    "time_to_target_s": _median([float(s.time_to_target or 0.0) for s in reached]),
-                    "hypervolume": _median(hvs),
-                    "hv_per_work": _median(per_work),
-                }
-            )
-        return rows
+        return [self._summary_row(strategy, hv) for strategy in self.strategies]
+
+    def _summary_row(self, strategy: str, hv: Mapping[tuple[str, int], float]) -> dict[str, Any]:
+        """The :meth:`summary` row of one strategy (``hv``: :meth:`hypervolumes`)."""
+        runs = self._runs(strategy)
+        scored = [s for s in runs if s.best_value is not None]
+        values = [float(s.best_value) for s in scored]  # type: ignore[arg-type]
+        sign = 1.0 if self.maximize else -1.0
+        ranked = sorted(scored, key=lambda s: sign * float(s.best_value))  # type: ignore[arg-type]
+        median_run = ranked[(len(ranked) - 1) // 2] if ranked else None
+        tests = [s.retrained["test"] for s in runs if s.retrained and s.retrained.get("test") is not None]
+        vals = [s.retrained["val"] for s in runs if s.retrained and s.retrained.get("val") is not None]
+        reached = [s for s in runs if s.work_to_target is not None or s.nfe_to_target is not None]
+        hvs = [hv[(strategy, s.seed)] for s in runs if (strategy, s.seed) in hv]
+        per_work = [h / s.work for s in runs for h in [hv.get((strategy, s.seed))] if h and s.work > 0]
+        return {
+            "strategy": strategy,
+            "n": len(values),
+            "results": f"{len(values)}/{len(runs)}",
+            "no_result_seeds": [s.seed for s in runs if s.best_value is None],
+            "best": _median(values),
+            "best_ci": bootstrap_ci(values, np.median),
+            "test": _median(tests),
+            "test_ci": bootstrap_ci(tests, np.median),
+            "n_test": len(tests),
+            "val_retrained": _median(vals),
+            "T": dict(median_run.best_t1_blocks) if median_run else {},
+            "hyperparams": median_run.best_params if median_run else {},
+            "inference_nfe": median_run.best_inference_nfe if median_run else None,
+            "trials": sum(s.n_trials for s in runs),
+            "now": sum(s.n_now for s in runs),
+            "before": sum(s.n_before for s in runs),
+            "pruned": sum(s.n_pruned for s in runs),
+            "failed": sum(s.n_failed for s in runs),
+            "budget_cut": sum(s.n_budget for s in runs),
+            "work": _median([s.work for s in runs]),
+            "nfe": _median([float(s.nfe) for s in runs]),
+            "wall_time_s": _median([s.wall_time for s in runs]),
+            "trials_per_seed": _median([float(s.n_trials) for s in runs]),
+            "reached": f"{len(reached)}/{len(runs)}",
+            "work_to_target": _median([float(s.work_to_target) for s in reached if s.work_to_target]),
+            "nfe_to_target": _median([float(s.nfe_to_target or 0) for s in reached]),
+            "time_to_target_s": _median([float(s.time_to_target or 0.0) for s in reached]),
+            "hypervolume": _median(hvs),
+            "hv_per_work": _median(per_work),
+        }
 
     def paired(self) -> list[dict[str, Any]]:
         """Per-seed paired differences of every strategy against every black-box one.

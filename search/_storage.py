@@ -102,21 +102,8 @@ def resolve_storage(
         raise TypeError(
             f"`storage` must be a URL string, an Optuna storage or None, but got {type(storage).__name__}."
         )
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
-    if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(
-            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
-            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
-            f"but got storage={redact_url(storage)!r}."
-        )
-    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive integer or None, but got {name}={value!r}.")
-    if heartbeat_interval is not None and grace_period is not None and grace_period < heartbeat_interval:
-        raise ValueError(
-            f"`grace_period >= heartbeat_interval` must hold, but got grace_period={grace_period}, "
-            f"heartbeat_interval={heartbeat_interval}."
-        )
+    scheme = _scheme(storage)
+    _check_heartbeat(heartbeat_interval, grace_period)
     engine_kwargs = {}
     if scheme == "sqlite":
         _check_sqlite(storage, create)
@@ -134,6 +121,29 @@ def resolve_storage(
             )
         except ImportError as exc:
             raise ImportError(_missing_driver(storage, scheme)) from exc
+
+
+def _scheme(storage: str) -> str:
+    """The database scheme of a storage URL (``postgresql+psycopg2://`` -> ``postgresql``), checked."""
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
+            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
+            f"but got storage={redact_url(storage)!r}."
+        )
+    return scheme
+
+
+def _check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
+    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer or None, but got {name}={value!r}.")
+    if heartbeat_interval is not None and grace_period is not None and grace_period < heartbeat_interval:
+        raise ValueError(
+            f"`grace_period >= heartbeat_interval` must hold, but got grace_period={grace_period}, "
+            f"heartbeat_interval={heartbeat_interval}."
+        )
 
 
 #: The extra of snopt that installs the driver SQLAlchemy picks for a plain ``scheme://`` URL.
