@@ -420,3 +420,40 @@ def test_best_mode_keeps_artifacts_of_trials_that_beat_the_best_so_far():
     assert _keep_artifacts("all", None) is True and _keep_artifacts("none", None) is False
     with pytest.raises(ValueError, match="`log_models` must be one of"):
         StudyTracker(log_models=True)
+
+
+def test_report_parts_of_a_comparison_report_a_mapping_and_anything_else():
+    from snopt.search import ComparisonReport, StudyResult
+
+    from snopt.tracking._studies import _report_parts
+
+    studies = []
+    for strategy, best in (("feedback", 0.9), ("tpe", 0.8)):
+        study = StudyResult(strategy, 0, f"x-{strategy}-s0")
+        study.curve.append(
+            {"trial": 0, "state": "COMPLETE", "value": best, "cum_time": 1.0, "cum_nfe": 10, "best": best}
+        )
+        study.best_value = best
+        studies.append(study)
+    report = ComparisonReport.build(
+        name="x",
+        metric_name="accuracy",
+        direction="maximize",
+        budget={"nfe": 10},
+        epsilon=0.0,
+        studies=studies,
+        storage=None,
+    )
+    parts = _report_parts(report)
+    assert [row["strategy"] for row in parts["table"]] == ["feedback", "tpe"]
+    assert parts["metrics"] == {"target": 0.8, "best/feedback": 0.9, "best/tpe": 0.8}
+    assert [s["strategy"] for s in parts["studies"]] == ["feedback", "tpe"]
+    assert "curve" not in parts["studies"][0] and parts["json"]["target"] == 0.8
+    assert _report_parts({"rows": [{"a": 1}], "metrics": {"m": 1.0}})["table"] == [{"a": 1}]
+
+    class LooksLikeAReport:  # the duck-typed reports of before are refused, by name
+        def summary(self):
+            return []
+
+    with pytest.raises(TypeError, match="`report` must be a snopt.search.ComparisonReport or a mapping"):
+        _report_parts(LooksLikeAReport())
