@@ -113,3 +113,20 @@ def test_bad_input_is_reported_without_a_traceback(args, message):
     assert out.returncode in (1, 2)
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trian"], "snopt: error: unknown command 'trian'; did you mean 'train'?"),
+        (["comapre", "--help"], "unknown command 'comapre'; did you mean 'compare'?"),
+        (["train", "--optimzer", "adam"], "snopt train: error: unrecognized arguments: --optimzer adam "),
+        (["train", "--optimzer=adam"], "(--optimzer: did you mean --optimizer?)"),
+        (["compare", "--strategys", "tpe"], "(--strategys: did you mean --strategies?)"),
+    ],
+)
+def test_a_misspelled_command_or_flag_gets_a_suggestion(args, message):
+    out = run(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
