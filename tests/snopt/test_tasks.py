@@ -180,8 +180,9 @@ def test_batch_to() -> None:
 def test_one_epoch_of_adam_on_digits() -> None:
     torch.manual_seed(0)
     task = get_task("digits")
-    # Fixed-step RK4 (2 steps on [0, 1]): the default width, a quarter of dopri5's cost.
-    model = task.build_model(method="rk4", options={"step_size": 0.5})
+    # Width 8 and fixed-step RK4 (2 steps on [0, 1]): an eighth of the default model's cost;
+    # it reaches 0.90 (the default model 0.96).
+    model = task.build_model(width=8, method="rk4", options={"step_size": 0.5})
     train, val = task.loaders(64, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for batch in train:
