@@ -247,12 +247,35 @@ def compare(
         storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
+        references=reference_points(task_or_objective, seeds, objectives),
     )
     if output_dir is not None:
         report.write(os.fspath(output_dir))
     if on_report is not None:
         on_report(report)
     return report
+
+
+def reference_points(
+    task: str | RunConfig | Objective, seeds: Sequence[int], objectives: Sequence[str]
+) -> dict[int, tuple[float, float]]:
+    """Seed -> the fixed reference point ``(metric, inference NFE)`` of a Pareto comparison.
+
+    It depends on the task alone, so that no strategy's result moves it: the metric of a model
+    that learned nothing from its inputs (:meth:`snopt._tasks.Task.null_metric`: chance
+    accuracy for a classifier, the variance of the targets for the time series) and the most
+    NFE one inference pass can take: ``max_nfe`` per solve (its default when the run sets no
+    cap) times the model's ODE blocks.  Empty for a single objective or a custom objective.
+    """
+    if len(objectives) < 2 or not isinstance(task, (str, RunConfig)):
+        return {}
+    from snopt._defaults import ODE
+    from snopt._tasks import get_task
+
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    runner = get_task(config.task, **config.task_kwargs)
+    cap = float((config.max_nfe or ODE["max_nfe"]) * len(block_names(config)))
+    return {seed: (runner.null_metric(seed=seed), cap) for seed in seeds}
 
 
 def _default_name(task_or_objective: Any) -> str:
@@ -389,6 +412,7 @@ def report_from_storage(
     metric_name, direction = "value", "minimize"
     budget: dict[str, Any] = {}
     objectives: list[str] = ["metric"]
+    config: dict[str, Any] | None = None
     for seed in seeds:
         for strategy in strategies:
             study = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=storage)
@@ -396,6 +420,7 @@ def report_from_storage(
             metric_name = desc.get("metric_name", metric_name)
             budget = desc.get("budget", budget)
             objectives = desc.get("objectives", ["metric"])
+            config = desc.get("config")
             settings["samplers"][strategy] = desc.get("sampler")
             settings["pruner"] = desc.get("pruner")
             direction = study.directions[0].name.lower()
@@ -420,6 +445,7 @@ def report_from_storage(
         storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
+        references=reference_points(RunConfig.from_dict(config), seeds, objectives) if config else {},
     )
 
 
