@@ -212,3 +212,16 @@ def test_a_study_stored_before_a_setting_existed_resumes(tiny_config, tmp_path):
     study.study.set_user_attr("snopt", desc)
     again = _study(tiny_config(), storage=url, budget=Budget(n_trials=1), seed=3)
     assert again.study.study_name == study.study.study_name
+
+
+def test_trials_enqueued_before_a_session_count_against_its_budget(tiny_config):
+    # Enqueued trials get their numbers before optimize() starts the session; they run in it and
+    # count (the session once began after them, so the budget saw none of their NFE).
+    study = _study(tiny_config(), budget=Budget(nfe=60))
+    for _ in range(4):
+        study.enqueue_trial({"t1": 1.0, "lr": 0.01})
+    study.optimize()
+    assert study.session["first_trial"] == 0
+    ran = [t for t in study.trials if t.state != TrialState.WAITING]
+    assert [t.state for t in ran] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert "the study's budget ran out (NFE" in ran[2].user_attrs["stop_reason"]
