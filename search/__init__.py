@@ -19,7 +19,7 @@ black-box; ``hybrid`` restarts T at its default; ``feedback-only``/``gradient-on
 the ablations in which only the controller tunes.
 """
 
-from ._budget import Budget, Spent
+from ._budget import TRIAL_SHARE, Budget, Spent
 from ._compare import (
     COST_WEIGHT,
     DEFAULT_EPSILON,
@@ -50,6 +50,7 @@ __all__ = [
     "STRATEGIES",
     "STRATEGY_HELP",
     "SUPPORTED_SCHEMES",
+    "TRIAL_SHARE",
     "Budget",
     "Categorical",
     "ComparisonReport",

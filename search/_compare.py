@@ -106,7 +106,7 @@ def compare(
     total: Budget | Mapping[str, Any] | None = None,
     objectives: Sequence[str] | str = ("metric",),
     test: bool = False,
-    trial_budget: Budget | Mapping[str, Any] | None = None,
+    trial_budget: Budget | Mapping[str, Any] | str | None = "auto",
 ) -> ComparisonReport:
     """Run every strategy under the same budget for every seed and report which found what, at what cost.
 
@@ -142,7 +142,9 @@ def compare(
         total: caps each study as a whole over every session (None: no cap; each call runs
             ``budget`` again).
         trial_budget: what each trial of every study may spend (NFE, work, seconds), see
-            :func:`create_study`.
+            :func:`create_study`; ``"auto"`` (default): ``TRIAL_SHARE`` (:mod:`._budget`) of each of the
+            budget's work, NFE and seconds limits (no cap for a budget in trials alone); None:
+            no cap.
         objectives: ``("metric",)``, or ``("metric", "nfe")`` for a Pareto comparison of the
             metric against the inference NFE: black-box strategies (``nsga2`` is NSGA-II,
             ``tpe`` multi-objective TPE) search hyperparameters and horizons; in-training ones
@@ -169,6 +171,7 @@ def compare(
             "`budget` must set at least one of n_trials, nfe or timeout, "
             "so that every strategy gets the same."
         )
+
     workers = _check_workers(workers, storage)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
         raise ValueError(f"`epsilon` must be a finite number >= 0, but got epsilon={epsilon!r}.")

@@ -23,6 +23,7 @@ from ..search import (
     HORIZON,
     PRUNERS,
     STRATEGIES,
+    TRIAL_SHARE,
     Budget,
     SearchSpace,
     Study,
@@ -95,7 +96,9 @@ def _space(text: str) -> SearchSpace:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _add_budget_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any], trial_default: str = "none"
+) -> None:
     g = parser.add_argument_group(
         "budget (per study; whichever runs out first)",
         f"default when none is given: {Budget(**defaults).describe()}",
@@ -120,12 +123,15 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
         help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
         "(by default every run continues the study and spends its budget again, as Optuna does)",
     )
+    auto = Budget(**defaults).per_trial(TRIAL_SHARE)
     g.add_argument(
         "--trial-budget",
-        default=None,
+        default=trial_default,
         metavar="SPEC",
         help="cap on each trial, checked inside its ODE solves, e.g. nfe=20000 or timeout=60,work=1e10 "
-        "(a trial that reaches it is pruned)",
+        f"(a trial that reaches it is pruned); 'none': no cap; 'auto': {TRIAL_SHARE:g} of each work, NFE "
+        "and seconds limit of the study budget, so that one expensive configuration cannot take a whole "
+        f"budget ({auto.describe() if auto is not None else 'no cap'} with the default budget)",
     )
 
 
@@ -144,7 +150,9 @@ def _total(args: argparse.Namespace) -> Budget | None:
     return _budget_spec("--total", args.total, ("n_trials", "nfe", "timeout", "work"))
 
 
-def _trial_budget(args: argparse.Namespace) -> Budget | None:
+def _trial_budget(args: argparse.Namespace) -> Budget | str | None:
+    if args.trial_budget in ("none", "auto"):
+        return None if args.trial_budget == "none" else "auto"
     return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
 
 
@@ -417,7 +425,7 @@ class CompareCommand(Command):
             action="store_true",
             help="retrain each study's best configuration and score it on the task's test split",
         )
-        _add_budget_arguments(parser, COMPARE_BUDGET)
+        _add_budget_arguments(parser, COMPARE_BUDGET, trial_default="auto")
         _add_study_arguments(parser)
         add_tracking_arguments(parser)
 

@@ -214,6 +214,67 @@ def test_a_study_stored_before_a_setting_existed_resumes(tiny_config, tmp_path):
     assert again.study.study_name == study.study.study_name
 
 
+def test_a_trial_budget_share_of_the_study_budget(tiny_config):
+    assert Budget(work=1.2e11, timeout=75.0).per_trial(0.25) == Budget(work=3e10, timeout=18.75)
+    assert Budget(nfe=10, n_trials=4).per_trial(0.25) == Budget(nfe=2)  # an NFE share stays an integer
+    assert Budget(n_trials=10).per_trial(0.25) is None  # a trial is one trial: nothing to share
+    with pytest.raises(ValueError, match=r"`share` must be a number in \(0, 1\], but got share=0"):
+        Budget(work=1.0).per_trial(0)
+    with pytest.raises(ValueError, match=r"`trial_budget` must be a Budget, a dict, None or 'auto', but got"):
+        _study(tiny_config(), budget=Budget(work=1.0), trial_budget="half")
+
+
+def test_auto_trial_budget_keeps_one_wide_trial_from_taking_the_whole_budget(tiny_config):
+    """compare's default: a trial may spend a quarter of the study's work; the rest goes to others."""
+    from snopt.search import TRIAL_SHARE, Int
+
+    config = tiny_config(max_steps=12)  # 108 evaluations: the budgets are checked every 8
+    probe = _study(config, budget=Budget(n_trials=1))
+    probe.optimize()
+    unit = probe.trials[0].user_attrs["work"]  # one trial of the width-4 model
+    space = SearchSpace({"width": Int(2, 64, default=4)})
+    runs = {}
+    for cap in ("auto", None):
+        study = _study(config, space=space, budget=Budget(work=40 * unit), trial_budget=cap)
+        study.enqueue_trial({"width": 32})  # about 50 width-4 trials' work: more than the budget
+        for _ in range(8):
+            study.enqueue_trial({"width": 4})
+        study.optimize(n_trials=9)
+        runs[cap] = study.trials
+    wide, *rest = runs["auto"]
+    assert wide.state == TrialState.PRUNED
+    assert "the trial's budget ran out (work" in wide.user_attrs["stop_reason"]
+    assert TRIAL_SHARE * 40 * unit <= wide.user_attrs["work"] < 0.5 * 40 * unit  # cut near its cap
+    assert [t.state for t in rest] == [TrialState.COMPLETE] * 8
+    # Without a cap the wide trial spends the whole budget and the study has no result.
+    ran = [t for t in runs[None] if t.state != TrialState.WAITING]
+    assert [t.state for t in ran] == [TrialState.PRUNED]
+    assert "the study's budget ran out (work" in ran[0].user_attrs["stop_reason"]
+
+
+def test_compare_caps_each_trial_by_default(tiny_config, tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    budget = Budget(n_trials=1, work=1e15, timeout=600.0)
+    for name, kwargs, expected in (
+        ("auto", {}, {"n_trials": None, "timeout": 150.0, "nfe": None, "work": 2.5e14}),
+        ("none", {"trial_budget": None}, {"n_trials": None, "timeout": None, "nfe": None, "work": None}),
+    ):
+        compare(
+            tiny_config(max_steps=1),
+            strategies=["random"],
+            budget=budget,
+            space=SPACE,
+            storage=url,
+            output_dir=None,
+            name=name,
+            progress=False,
+            warm_up=False,
+            **kwargs,
+        )
+        desc = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
+        assert desc["trial_budget"] == expected
+
+
 def test_trials_enqueued_before_a_session_count_against_its_budget(tiny_config):
     # Enqueued trials get their numbers before optimize() starts the session; they run in it and
     # count (the session once began after them, so the budget saw none of their NFE).
