@@ -87,8 +87,13 @@ POLICIES = ("fixed", "gradient", "feedback")
 COSTS = ("quadratic", "linear")
 #: Curvature estimators of the feedback policy (see :mod:`snopt.control`).
 CURVATURES = ("gauss_newton", "fisher")
-#: Step size ``eta`` of each policy when none is given.
-POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 3.0, "feedback": 1.0})
+#: Step size ``eta`` of each policy when none is given.  The feedback policy's is a full
+#: Gauss-Newton step.  The gradient policy's (in units of T per unit of ``Q_phi``, so it depends on
+#: the loss's scale) is the step of the grid 0.3, 1, 3, 10 of ``benchmarks/horizon_closed_form.py``
+#: that settles within 5% of T* on the most closed-form problems and starts
+#: (``benchmarks/results/horizon_closed_form.md``, "The gradient policy's step"); the former 3.0
+#: settled on none, with 91-99% of its updates cut by the trust region.
+POLICY_LR: MappingProxyType[str, float] = MappingProxyType({"gradient": 0.3, "feedback": 1.0})
 #: :class:`snopt.Controller`'s defaults.
 CONTROL: MappingProxyType[str, Any] = MappingProxyType(
     {
