@@ -19,12 +19,14 @@ black-box; ``hybrid`` restarts T at its default; ``feedback-only``/``gradient-on
 the ablations in which only the controller tunes.
 """
 
-from ._budget import TRIAL_SHARE, Budget, Spent
+from ._budget import Budget, Spent
 from ._compare import (
     COST_WEIGHT,
     DEFAULT_EPSILON,
     DEFAULT_STRATEGIES,
+    TRIAL_FACTOR,
     compare,
+    default_trial_budget,
     report_from_storage,
     retrain_best,
     run_workers,
@@ -50,7 +52,7 @@ __all__ = [
     "STRATEGIES",
     "STRATEGY_HELP",
     "SUPPORTED_SCHEMES",
-    "TRIAL_SHARE",
+    "TRIAL_FACTOR",
     "Budget",
     "Categorical",
     "ComparisonReport",
@@ -69,6 +71,7 @@ __all__ = [
     "compare",
     "create_study",
     "default_space",
+    "default_trial_budget",
     "hypervolume_2d",
     "load_study",
     "paired_differences",

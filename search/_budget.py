@@ -30,14 +30,6 @@ SKIPPED = "skipped"
 #: The budget axes, in the order reports show them.
 AXES = ("work", "nfe", "wall_time", "trials")
 _FIELDS = ("n_trials", "timeout", "nfe", "work")
-#: The share of the study budget's work, NFE and wall-clock limits that one trial of a comparison
-#: may spend unless ``trial_budget`` says otherwise: a trial's cost spans two orders of magnitude
-#: across the default space (width 32 costs about 15x the work per evaluation of width 8, and
-#: larger T or tighter tolerances take more steps), and without a cap one wide trial could take a
-#: whole budget and leave its strategy with no result (it did for ``random`` in the README's main job).
-#: A quarter is about 2 trials of the default configuration under ``snopt compare``'s budget; a
-#: trial that reaches the cap is pruned, and the rest of the budget goes to other trials.
-TRIAL_SHARE = 0.25
 
 
 def _check_limit(name: str, value: Any, integer: bool) -> None:
@@ -108,20 +100,6 @@ class Budget:
         if self.timeout is not None and spent.wall_time >= self.timeout:
             return f"wall-clock {spent.wall_time:.1f} s >= {self.timeout:g} s"
         return None
-
-    def per_trial(self, share: float) -> Budget | None:
-        """A cap for one trial: ``share`` of each work, NFE and wall-clock limit (None: none set).
-
-        The trial count is not shared (a trial is one trial); an NFE share is at least 1.
-        """
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-            raise ValueError(f"`share` must be a number in (0, 1], but got share={share!r}.")
-        cap = Budget(
-            timeout=None if self.timeout is None else self.timeout * share,
-            nfe=None if self.nfe is None else max(1, int(self.nfe * share)),
-            work=None if self.work is None else self.work * share,
-        )
-        return cap if cap.limited else None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description."""

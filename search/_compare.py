@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,15 @@ DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
 DEFAULT_EPSILON = 0.005
 #: Seconds a stopped worker process gets to fail its trial and end its runs before it is killed.
 _WORKER_STOP_S = 60
+#: What one trial of a comparison may spend unless ``trial_budget`` says otherwise, in trials of the
+#: search space's default configuration (:func:`default_trial_budget`).  A trial's cost spans two
+#: orders of magnitude across the default space (width 32 costs about 15x the work per evaluation
+#: of width 8; larger T and tighter tolerances take more steps): without a cap one wide trial can
+#: take a whole budget and leave its strategy with no result, as it did for ``random`` in the
+#: README's main job.  With ``snopt compare``'s budget (about nine default trials) a trial may take
+#: a third of it; a trial that reaches the cap is pruned and the rest goes to other trials.  A share
+#: of the budget instead would cut every trial of a budget of a few trials.
+TRIAL_FACTOR = 3.0
 #: The feedback policy's cost weight swept by in-training strategies in a Pareto comparison.
 COST_WEIGHT = Float(1e-3, 1.0, log=True, default=0.1)
 
@@ -142,9 +152,9 @@ def compare(
         total: caps each study as a whole over every session (None: no cap; each call runs
             ``budget`` again).
         trial_budget: what each trial of every study may spend (NFE, work, seconds), see
-            :func:`create_study`; ``"auto"`` (default): ``TRIAL_SHARE`` (:mod:`._budget`) of each of the
-            budget's work, NFE and seconds limits (no cap for a budget in trials alone); None:
-            no cap.
+            :func:`create_study`; ``"auto"`` (default): :func:`default_trial_budget`,
+            :data:`TRIAL_FACTOR` times what one trial of the space's default configuration
+            costs; None: no cap.
         objectives: ``("metric",)``, or ``("metric", "nfe")`` for a Pareto comparison of the
             metric against the inference NFE: black-box strategies (``nsga2`` is NSGA-II,
             ``tpe`` multi-objective TPE) search hyperparameters and horizons; in-training ones
@@ -171,7 +181,10 @@ def compare(
             "`budget` must set at least one of n_trials, nfe or timeout, "
             "so that every strategy gets the same."
         )
-
+    if isinstance(trial_budget, str) and trial_budget != "auto":
+        raise ValueError(
+            f"`trial_budget` must be a Budget, a dict, None or 'auto', but got trial_budget={trial_budget!r}."
+        )
     workers = _check_workers(workers, storage)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
         raise ValueError(f"`epsilon` must be a finite number >= 0, but got epsilon={epsilon!r}.")
@@ -189,6 +202,11 @@ def compare(
 
     if warm_up and isinstance(task_or_objective, (str, RunConfig)):
         _warm_up(task_or_objective)
+    per_trial = (
+        default_trial_budget(task_or_objective, budget, space=space, seed=seeds[0])
+        if isinstance(trial_budget, str)  # "auto", checked above
+        else trial_budget
+    )
     overall = None
     if progress:
         overall = progress_bar(len(seeds) * len(strategies), desc=f"compare {name}", unit="study")
@@ -204,7 +222,7 @@ def compare(
                     space=_strategy_space(task_or_objective, space, strategy, objectives),
                     budget=budget,
                     total=total,
-                    trial_budget=trial_budget,
+                    trial_budget=per_trial,
                     objectives=objectives,
                     storage=storage,
                     study_name=f"{name}-{strategy}-s{seed}",
@@ -257,6 +275,66 @@ def compare(
     if on_report is not None:
         on_report(report)
     return report
+
+
+def default_trial_budget(
+    task: str | RunConfig | Objective,
+    budget: Budget | Mapping[str, Any],
+    *,
+    space: SearchSpace | None = None,
+    seed: int = 0,
+) -> Budget | None:
+    """:data:`TRIAL_FACTOR` times what one trial of the space's default configuration costs.
+
+    The trial runs once, in memory, before the studies, and counts against no budget; the cap is
+    set on the axes ``budget`` limits (work, NFE, seconds).
+
+    Returns:
+        The per-trial :class:`Budget`; None for a budget in trials alone, a custom objective, or
+        a default trial that did not complete (with a warning: there is nothing to scale).
+    """
+    from optuna.trial import TrialState
+
+    from ._budget import trial_nfe, trial_seconds, trial_work
+
+    budget = _as_budget(budget)
+    if not isinstance(task, (str, RunConfig)) or (budget.work, budget.nfe, budget.timeout) == (None,) * 3:
+        return None
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    space = space if space is not None else default_space(config.task, block_names(config))
+    probe = create_study(
+        config,
+        strategy="random",
+        space=space,
+        budget=Budget(n_trials=1),
+        storage=None,
+        pruner="none",
+        seed=seed,
+    )
+    probe.enqueue_trial(space.defaults())
+    probe.optimize()
+    trial = probe.trials[0]
+    if trial.state != TrialState.COMPLETE:
+        reason = (
+            trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason") or trial.state.name
+        )
+        warnings.warn(
+            f"One trial of the default configuration did not complete ({reason}); "
+            "compare runs without a per-trial cap.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+    def scaled(limit: Any, used: float) -> float | None:
+        return TRIAL_FACTOR * used if limit is not None and used > 0 else None
+
+    nfe = scaled(budget.nfe, trial_nfe(trial))
+    return Budget(
+        work=scaled(budget.work, trial_work(trial)),
+        nfe=None if nfe is None else math.ceil(nfe),
+        timeout=scaled(budget.timeout, trial_seconds(trial)),
+    )
 
 
 def reference_points(

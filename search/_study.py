@@ -29,7 +29,7 @@ from snopt._progress import progress_bar
 from snopt._redact import redact_url
 from snopt._run import RunConfig
 
-from ._budget import SKIPPED, STATUS_ATTR, TRIAL_SHARE, Budget, Spent, counts, spent
+from ._budget import SKIPPED, STATUS_ATTR, Budget, Spent, counts, spent
 from ._objective import (
     CustomObjective,
     TrainingObjective,
@@ -88,18 +88,6 @@ def _as_budget(budget: Budget | Mapping[str, Any] | None) -> Budget:
             )
         return Budget(**budget)
     raise TypeError(f"`budget` must be a Budget, a dict or None, but got {type(budget).__name__}.")
-
-
-def _trial_cap(trial_budget: Budget | Mapping[str, Any] | str | None, budget: Budget) -> Budget | None:
-    """``trial_budget`` resolved: ``"auto"`` is :data:`TRIAL_SHARE` of ``budget``'s limits."""
-    if isinstance(trial_budget, str):
-        if trial_budget != "auto":
-            raise ValueError(
-                "`trial_budget` must be a Budget, a dict, None or 'auto', "
-                f"but got trial_budget={trial_budget!r}."
-            )
-        return budget.per_trial(TRIAL_SHARE)
-    return _as_budget(trial_budget)
 
 
 class Study:
@@ -488,7 +476,7 @@ def create_study(
     progress: bool = False,
     total: Budget | Mapping[str, Any] | None = None,
     objectives: Sequence[str] = ("metric",),
-    trial_budget: Budget | Mapping[str, Any] | str | None = None,
+    trial_budget: Budget | Mapping[str, Any] | None = None,
 ) -> Study:
     """Create (or reopen) a study of one strategy over a search space.
 
@@ -530,9 +518,7 @@ def create_study(
             ``none`` and a budget-cut trial is pruned without an intermediate value.
         trial_budget: a :class:`Budget` (NFE, work, seconds; no ``n_trials``) that each
             trial may spend; a trial that crosses it is stopped inside its solve and pruned.
-            Stored with the study, so that its workers enforce it too.  ``"auto"``:
-            :data:`TRIAL_SHARE` of each of ``budget``'s work, NFE and seconds limits
-            (:func:`compare`'s default).
+            Stored with the study, so that its workers enforce it too.
 
     Returns:
         The :class:`Study`.
@@ -546,7 +532,7 @@ def create_study(
     seed = _check_seed(seed)
     budget = _as_budget(budget)
     total_budget = _as_budget(total)
-    per_trial = check_trial_budget(_trial_cap(trial_budget, budget))
+    per_trial = check_trial_budget(_as_budget(trial_budget))
     objectives = check_objectives(objectives)
     if len(objectives) > 1:
         pruner = None  # Optuna cannot prune multi-objective trials

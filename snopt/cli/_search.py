@@ -23,7 +23,7 @@ from ..search import (
     HORIZON,
     PRUNERS,
     STRATEGIES,
-    TRIAL_SHARE,
+    TRIAL_FACTOR,
     Budget,
     SearchSpace,
     Study,
@@ -123,15 +123,19 @@ def _add_budget_arguments(
         help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
         "(by default every run continues the study and spends its budget again, as Optuna does)",
     )
-    auto = Budget(**defaults).per_trial(TRIAL_SHARE)
+    auto = (
+        f"; 'auto': {TRIAL_FACTOR:g}x what one trial of the space's default configuration costs, on "
+        "the axes the budget limits (run once before the studies, not counted), so that one expensive "
+        "configuration cannot take a whole budget"
+        if trial_default == "auto"
+        else ""
+    )
     g.add_argument(
         "--trial-budget",
         default=trial_default,
         metavar="SPEC",
         help="cap on each trial, checked inside its ODE solves, e.g. nfe=20000 or timeout=60,work=1e10 "
-        f"(a trial that reaches it is pruned); 'none': no cap; 'auto': {TRIAL_SHARE:g} of each work, NFE "
-        "and seconds limit of the study budget, so that one expensive configuration cannot take a whole "
-        f"budget ({auto.describe() if auto is not None else 'no cap'} with the default budget)",
+        f"(a trial that reaches it is pruned); 'none': no cap{auto}",
     )
 
 
@@ -150,9 +154,9 @@ def _total(args: argparse.Namespace) -> Budget | None:
     return _budget_spec("--total", args.total, ("n_trials", "nfe", "timeout", "work"))
 
 
-def _trial_budget(args: argparse.Namespace) -> Budget | str | None:
-    if args.trial_budget in ("none", "auto"):
-        return None if args.trial_budget == "none" else "auto"
+def _trial_budget(args: argparse.Namespace) -> Budget | None:
+    if args.trial_budget == "none":
+        return None
     return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
 
 
@@ -479,7 +483,7 @@ class CompareCommand(Command):
             workers=args.workers,
             progress=not args.no_progress,
             total=_total(args),
-            trial_budget=_trial_budget(args),
+            trial_budget="auto" if args.trial_budget == "auto" else _trial_budget(args),
             objectives=args.objectives,
             test=args.test,
             sampler_kwargs={

@@ -140,9 +140,10 @@ def test_pareto_compare_writes_a_front_and_hypervolumes(tmp_path):
     assert "Pareto fronts" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_compare_caps_each_trial_at_a_quarter_of_the_budget_unless_told(tmp_path):
+def test_compare_caps_each_trial_by_default_unless_told(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    for name, extra, cap in (("auto", (), 2.5e14), ("none", ("--trial-budget", "none"), None)):
+    caps = {}
+    for name, extra in (("auto", ()), ("none", ("--trial-budget", "none"))):
         res = _snopt(
             "compare",
             *TINY,
@@ -163,8 +164,10 @@ def test_compare_caps_each_trial_at_a_quarter_of_the_budget_unless_told(tmp_path
             cwd=tmp_path,
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        desc = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
-        assert desc["trial_budget"]["work"] == cap
+        caps[name] = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
+    # 3 trials of the default configuration (3 RK4 steps of a width-4 model): far below the budget
+    assert 0 < caps["auto"]["trial_budget"]["work"] < 1e12
+    assert caps["none"]["trial_budget"]["work"] is None
 
 
 def test_a_trial_budget_stops_a_minutes_long_solve_and_prunes_the_trial(tmp_path):

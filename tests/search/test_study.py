@@ -214,55 +214,64 @@ def test_a_study_stored_before_a_setting_existed_resumes(tiny_config, tmp_path):
     assert again.study.study_name == study.study.study_name
 
 
-def test_a_trial_budget_share_of_the_study_budget(tiny_config):
-    assert Budget(work=1.2e11, timeout=75.0).per_trial(0.25) == Budget(work=3e10, timeout=18.75)
-    assert Budget(nfe=10, n_trials=4).per_trial(0.25) == Budget(nfe=2)  # an NFE share stays an integer
-    assert Budget(n_trials=10).per_trial(0.25) is None  # a trial is one trial: nothing to share
-    with pytest.raises(ValueError, match=r"`share` must be a number in \(0, 1\], but got share=0"):
-        Budget(work=1.0).per_trial(0)
-    with pytest.raises(ValueError, match=r"`trial_budget` must be a Budget, a dict, None or 'auto', but got"):
-        _study(tiny_config(), budget=Budget(work=1.0), trial_budget="half")
+def test_default_trial_budget_is_three_default_trials_on_the_budgets_axes(tiny_config):
+    from snopt.search import TRIAL_FACTOR, TrainingObjective, default_trial_budget
+
+    config = tiny_config()
+    trial = optuna.trial.FixedTrial(SPACE.defaults())  # one trial of the default configuration
+    TrainingObjective(config, SPACE, "random")(trial)
+    work, nfe = trial.user_attrs["work"], trial.user_attrs["nfe_total"]
+    assert TRIAL_FACTOR == 3
+    cap = default_trial_budget(config, Budget(work=1e15, nfe=10**9), space=SPACE)
+    assert cap is not None and (cap.work, cap.nfe, cap.timeout) == (pytest.approx(3 * work), 3 * nfe, None)
+    timed = default_trial_budget(config, Budget(timeout=600.0), space=SPACE)
+    assert timed is not None and (timed.work, timed.nfe) == (None, None) and 0 < timed.timeout < 600
+    assert default_trial_budget(config, Budget(n_trials=10), space=SPACE) is None  # nothing to scale
+    assert default_trial_budget(lambda trial: 0.0, Budget(work=1.0)) is None  # a custom objective
 
 
-def test_auto_trial_budget_keeps_one_wide_trial_from_taking_the_whole_budget(tiny_config):
-    """compare's default: a trial may spend a quarter of the study's work; the rest goes to others."""
-    from snopt.search import TRIAL_SHARE, Int
+def test_default_trial_budget_keeps_one_wide_trial_from_taking_the_whole_budget(tiny_config):
+    """compare's default: a trial may spend 3 default trials' work; the rest goes to other trials."""
+    from snopt.search import Int, default_trial_budget
 
     config = tiny_config(max_steps=12)  # 108 evaluations: the budgets are checked every 8
-    probe = _study(config, budget=Budget(n_trials=1))
-    probe.optimize()
-    unit = probe.trials[0].user_attrs["work"]  # one trial of the width-4 model
     space = SearchSpace({"width": Int(2, 64, default=4)})
+    probe = _study(config, space=space, budget=Budget(n_trials=1))
+    probe.enqueue_trial({"width": 4})
+    probe.optimize()
+    unit = probe.trials[0].user_attrs["work"]  # one trial of the default (width-4) model
+    budget = Budget(work=40 * unit)
     runs = {}
-    for cap in ("auto", None):
-        study = _study(config, space=space, budget=Budget(work=40 * unit), trial_budget=cap)
+    for cap in (default_trial_budget(config, budget, space=space), None):
+        study = _study(config, space=space, budget=budget, trial_budget=cap)
         study.enqueue_trial({"width": 32})  # about 50 width-4 trials' work: more than the budget
         for _ in range(8):
             study.enqueue_trial({"width": 4})
         study.optimize(n_trials=9)
-        runs[cap] = study.trials
-    wide, *rest = runs["auto"]
+        runs[cap is None] = study.trials
+    wide, *rest = runs[False]
     assert wide.state == TrialState.PRUNED
     assert "the trial's budget ran out (work" in wide.user_attrs["stop_reason"]
-    assert TRIAL_SHARE * 40 * unit <= wide.user_attrs["work"] < 0.5 * 40 * unit  # cut near its cap
+    assert 3 * unit <= wide.user_attrs["work"] < 0.5 * 40 * unit  # cut near its cap
     assert [t.state for t in rest] == [TrialState.COMPLETE] * 8
     # Without a cap the wide trial spends the whole budget and the study has no result.
-    ran = [t for t in runs[None] if t.state != TrialState.WAITING]
+    ran = [t for t in runs[True] if t.state != TrialState.WAITING]
     assert [t.state for t in ran] == [TrialState.PRUNED]
     assert "the study's budget ran out (work" in ran[0].user_attrs["stop_reason"]
 
 
 def test_compare_caps_each_trial_by_default(tiny_config, tmp_path):
+    from snopt.search import TrainingObjective
+
+    config = tiny_config(max_steps=1)
+    trial = optuna.trial.FixedTrial(SPACE.defaults())
+    TrainingObjective(config, SPACE, "random")(trial)
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    budget = Budget(n_trials=1, work=1e15, timeout=600.0)
-    for name, kwargs, expected in (
-        ("auto", {}, {"n_trials": None, "timeout": 150.0, "nfe": None, "work": 2.5e14}),
-        ("none", {"trial_budget": None}, {"n_trials": None, "timeout": None, "nfe": None, "work": None}),
-    ):
+    for name, kwargs in (("auto", {}), ("none", {"trial_budget": None})):
         compare(
-            tiny_config(max_steps=1),
+            config,
             strategies=["random"],
-            budget=budget,
+            budget=Budget(n_trials=1, work=1e15),
             space=SPACE,
             storage=url,
             output_dir=None,
@@ -272,7 +281,10 @@ def test_compare_caps_each_trial_by_default(tiny_config, tmp_path):
             **kwargs,
         )
         desc = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
-        assert desc["trial_budget"] == expected
+        expected = 3 * trial.user_attrs["work"] if name == "auto" else None
+        assert desc["trial_budget"] == {"n_trials": None, "timeout": None, "nfe": None, "work": expected}
+    with pytest.raises(ValueError, match=r"`trial_budget` must be a Budget, a dict, None or 'auto', but got"):
+        compare(config, budget=Budget(n_trials=1), storage=None, output_dir=None, trial_budget="half")
 
 
 def test_trials_enqueued_before_a_session_count_against_its_budget(tiny_config):
