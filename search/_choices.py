@@ -11,13 +11,19 @@ from __future__ import annotations
 HORIZON = "t1"
 #: The storage used when none is given: an SQLite file in the working directory.
 DEFAULT_STORAGE = "sqlite:///snopt.db"
-#: The strategies ``compare`` runs unless told otherwise.  A copy of
-#: ``snopt.search._compare.DEFAULT_STRATEGIES`` (tests/search/test_public.py checks that
-#: the two agree; _compare.py should import it from here).
+#: The strategies ``compare`` runs unless told otherwise.
 DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
-#: "Reached the target" means within this of the seed's best black-box value (a copy of
-#: ``snopt.search._compare.DEFAULT_EPSILON``, checked as above).
+#: "Reached the target" means within this of the seed's best black-box value.
 DEFAULT_EPSILON = 0.005
+#: What one trial of a comparison may spend unless ``trial_budget`` says otherwise, in trials of the
+#: search space's default configuration (``snopt.search.default_trial_budget``).  A trial's cost spans
+#: two orders of magnitude across the default space (width 32 costs about 15x the work per evaluation
+#: of width 8; larger T and tighter tolerances take more steps): without a cap one wide trial can
+#: take a whole budget and leave its strategy with no result, as it did for ``random`` in the
+#: README's main job.  With ``snopt compare``'s budget (about nine default trials) a trial may take
+#: a third of it; a trial that reaches the cap is pruned and the rest goes to other trials.  A share
+#: of the budget instead would cut every trial of a budget of a few trials.
+TRIAL_FACTOR = 3.0
 #: Every strategy name.
 STRATEGIES = (
     "feedback",

@@ -210,7 +210,10 @@ class Study:
         """Start a session: the budget counts from the next trial on (workers that join share it)."""
         old = self.study.user_attrs.get(SESSION_ATTR)
         index = 0 if old is None else int(old["index"]) + 1
-        session = {"first_trial": len(self.study.get_trials(deepcopy=False)), "index": index}
+        trials = self.study.get_trials(deepcopy=False)
+        # Trials enqueued before this session (WAITING) already have numbers but run in it.
+        waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+        session = {"first_trial": min(waiting, default=len(trials)), "index": index}
         self.study.set_user_attr(SESSION_ATTR, session)
         return session
 

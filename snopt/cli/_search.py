@@ -26,6 +26,7 @@ from ..search._choices import (
     PRUNERS,
     STRATEGIES,
     STRATEGY_HELP,
+    TRIAL_FACTOR,
 )
 from ._base import (
     Command,
@@ -84,7 +85,9 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _add_budget_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any], trial_default: str = "none"
+) -> None:
     g = parser.add_argument_group(
         "budget (per study; whichever runs out first)",
         f"default when none is given: {Budget(**defaults).describe()}",
@@ -109,12 +112,19 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
         help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
         "(by default every run continues the study and spends its budget again, as Optuna does)",
     )
+    auto = (
+        f"; 'auto': {TRIAL_FACTOR:g}x what one trial of the space's default configuration costs, on "
+        "the axes the budget limits (run once before the studies, not counted), so that one expensive "
+        "configuration cannot take a whole budget"
+        if trial_default == "auto"
+        else ""
+    )
     g.add_argument(
         "--trial-budget",
-        default=None,
+        default=trial_default,
         metavar="SPEC",
         help="cap on each trial, checked inside its ODE solves, e.g. nfe=20000 or timeout=60,work=1e10 "
-        "(a trial that reaches it is pruned)",
+        f"(a trial that reaches it is pruned); 'none': no cap{auto}",
     )
 
 
@@ -134,6 +144,8 @@ def _total(args: argparse.Namespace) -> Budget | None:
 
 
 def _trial_budget(args: argparse.Namespace) -> Budget | None:
+    if args.trial_budget == "none":
+        return None
     return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
 
 
@@ -417,7 +429,7 @@ class CompareCommand(Command):
             action="store_true",
             help="retrain each study's best configuration and score it on the task's test split",
         )
-        _add_budget_arguments(parser, COMPARE_BUDGET)
+        _add_budget_arguments(parser, COMPARE_BUDGET, trial_default="auto")
         _add_study_arguments(parser)
         add_tracking_arguments(parser)
 
@@ -473,7 +485,7 @@ class CompareCommand(Command):
             workers=args.workers,
             progress=not args.no_progress,
             total=_total(args),
-            trial_budget=_trial_budget(args),
+            trial_budget="auto" if args.trial_budget == "auto" else _trial_budget(args),
             objectives=args.objectives,
             test=args.test,
             sampler_kwargs={
