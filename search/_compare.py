@@ -577,27 +577,8 @@ def run_workers(
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     study.begin_session()
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(
-                study.study_name,
-                url,
-                i,
-                threads,
-                heartbeat_interval,
-                grace_period,
-                n_trials,
-                timeout,
-                trial_callbacks_factory,
-            ),
-            name=f"snopt-worker-{i}",
-        )
-        for i in range(1, workers)
-    ]
-    for p in procs:
-        p.start()
+    args = (heartbeat_interval, grace_period, n_trials, timeout, trial_callbacks_factory)
+    procs = _spawn_workers(study.study_name, url, workers - 1, threads, args)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     stopping = False
@@ -621,3 +602,15 @@ def run_workers(
     bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"Worker processes failed: {bad}; see their output above.")
+
+
+def _spawn_workers(study_name: str, url: str, count: int, threads: int, args: tuple[Any, ...]) -> list[Any]:
+    """Start ``count`` worker processes (numbered from 1) on the study; ``args`` go to ``_worker_main``."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(study_name, url, i, threads, *args), name=f"snopt-worker-{i}")
+        for i in range(1, count + 1)
+    ]
+    for p in procs:
+        p.start()
+    return procs
