@@ -604,7 +604,9 @@ def run_workers(
         raise RuntimeError(f"Worker processes failed: {bad}; see their output above.")
 
 
-def _spawn_workers(study_name: str, url: str, count: int, threads: int, args: tuple[Any, ...]) -> list[Any]:
+def _spawn_workers(
+    study_name: str, url: str | None, count: int, threads: int, args: tuple[Any, ...]
+) -> list[Any]:
     """Start ``count`` worker processes (numbered from 1) on the study; ``args`` go to ``_worker_main``."""
     ctx = multiprocessing.get_context("spawn")
     procs = [
