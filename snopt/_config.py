@@ -110,7 +110,7 @@ class RunConfig:
         {}, _TASK, "task arguments, e.g. dataset=two_moons", check.mapping, metavar="K=V,..."
     )
     model_kwargs: dict[str, Any] = _setting(
-        {}, _TASK, "model arguments, e.g. width=32", check.mapping, metavar="K=V,..."
+        {}, _TASK, "model arguments, e.g. width=32 (at most 1e8 parameters)", check.mapping, metavar="K=V,..."
     )
     t1: float = _setting(D.ODE["t1"], _ODE, "initial horizon T of every ODE block", check.positive)
     method: str = _setting(D.ODE["method"], _ODE, "torchdiffeq method", _choice(D.METHODS), choices=D.METHODS)

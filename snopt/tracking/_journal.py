@@ -182,7 +182,9 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def _check_folder(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"`dir` must be the fallback folder, but {str(directory)!r} is a file.")
+        raise ValueError(
+            f"`directory` must be the fallback folder, but directory={str(directory)!r} is a file."
+        )
 
 
 def pending_journals(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
