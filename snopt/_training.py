@@ -261,9 +261,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(check_device("device", device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` is {str(device)!r} but CUDA is not available; use 'cpu' or 'auto'.")
+    missing = _missing_device(dev)
+    if missing:
+        raise ValueError(
+            f"`device` must be a device this machine has, but got device={str(device)!r} ({missing}); "
+            "use 'cpu' or 'auto'."
+        )
     return dev
+
+
+def _missing_device(dev: torch.device) -> str:
+    """Why ``dev`` is not on this machine ("" when it is)."""
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA devices"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return ""
 
 
 def seed_everything(seed: int) -> None:

@@ -110,6 +110,11 @@ CLI = [
     Cli("train --control feedback --t1-cost nope", "--t1-cost"),
     Cli("train --control feedback --t1-curvature nope", "--t1-curvature"),
     Cli("train --device tpu", "--device"),
+    Cli("train --device cuda:99", "--device"),
+    Cli("train --device cuda", "--device", skip=_CUDA),
+    Cli("train --device mps", "--device", skip=_MPS),
+    Cli("search --device cuda:99", "--device"),
+    Cli("compare --device mps", "--device", skip=_MPS),
     Cli("train --log-models some", "--log-models"),
     Cli("train --nope", "--nope"),
     # snopt train: task and model arguments
@@ -457,6 +462,7 @@ API = [
     ),
     Api("fit(resume without checkpoint)", lambda: _fit(resume=True), ValueError, "checkpoint"),
     Api("fit(optimizer=None)", lambda: _fit(optimizer=None), TypeError, "optimizer"),
+    Api("fit(device='cuda:99')", lambda: _fit(device="cuda:99"), ValueError, "device"),
     Api("fit(max_grad_norm=-1)", lambda: _fit(max_grad_norm=-1.0), ValueError, "max_grad_norm"),
     # the search space and budgets
     Api("SearchSpace(Float(2, 1))", lambda: _space({"t1": _float(2.0, 1.0)}), ValueError, "low"),

@@ -201,8 +201,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     """The :class:`RunConfig` of parsed ``args``: the command's base, then ``--config``, then flags.
 
     Raises:
-        UsageError: a value breaks a field's rule (the message names the flag) or the config
-            file cannot be read.
+        UsageError: a value breaks a field's rule (the message names the flag), the config
+            file cannot be read, or the device is not on this machine.
     """
     base: RunConfig = getattr(args, "_run_base", None) or RunConfig()
     names = [f.name for f in dataclasses.fields(RunConfig)]
@@ -211,9 +211,21 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     try:
         if getattr(args, "config", None):
             base = RunConfig.from_file(args.config, base=base)
-        return RunConfig.from_dict(given, base=base)
+        config = RunConfig.from_dict(given, base=base)
     except (TypeError, ValueError) as exc:
         raise UsageError(name_the_flag(str(exc))) from exc
+    _check_device(config)
+    return config
+
+
+def _check_device(config: RunConfig) -> None:
+    """The run's device exists on this machine (``cuda:99``, ``mps`` without MPS), before any work."""
+    from .._training import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ValueError as exc:
+        raise UsageError(name_the_flag(str(exc))) from None
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
