@@ -27,7 +27,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from snopt._checks import sqlite_path, writable_file
-from snopt._redact import redact_url
+from snopt._redact import redact_text, redact_url
 
 #: The storage used when none is given: an SQLite file in the working directory.
 DEFAULT_STORAGE = "sqlite:///snopt.db"
@@ -102,13 +102,7 @@ def resolve_storage(
         raise TypeError(
             f"`storage` must be a URL string, an Optuna storage or None, but got {type(storage).__name__}."
         )
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
-    if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(
-            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
-            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
-            f"but got storage={redact_url(storage)!r}."
-        )
+    scheme = check_storage(storage, create=create)
     for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"`{name}` must be a positive integer or None, but got {name}={value!r}.")
@@ -119,7 +113,8 @@ def resolve_storage(
         )
     engine_kwargs = {}
     if scheme == "sqlite":
-        _check_sqlite(storage, create)
+        # The file's folder, made now (check_storage made sure that it can be).
+        writable_file("storage", sqlite_path(storage), create=True)
         # Several worker processes write to one file: wait for the lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
@@ -134,6 +129,43 @@ def resolve_storage(
             )
         except ImportError as exc:
             raise ImportError(_missing_driver(storage, scheme)) from exc
+
+
+def check_storage(storage: str, *, create: bool = True) -> str:
+    """Check a storage URL without connecting to it or creating anything; return its scheme.
+
+    Args:
+        storage: a database URL.
+        create: whether a missing SQLite file may be created later (False: it must exist).
+
+    Raises:
+        ValueError: naming ``storage``: an unsupported scheme, a URL SQLAlchemy cannot
+            parse, a port outside 1..65535, or an SQLite file that is missing (with
+            ``create=False``) or cannot be written.
+    """
+    url = redact_url(storage)
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
+            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
+            f"but got storage={url!r}."
+        )
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        port = make_url(storage).port
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(
+            f"`storage` must be a database URL of the form scheme://user:password@host:port/database, "
+            f"but got storage={url!r} ({redact_text(str(exc))})."
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"`storage` must name a port in 1..65535, but got port {port} in storage={url!r}.")
+    if scheme == "sqlite":
+        _check_sqlite(storage, create)
+    return scheme
 
 
 #: The extra of snopt that installs the driver SQLAlchemy picks for a plain ``scheme://`` URL.
@@ -165,7 +197,7 @@ def _check_sqlite(storage: str, create: bool) -> None:
             f"`storage` must name an existing SQLite file (a study's database), but {path!r} does not exist; "
             f"check the path, or create the study first (snopt search), storage={url!r}."
         )
-    writable_file("storage", path, create=True)
+    writable_file("storage", path)
 
 
 def owner_attrs() -> dict[str, str | int]:

@@ -183,12 +183,30 @@ CLI = [
     Cli("search --experiment ''", "--experiment"),
     Cli("search --storage foo://x", "storage"),
     Cli("search --storage sqlite:///afile/x.db", "storage"),
+    Cli("search --storage ''", "storage"),
+    Cli("search --storage sqlite://", "storage"),
+    Cli("search --storage postgresql://u:p@localhost:99999/db", "storage"),
+    Cli("search --storage postgresql://u:p@localhost:abc/db", "storage"),
+    Cli("search --total n_trials=0", "--total"),
+    Cli("search --total bogus=1", "--total"),
+    Cli("search --total nfe=x", "--total"),
+    Cli("search --trial-budget n_trials=3", "--trial-budget"),
+    Cli("search --trial-budget timeout=-1", "--trial-budget"),
     # snopt compare
     Cli("compare --strategies nope", "--strategies"),
     Cli("compare --strategies ''", "--strategies"),
     Cli("compare --seeds a", "--seeds"),
     Cli("compare --seeds -1", "--seeds"),
     Cli("compare --epsilon x", "--epsilon"),
+    Cli("compare --epsilon -1", "--epsilon"),
+    Cli("compare --epsilon nan", "--epsilon"),
+    Cli("compare --seeds 1,1", "--seeds"),
+    Cli("compare --objectives nope", "--objectives"),
+    Cli("compare --objectives nfe", "--objectives"),
+    Cli("compare --objectives metric,metric", "--objectives"),
+    Cli("compare --total n_trials=0", "--total"),
+    Cli("compare --trial-budget bogus=1", "--trial-budget"),
+    Cli("compare --storage postgresql://u:p@localhost:0/db", "storage"),
     Cli("compare --output-dir /proc/x", "--output-dir"),
     Cli("compare --output-dir afile", "--output-dir"),
     Cli("compare --output-dir ''", "--output-dir"),
@@ -208,6 +226,10 @@ CLI = [
     Cli("ui --port 70000", "--port"),
     Cli("ui --port x", "--port"),
     Cli("ui --host ''", "--host"),
+    Cli("ui --backend-store-uri foo://x", "--backend-store-uri"),
+    Cli("ui --backend-store-uri ''", "--backend-store-uri"),
+    Cli("train --tracking-uri ''", "--tracking-uri"),
+    Cli("tracking sync --dir ''", "--dir"),
     Cli("tracking sync --dir afile", "--dir"),
     Cli("tracking sync --dir /nonexistent", "--dir"),
     Cli("tracking status --dir afile", "--dir"),
@@ -518,6 +540,24 @@ API = [
     Api("create_study(task='nope')", lambda: _study(task="nope"), ValueError, "task"),
     Api("create_study(pruner='nope')", lambda: _study(pruner="nope"), ValueError, "pruner"),
     Api(
+        "resolve_storage(port 99999)",
+        lambda: _resolve_storage("postgresql://u:p@h:99999/db"),
+        ValueError,
+        "storage",
+    ),
+    Api(
+        "resolve_storage(bad port)",
+        lambda: _resolve_storage("postgresql://u:p@h:x/db"),
+        ValueError,
+        "storage",
+    ),
+    Api(
+        "resolve_storage(sqlite memory)",
+        lambda: _resolve_storage("sqlite:///:memory:"),
+        ValueError,
+        "storage",
+    ),
+    Api(
         "load_study(missing SQLite file)",
         lambda: _load_study("x", "sqlite:///missing.db"),
         ValueError,
@@ -569,6 +609,12 @@ def _load_study(name: str, storage: str) -> Any:
     from snopt.search import load_study
 
     return load_study(name, storage)
+
+
+def _resolve_storage(url: str) -> Any:
+    from snopt.search import resolve_storage
+
+    return resolve_storage(url)
 
 
 def _read_checkpoint_missing() -> Any:

@@ -69,7 +69,10 @@ def nonempty(text: str) -> str:
 
 
 def _nonneg_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value

@@ -30,13 +30,15 @@ from ..search import (
     create_study,
     default_space,
     load_study,
-    resolve_storage,
     run_workers,
 )
+from ..search._objective import check_objectives
+from ..search._storage import check_storage
 from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
+    _nonneg_float,
     _positive_float,
     _positive_int,
     add_run_arguments,
@@ -85,7 +87,17 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return seeds
+
+
+def _objectives(text: str) -> str:
+    try:
+        check_objectives(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _space(text: str) -> SearchSpace:
@@ -212,9 +224,9 @@ def _task_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _check_storage(args: argparse.Namespace) -> None:
-    """A bad storage URL is a usage error, reported before any work (last: it creates the database)."""
+    """A bad storage URL is a usage error, reported before any work (nothing is created here)."""
     try:
-        resolve_storage(args.storage)
+        check_storage(args.storage)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -317,6 +329,8 @@ class SearchCommand(Command):
             budget = _budget(args, SEARCH_BUDGET)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        total, trial_budget = _total(args), _trial_budget(args)
+        _check_storage(args)
         tracker = study_tracker(
             args,
             kind="study",
@@ -328,7 +342,6 @@ class SearchCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
-        _check_storage(args)
         try:
             study = create_study(
                 config,
@@ -341,8 +354,8 @@ class SearchCommand(Command):
                 seed=config.seed,
                 pruner=args.pruner,
                 progress=not args.no_progress,
-                total=_total(args),
-                trial_budget=_trial_budget(args),
+                total=total,
+                trial_budget=trial_budget,
                 sampler_kwargs=_sampler_kwargs(args.sampler, args.strategy),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
@@ -402,12 +415,13 @@ class CompareCommand(Command):
         )
         parser.add_argument(
             "--epsilon",
-            type=float,
+            type=_nonneg_float,
             default=DEFAULT_EPSILON,
             help="'reached' means within epsilon of the seed's best black-box value",
         )
         parser.add_argument(
             "--objectives",
+            type=_objectives,
             default="metric",
             help="'metric' or 'metric,nfe' (Pareto: the metric against the inference NFE; use "
             "strategies such as feedback,nsga2,tpe)",
@@ -429,6 +443,13 @@ class CompareCommand(Command):
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         seeds = args.seeds if args.seeds is not None else [config.seed]
+        _total(args)  # checked now, before anything is made; _compare parses them again
+        _trial_budget(args)
+        try:  # checked again by compare(); here it is a usage error, before anything is made
+            writable_dir("output_dir", args.output_dir)
+        except ValueError as exc:
+            raise UsageError(f"--output-dir: {exc}") from None
+        _check_storage(args)
         print(
             f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
             f"budget {budget.describe()} per strategy and seed; studies in {redact_url(args.storage)}"
@@ -445,11 +466,6 @@ class CompareCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
-        try:  # checked again by compare(); here it is a usage error, before the database is made
-            writable_dir("output_dir", args.output_dir)
-        except ValueError as exc:
-            raise UsageError(f"--output-dir: {exc}") from None
-        _check_storage(args)
         with tracker or contextlib.nullcontext():
             report = self._compare(args, config, space, budget, seeds, tracker)
         code = self._print(args, report)
