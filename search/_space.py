@@ -430,6 +430,7 @@ class SearchSpace:
         for name in self.names:
             self._check_values(name, "rtol" if name == TOLERANCE else name)
         self._check_model_args(config, task, [n for n in self.names if n in model_args])
+        self._check_runs(config)
         per_block = [n[len(HORIZON_PREFIX) :] for n in self.names if n.startswith(HORIZON_PREFIX)]
         if per_block:
             blocks = block_names(config)
@@ -452,6 +453,24 @@ class SearchSpace:
                 rule(setting, value)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"Search parameter {name!r} reaches a value a run refuses: {exc}") from None
+
+    def _check_runs(self, config: RunConfig) -> None:
+        """The runs at the defaults and at every choice of a categorical setting are valid configurations.
+
+        Rules between settings (``momentum`` only with SGD and SNOpt, say) hold for the run as a
+        whole, so they are checked on whole runs, not on each parameter's range.
+        """
+        defaults = self.defaults()
+        tries = [defaults]
+        for name, param in self.params.items():
+            if isinstance(param, Categorical) and name in _CONFIG_FIELDS:
+                tries += [{**defaults, name: choice} for choice in param.choices]
+        for values in tries:
+            try:
+                self.apply(config, values)
+            except (TypeError, ValueError) as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                raise ValueError(f"Search space ({shown}) reaches a run a RunConfig refuses: {exc}") from None
 
     def _check_model_args(self, config: RunConfig, task: Any, names: Sequence[str]) -> None:
         """The model builds at the low and at the high ends of the model arguments, and at every choice.

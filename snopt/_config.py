@@ -257,6 +257,17 @@ class RunConfig:
             raise ValueError("One of `epochs` or `max_steps` must be set, but both are None.")
         if self.resume and self.checkpoint is None:
             raise ValueError("`resume=True` needs a `checkpoint` path, but checkpoint is None.")
+        if self.checkpoint_every is not None and self.checkpoint is None:
+            raise ValueError(
+                "`checkpoint_every` needs a `checkpoint` path, but got "
+                f"checkpoint_every={self.checkpoint_every} and checkpoint=None."
+            )
+        if self.momentum is not None and self.optimizer not in D.MOMENTUM:
+            raise ValueError(
+                f"`momentum` is only used by the optimizers {list(D.MOMENTUM)}, but got "
+                f"momentum={self.momentum} with optimizer={self.optimizer!r}; "
+                "drop momentum or change the optimizer."
+            )
 
     # ------------------------------------------------------------------ values
     @property

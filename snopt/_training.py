@@ -357,6 +357,8 @@ def _check_trainer_args(
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}.")
     if resume and checkpoint is None:
         raise ValueError("`resume=True` needs a `checkpoint` path.")
+    if checkpoint_every is not None and checkpoint is None:
+        raise ValueError("`checkpoint_every` needs a `checkpoint` path, but checkpoint is None.")
     if checkpoint is not None:
         writable_file("checkpoint", checkpoint)
     for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):

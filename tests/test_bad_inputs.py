@@ -125,6 +125,8 @@ CLI = [
     Cli("train --model-kwargs width=100000", "--model-kwargs"),
     Cli("train --task-kwargs nope=1", "--task-kwargs"),
     Cli("train --task-kwargs foo", "--task-kwargs"),
+    Cli("train --task-kwargs val_fraction=0.5,val_fraction=0.2", "--task-kwargs"),
+    Cli("train --model-kwargs width=4,width=8", "--model-kwargs"),
     Cli("train --task-kwargs val_fraction=1.5", "val_fraction"),
     Cli("train --task-kwargs val_fraction=0.999", "val_fraction"),
     Cli("train --task-kwargs val_fraction=0.5,test_fraction=0.995", "test_fraction"),
@@ -166,6 +168,8 @@ CLI = [
     Cli("search --space 'width=4|100000'", "width"),
     Cli("search --space tol=1e-3:1e-2:log,rtol=1e-3:1e-2:log", "rtol"),
     Cli("search --space atol=1e-3:1e-2:log,tol=1e-3:1e-2:log", "atol"),
+    Cli("search --space momentum=0:0.9", "momentum"),
+    Cli("search --optimizer sgd --space 'optimizer=sgd|adam,momentum=0:0.9'", "momentum"),
     Cli("search --space t1=0.5:2,t1/blocks.0=0.5:2", "t1/blocks.0"),
     Cli("search --space t1/nope=0.5:2", "nope"),
     # snopt search: budgets, names and the rest
@@ -213,6 +217,7 @@ CLI = [
     Cli("compare --storage foo://x", "storage"),
     Cli("compare --space t1=2:1", "--space"),
     Cli("compare --workers 0", "--workers"),
+    Cli("compare --momentum 0.5", "--momentum"),
     # snopt worker
     Cli("worker --study x --storage sqlite:///missing.db", "storage"),
     Cli("worker --study x --storage foo://x", "storage"),
@@ -371,6 +376,13 @@ API = [
         ValueError,
         "momentum",
     ),
+    Api(
+        "RunConfig(optimizer=adam, momentum=0.5)",
+        lambda: _run_config(optimizer="adam", momentum=0.5),
+        ValueError,
+        "momentum",
+    ),
+    Api("RunConfig(checkpoint_every=5)", lambda: _run_config(checkpoint_every=5), ValueError, "checkpoint"),
     Api("RunConfig(weight_decay=-1)", lambda: _run_config(weight_decay=-1), ValueError, "weight_decay"),
     Api("RunConfig(seed=2**40)", lambda: _run_config(seed=2**40), ValueError, "seed"),
     Api("RunConfig(device='tpu')", lambda: _run_config(device="tpu"), ValueError, "device"),
@@ -481,6 +493,9 @@ API = [
         lambda: _fit(checkpoint="c.pt", checkpoint_every=-1),
         ValueError,
         "checkpoint_every",
+    ),
+    Api(
+        "fit(checkpoint_every without checkpoint)", lambda: _fit(checkpoint_every=2), ValueError, "checkpoint"
     ),
     Api("fit(resume without checkpoint)", lambda: _fit(resume=True), ValueError, "checkpoint"),
     Api("fit(optimizer=None)", lambda: _fit(optimizer=None), TypeError, "optimizer"),

@@ -85,6 +85,10 @@ def _key_values(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(
+                f"{key.strip()!r} is given twice in {text!r}; give each key once"
+            )
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -59,13 +59,12 @@ class TrainCommand(Command):
         from .._signals import Terminated, exit_status
         from .._training import TrainingError
 
-        config = config_from_args(
-            args, checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every
-        )
+        # The flags given override a --config file's checkpoint, resume and checkpoint_every.
+        given = {"checkpoint": args.checkpoint, "resume": args.resume or None}
+        given["checkpoint_every"] = args.checkpoint_every
+        config = config_from_args(args, **{k: v for k, v in given.items() if v is not None})
         _check_used(args, config)
-        if args.checkpoint_every is not None and args.checkpoint is None:
-            raise UsageError("`--checkpoint-every` needs `--checkpoint FILE`, but no --checkpoint was given.")
-        for flag, path in (("--checkpoint", args.checkpoint), ("--output-json", args.output_json)):
+        for flag, path in (("--checkpoint", config.checkpoint), ("--output-json", args.output_json)):
             if path is not None:
                 _writable(flag, path)
         print(
