@@ -135,10 +135,14 @@ def _some(keys: list[str], n: int = 5) -> str:
 
 
 def write_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` atomically (temporary file, then rename) and return the path."""
+    """Write ``state`` atomically (temporary file, then rename) and return the path.
+
+    The temporary file is this process's own, so that two processes that write the same
+    path never write into one file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path

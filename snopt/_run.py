@@ -8,6 +8,7 @@ lives in :mod:`snopt._config` (importable without torch).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -189,8 +190,13 @@ def run_training(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     run: Run | None = None,
+    interrupt_checkpoint: str | os.PathLike | None = None,
 ) -> FitResult:
-    """Train the run described by ``config`` and return its :class:`FitResult`."""
+    """Train the run described by ``config`` and return its :class:`FitResult`.
+
+    ``interrupt_checkpoint``: where the run saves itself on Ctrl-C or SIGTERM when
+    ``config.checkpoint`` is None (see :func:`snopt.fit`).
+    """
     run = run or build_run(config)
     return fit(
         run.model,
@@ -210,4 +216,5 @@ def run_training(
         device=config.device,
         max_grad_norm=config.max_grad_norm,
         progress=progress,
+        interrupt_checkpoint=interrupt_checkpoint,
     )

@@ -398,10 +398,11 @@ class Trainer:
         device: str | torch.device | None = "cpu",
         max_grad_norm: float | None = None,
         progress: bool = True,
+        interrupt_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         """Store the arguments (checked by ``_check_trainer_args``) and zero the run's counters.
 
-        Over 60 lines only because it stores 20 arguments and 15 counters, one per line.
+        Over 60 lines only because it stores 21 arguments and 15 counters, one per line.
         """
         _check_trainer_args(
             train_loader,
@@ -434,6 +435,7 @@ class Trainer:
         self.device = resolve_device(device)
         self.max_grad_norm = max_grad_norm
         self.progress = progress
+        self.interrupt_path = Path(interrupt_checkpoint) if interrupt_checkpoint is not None else None
 
         self.step = 0
         self.epoch = 0
@@ -676,7 +678,7 @@ class Trainer:
 
     def _save_interrupted(self, stop_signal: str | None) -> str:
         """Checkpoint an interrupted run; the message (also warned) says where and how to resume."""
-        path = self.checkpoint_path or Path("snopt-interrupted.pt")
+        path = self.checkpoint_path or self.interrupt_path or Path("snopt-interrupted.pt")
         self.save_checkpoint(path)
         what = "by Ctrl-C (SIGINT)" if stop_signal == "SIGINT" else f"by {stop_signal}"
         message = (
@@ -849,6 +851,7 @@ def fit(
     device: str | torch.device | None = "cpu",
     max_grad_norm: float | None = None,
     progress: bool = True,
+    interrupt_checkpoint: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train ``model`` and return a :class:`FitResult`.
 
@@ -878,6 +881,8 @@ def fit(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         max_grad_norm: clip the gradient norm to this value.
         progress: show a progress bar.
+        interrupt_checkpoint: where a run without ``checkpoint`` saves itself on Ctrl-C or
+            SIGTERM (default ``./snopt-interrupted.pt``; a study's trial uses its own).
 
     Returns:
         The run's :class:`FitResult`; status ``"interrupted"`` after Ctrl-C (a
@@ -912,5 +917,6 @@ def fit(
         device=device,
         max_grad_norm=max_grad_norm,
         progress=progress,
+        interrupt_checkpoint=interrupt_checkpoint,
     )
     return trainer.run()

@@ -31,6 +31,7 @@ FILES = {
     "list.yaml": "- 1\n- 2\n",
     "settings.ini": "[run]\nlr = 1\n",
     "bad_width.toml": "model_kwargs = {widht = 3}\n",
+    "checkpoint.toml": 'checkpoint = "ck.pt"\nresume = true\n',
 }
 
 
@@ -185,6 +186,8 @@ CLI = [
     Cli("search --lr -1", "--lr"),
     Cli("search --tracking-uri foo://x", "--tracking-uri"),
     Cli("search --experiment ''", "--experiment"),
+    Cli("search --config checkpoint.toml", "--config"),
+    Cli("compare --config checkpoint.toml", "--config"),
     Cli("search --storage foo://x", "storage"),
     Cli("search --storage sqlite:///afile/x.db", "storage"),
     Cli("search --storage ''", "storage"),
@@ -551,6 +554,12 @@ API = [
         lambda: _study(space=_space({"batch_size": _int(0, 5)})),
         ValueError,
         "batch_size",
+    ),
+    Api(
+        "create_study(RunConfig(checkpoint=...))",
+        lambda: _study(task=_run_config(checkpoint="ck.pt", resume=True)),
+        ValueError,
+        "checkpoint",
     ),
     Api("create_study(task='nope')", lambda: _study(task="nope"), ValueError, "task"),
     Api("create_study(pruner='nope')", lambda: _study(pruner="nope"), ValueError, "pruner"),

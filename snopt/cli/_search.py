@@ -32,7 +32,7 @@ from ..search import (
     load_study,
     run_workers,
 )
-from ..search._objective import check_objectives
+from ..search._objective import check_objectives, check_study_config
 from ..search._storage import check_storage
 from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
@@ -220,7 +220,11 @@ def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
     _quiet_optuna()
-    return config_from_args(args)
+    config = config_from_args(args)
+    try:  # only a --config file can set them here
+        return check_study_config(config)
+    except ValueError as exc:
+        raise UsageError(f"--config: {exc}") from None
 
 
 def _check_storage(args: argparse.Namespace) -> None:
