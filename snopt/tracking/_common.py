@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._redact import redact_text
+
 _logger = logging.getLogger("snopt.tracking")
 
 #: Experiment that runs land in unless told otherwise.
@@ -256,7 +258,8 @@ def _is_rejection(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    """One line on ``exc`` for warnings, logs and notes; credentials redacted before it is cut."""
+    text = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
     return f"{type(exc).__name__}: {_truncate(text, 300)}"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._redact import is_redacted, redact_url
+from .._redact import is_redacted, redact_text, redact_url
 from ._common import (
     _JOURNAL_FORMAT,
     _OFFLINE_PREFIX,
@@ -163,6 +163,9 @@ class SyncResult:
     operations: int = 0
     error: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.error = redact_text(self.error)  # an exception's text may quote the URI it failed on
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
