@@ -32,6 +32,11 @@ FILES = {
     "settings.ini": "[run]\nlr = 1\n",
     "bad_width.toml": "model_kwargs = {widht = 3}\n",
     "checkpoint.toml": 'checkpoint = "ck.pt"\nresume = true\n',
+    "empty.pt": "",
+    "text.pt": "not a checkpoint\n",
+    # A raw pickle that would run os.system("true") if it were unpickled.
+    "raw.pt": b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94"
+    b"\x93\x94\x8c\x04true\x94\x85\x94R\x94.",
 }
 
 
@@ -153,6 +158,9 @@ CLI = [
     Cli("train --checkpoint-every 5", "--checkpoint-every"),
     Cli("train --checkpoint-every 0 --checkpoint c.pt", "--checkpoint-every"),
     Cli("train --resume", "--checkpoint"),
+    Cli("train --checkpoint empty.pt --resume", "--checkpoint"),
+    Cli("train --checkpoint text.pt --resume", "--checkpoint"),
+    Cli("train --checkpoint raw.pt --resume", "--checkpoint"),
     # snopt search: the space
     Cli("search --space t1=a:b", "--space"),
     Cli("search --space t1=1:2,t1=1:3", "--space"),
@@ -618,6 +626,12 @@ API = [
         "log_models",
     ),
     # checkpoints: data, never code
+    Api(
+        "read_checkpoint(raw pickle)",
+        lambda: _read_checkpoint_file("raw.pt"),
+        ValueError,
+        "holds objects other",
+    ),
     Api("read_checkpoint(empty file)", lambda: _read_checkpoint("e.pt", b""), ValueError, "checkpoint"),
     Api(
         "read_checkpoint(truncated)",
@@ -641,6 +655,12 @@ def _resolve_storage(url: str) -> Any:
     return resolve_storage(url)
 
 
+def _read_checkpoint_file(name: str) -> Any:
+    from snopt._checkpoint import read_checkpoint
+
+    return read_checkpoint(name)
+
+
 def _read_checkpoint_missing() -> Any:
     from snopt._checkpoint import read_checkpoint
 
@@ -651,8 +671,9 @@ def _read_checkpoint_missing() -> Any:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The test's folder (already the working directory) with :data:`FILES` in it."""
-    for name, text in FILES.items():
-        (tmp_path / name).write_text(text)
+    for name, content in FILES.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return tmp_path
 
 

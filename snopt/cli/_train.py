@@ -55,6 +55,7 @@ class TrainCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from .._checkpoint import CheckpointError
         from .._run import build_run, run_training
         from .._signals import Terminated, exit_status
         from .._training import TrainingError
@@ -67,6 +68,7 @@ class TrainCommand(Command):
         for flag, path in (("--checkpoint", config.checkpoint), ("--output-json", args.output_json)):
             if path is not None:
                 _writable(flag, path)
+        _check_resumable(config)
         print(
             f"snopt train: {config.task}, optimizer {config.optimizer}, control {config.control}; "
             "building the model...",
@@ -79,6 +81,8 @@ class TrainCommand(Command):
             raise UsageError(name_the_flag(str(exc))) from exc
         try:
             result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
+        except CheckpointError as exc:  # written for another model or optimizer
+            raise UsageError(f"--checkpoint: {exc}") from None
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.output_json and exc.result is not None:
@@ -127,6 +131,18 @@ def _check_used(args: argparse.Namespace, config: RunConfig) -> None:
                 f"{flag} is only used with {users}, but got {flag}={_shown(getattr(args, f.name))} "
                 f"with --{setting} {getattr(config, setting)}; drop {flag} or change --{setting}."
             )
+
+
+def _check_resumable(config: RunConfig) -> None:
+    """A checkpoint to resume from is read before any work: an empty, corrupt or crafted file is refused."""
+    if not (config.resume and config.checkpoint and os.path.exists(config.checkpoint)):
+        return
+    from .._checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(config.checkpoint)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
 
 
 def _writable(flag: str, path: str) -> None:
