@@ -20,6 +20,7 @@ from ._common import (
     _JOURNAL_FORMAT,
     _OFFLINE_PREFIX,
     _PARENT_TAG,
+    _check_database,
     _describe,
     _is_rejection,
     _mark_reachable,
@@ -349,6 +350,10 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
         return SyncResult(str(path), "waiting", error=str(exc))
     if progress.get("run_id") and any(op["op"] == "create_run" for op in ops[:done]):
         id_map[header["local_id"]] = progress["run_id"]  # created by an earlier, interrupted sync
+    try:
+        _check_database(uri)  # a database that is down fails the sync in seconds, not minutes
+    except ConnectionError as exc:
+        return SyncResult(str(path), "failed", run_id=run_id, error=str(exc))
     client = _mlflow().MlflowClient(tracking_uri=uri)
     base = path.parent / header["local_id"]  # the journal's own folder (a plain name, checked on reading)
     result = SyncResult(str(path), "failed", run_id=None)

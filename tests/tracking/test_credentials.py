@@ -1,6 +1,7 @@
 """Credentials never leave the process: a password planted in a tracking URI shows up nowhere."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -84,3 +85,21 @@ def test_an_explicit_tracking_uri_wins_over_the_one_a_study_recorded(tmp_path):
     assert told.tracking_uri == mine and told.parent_run_id is None
     same = StudyTracker(kind="study", tracking_uri=recorded, log_models="none").callback(trial)
     assert (same.tracking_uri, same.parent_run_id) == (recorded, "parent")
+
+
+def test_an_unreachable_tracking_database_is_journaled_within_seconds(tmp_path, unused_port, toy):
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver (pip install 'snopt[postgres]')")
+    uri = f"postgresql://alice:{SECRET}@127.0.0.1:{unused_port}/mlflow"
+    callback = MlflowCallback(
+        {"lr": 0.1},
+        tracking_uri=uri,
+        system_metrics=False,
+        fallback_dir=tmp_path / "fallback",
+        log_model=False,
+    )
+    start = time.monotonic()
+    with pytest.warns(TrackingWarning, match="did not accept a connection within 5 s") as warned:
+        result = toy.fit([callback], max_steps=2, eval_every=2)
+    assert time.monotonic() - start < 30  # MLflow alone retries a database for about 100 s
+    assert result.status == "completed" and callback.run_id.startswith("offline:")
+    assert not any(SECRET in str(w.message) for w in warned)
