@@ -212,7 +212,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
             file cannot be read, or the device is not on this machine.
     """
     base: RunConfig = getattr(args, "_run_base", None) or RunConfig()
-    names = [f.name for f in dataclasses.fields(RunConfig)]
+    # Only the generated flags: a command's own flag of a field (train's --checkpoint) is an override.
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)]
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     given.update(overrides)
     try:
