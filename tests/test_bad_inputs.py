@@ -737,7 +737,10 @@ def test_api_row(row: Api, workdir: Path) -> None:
 SUBPROCESS = [
     "train --lr -1",
     "train --model-kwargs width=100000",
+    "train --checkpoint raw.pt --resume",
     "search --space t1=0.5:2,t1/blocks.0=0.5:2",
+    "search --total n_trials=0",
+    "compare --seeds 1,1",
     "worker --study x --storage sqlite:///missing.db",
     "tracking sync --dir afile",
     "ui --port 0",
