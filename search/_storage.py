@@ -20,6 +20,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
@@ -139,8 +140,8 @@ def check_storage(storage: str, *, create: bool = True) -> str:
         create: whether a missing SQLite file may be created later (False: it must exist).
 
     Raises:
-        ValueError: naming ``storage``: an unsupported scheme, a URL SQLAlchemy cannot
-            parse, a port outside 1..65535, or an SQLite file that is missing (with
+        ValueError: naming ``storage``: an unsupported scheme, a port that is not a number
+            in 1..65535, or an SQLite file that is missing (with
             ``create=False``) or cannot be written.
     """
     url = redact_url(storage)
@@ -151,12 +152,9 @@ def check_storage(storage: str, *, create: bool = True) -> str:
             f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
             f"but got storage={url!r}."
         )
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     try:
-        port = make_url(storage).port
-    except (ArgumentError, ValueError) as exc:
+        port = urlsplit(storage).port
+    except ValueError as exc:
         raise ValueError(
             f"`storage` must be a database URL of the form scheme://user:password@host:port/database, "
             f"but got storage={url!r} ({redact_text(str(exc))})."
