@@ -17,63 +17,75 @@ Strategies (:data:`STRATEGY_HELP`): ``feedback``/``gradient`` tune every hyperpa
 trial's final horizons); ``tpe``, ``gp``, ``cmaes``, ``random``, ``grid``, ``nsga2`` are
 black-box; ``hybrid`` restarts T at its default; ``feedback-only``/``gradient-only`` are
 the ablations in which only the controller tunes.
+
+Names are imported on first use (PEP 562), as in :mod:`snopt`: the command line reads the
+strategy names and defaults (``_choices``) without loading Optuna or torch.
 """
 
-from ._budget import Budget, Spent
-from ._compare import (
-    COST_WEIGHT,
-    DEFAULT_EPSILON,
-    DEFAULT_STRATEGIES,
-    compare,
-    report_from_storage,
-    retrain_best,
-    run_workers,
-)
-from ._objective import OBJECTIVES, CustomObjective, PruningCallback, TrainingObjective, TrialFailed
-from ._report import ComparisonReport, StudyResult
-from ._space import HORIZON, Categorical, Float, Int, SearchSpace, block_names, default_space
-from ._stats import bootstrap_ci, hypervolume_2d, paired_differences, pareto_front
-from ._storage import DEFAULT_STORAGE, SUPPORTED_SCHEMES, resolve_storage
-from ._strategies import BLACK_BOX, IN_TRAINING, PRUNERS, STRATEGIES, STRATEGY_HELP
-from ._study import Study, create_study, load_study
+from __future__ import annotations
 
-__all__ = [
-    "BLACK_BOX",
-    "COST_WEIGHT",
-    "DEFAULT_EPSILON",
-    "DEFAULT_STORAGE",
-    "DEFAULT_STRATEGIES",
-    "HORIZON",
-    "IN_TRAINING",
-    "OBJECTIVES",
-    "PRUNERS",
-    "STRATEGIES",
-    "STRATEGY_HELP",
-    "SUPPORTED_SCHEMES",
-    "Budget",
-    "Categorical",
-    "ComparisonReport",
-    "CustomObjective",
-    "Float",
-    "Int",
-    "PruningCallback",
-    "SearchSpace",
-    "Spent",
-    "Study",
-    "StudyResult",
-    "TrainingObjective",
-    "TrialFailed",
-    "block_names",
-    "bootstrap_ci",
-    "compare",
-    "create_study",
-    "default_space",
-    "hypervolume_2d",
-    "load_study",
-    "paired_differences",
-    "pareto_front",
-    "report_from_storage",
-    "resolve_storage",
-    "retrain_best",
-    "run_workers",
-]
+from typing import TYPE_CHECKING
+
+from snopt._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
+    from ._budget import Budget, Spent
+    from ._choices import (
+        BLACK_BOX,
+        DEFAULT_EPSILON,
+        DEFAULT_STORAGE,
+        DEFAULT_STRATEGIES,
+        HORIZON,
+        IN_TRAINING,
+        PRUNERS,
+        STRATEGIES,
+        STRATEGY_HELP,
+        TRIAL_FACTOR,
+    )
+    from ._compare import (
+        COST_WEIGHT,
+        compare,
+        default_trial_budget,
+        report_from_storage,
+        retrain_best,
+        run_workers,
+    )
+    from ._objective import OBJECTIVES, CustomObjective, PruningCallback, TrainingObjective, TrialFailed
+    from ._report import ComparisonReport, StudyResult
+    from ._space import Categorical, Float, Int, SearchSpace, block_names, default_space
+    from ._stats import bootstrap_ci, hypervolume_2d, paired_differences, pareto_front
+    from ._storage import SUPPORTED_SCHEMES, resolve_storage
+    from ._study import Study, create_study, load_study
+
+#: Every public name, by the module that defines it.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._budget": ("Budget", "Spent"),
+    "._choices": (
+        "BLACK_BOX",
+        "DEFAULT_EPSILON",
+        "DEFAULT_STORAGE",
+        "DEFAULT_STRATEGIES",
+        "HORIZON",
+        "IN_TRAINING",
+        "PRUNERS",
+        "STRATEGIES",
+        "STRATEGY_HELP",
+        "TRIAL_FACTOR",
+    ),
+    "._compare": (
+        "COST_WEIGHT",
+        "compare",
+        "default_trial_budget",
+        "report_from_storage",
+        "retrain_best",
+        "run_workers",
+    ),
+    "._objective": ("OBJECTIVES", "CustomObjective", "PruningCallback", "TrainingObjective", "TrialFailed"),
+    "._report": ("ComparisonReport", "StudyResult"),
+    "._space": ("Categorical", "Float", "Int", "SearchSpace", "block_names", "default_space"),
+    "._stats": ("bootstrap_ci", "hypervolume_2d", "paired_differences", "pareto_front"),
+    "._storage": ("SUPPORTED_SCHEMES", "resolve_storage"),
+    "._study": ("Study", "create_study", "load_study"),
+}
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -19,9 +19,10 @@ import datetime
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optuna.trial import FrozenTrial, TrialState
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 #: User attribute holding how a trial ended, written by every snopt objective.
 STATUS_ATTR = "snopt_status"
@@ -161,6 +162,8 @@ def counts(trial: FrozenTrial) -> bool:
     why it failed (a solver error), not when a killed process left it to be failed, nor
     when it was skipped because running trials had taken the trial budget.
     """
+    from optuna.trial import TrialState  # here: Budget itself is built by `--help` without Optuna
+
     status = trial.user_attrs.get(STATUS_ATTR)
     if status == SKIPPED:
         return False
@@ -171,6 +174,8 @@ def counts(trial: FrozenTrial) -> bool:
 
 def trial_seconds(trial: FrozenTrial) -> float:
     """Wall-clock of a trial from its start to its end (to now for a running one)."""
+    from optuna.trial import TrialState
+
     if trial.datetime_start is None:
         return 0.0
     end = trial.datetime_complete
@@ -206,6 +211,8 @@ def spent(
         exclude: leave out the trial with this number (the caller's own).
         running: count running trials too, with what they reported so far.
     """
+    from optuna.trial import TrialState
+
     total = Spent()
     for trial in trials:
         if (since > 0 and trial.number < since) or (exclude is not None and trial.number == exclude):

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from snopt._run import RunConfig
 from snopt._signals import exit_status, terminate_as_interrupt
 
 from ._budget import Budget
+from ._choices import DEFAULT_EPSILON, DEFAULT_STRATEGIES, TRIAL_FACTOR
 from ._objective import TrainingObjective, TrialCallbacksFactory, check_objectives
 from ._report import ComparisonReport, StudyResult, study_result
 from ._space import Float, SearchSpace, block_names, default_space
@@ -32,10 +34,6 @@ from ._storage import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, storage
 from ._strategies import IN_TRAINING, STRATEGIES, check_strategy
 from ._study import SESSION_ATTR, Objective, Study, _as_budget, create_study, load_study
 
-#: Strategies of ``snopt compare`` when none are named.
-DEFAULT_STRATEGIES = ("feedback", "tpe", "gp", "random")
-#: Default tolerance of "reached the target" (0.5 accuracy points, as a fraction).
-DEFAULT_EPSILON = 0.005
 #: Seconds a stopped worker process gets to fail its trial and end its runs before it is killed.
 _WORKER_STOP_S = 60
 #: The feedback policy's cost weight swept by in-training strategies in a Pareto comparison.
@@ -106,7 +104,7 @@ def compare(
     total: Budget | Mapping[str, Any] | None = None,
     objectives: Sequence[str] | str = ("metric",),
     test: bool = False,
-    trial_budget: Budget | Mapping[str, Any] | None = None,
+    trial_budget: Budget | Mapping[str, Any] | str | None = "auto",
 ) -> ComparisonReport:
     """Run every strategy under the same budget for every seed and report which found what, at what cost.
 
@@ -142,7 +140,9 @@ def compare(
         total: caps each study as a whole over every session (None: no cap; each call runs
             ``budget`` again).
         trial_budget: what each trial of every study may spend (NFE, work, seconds), see
-            :func:`create_study`.
+            :func:`create_study`; ``"auto"`` (default): :func:`default_trial_budget`,
+            :data:`TRIAL_FACTOR` times what one trial of the space's default configuration
+            costs; None: no cap.
         objectives: ``("metric",)``, or ``("metric", "nfe")`` for a Pareto comparison of the
             metric against the inference NFE: black-box strategies (``nsga2`` is NSGA-II,
             ``tpe`` multi-objective TPE) search hyperparameters and horizons; in-training ones
@@ -169,6 +169,10 @@ def compare(
             "`budget` must set at least one of n_trials, nfe or timeout, "
             "so that every strategy gets the same."
         )
+    if isinstance(trial_budget, str) and trial_budget != "auto":
+        raise ValueError(
+            f"`trial_budget` must be a Budget, a dict, None or 'auto', but got trial_budget={trial_budget!r}."
+        )
     workers = _check_workers(workers, storage)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
         raise ValueError(f"`epsilon` must be a finite number >= 0, but got epsilon={epsilon!r}.")
@@ -186,6 +190,11 @@ def compare(
 
     if warm_up and isinstance(task_or_objective, (str, RunConfig)):
         _warm_up(task_or_objective)
+    per_trial = (
+        default_trial_budget(task_or_objective, budget, space=space, seed=seeds[0])
+        if isinstance(trial_budget, str)  # "auto", checked above
+        else trial_budget
+    )
     overall = None
     if progress:
         overall = progress_bar(len(seeds) * len(strategies), desc=f"compare {name}", unit="study")
@@ -201,7 +210,7 @@ def compare(
                     space=_strategy_space(task_or_objective, space, strategy, objectives),
                     budget=budget,
                     total=total,
-                    trial_budget=trial_budget,
+                    trial_budget=per_trial,
                     objectives=objectives,
                     storage=storage,
                     study_name=f"{name}-{strategy}-s{seed}",
@@ -247,12 +256,95 @@ def compare(
         storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
+        references=reference_points(task_or_objective, seeds, objectives),
     )
     if output_dir is not None:
         report.write(os.fspath(output_dir))
     if on_report is not None:
         on_report(report)
     return report
+
+
+def default_trial_budget(
+    task: str | RunConfig | Objective,
+    budget: Budget | Mapping[str, Any],
+    *,
+    space: SearchSpace | None = None,
+    seed: int = 0,
+) -> Budget | None:
+    """:data:`TRIAL_FACTOR` times what one trial of the space's default configuration costs.
+
+    The trial runs once, in memory, before the studies, and counts against no budget; the cap is
+    set on the axes ``budget`` limits (work, NFE, seconds).
+
+    Returns:
+        The per-trial :class:`Budget`; None for a budget in trials alone, a custom objective, or
+        a default trial that did not complete (with a warning: there is nothing to scale).
+    """
+    from optuna.trial import TrialState
+
+    from ._budget import trial_nfe, trial_seconds, trial_work
+
+    budget = _as_budget(budget)
+    if not isinstance(task, (str, RunConfig)) or (budget.work, budget.nfe, budget.timeout) == (None,) * 3:
+        return None
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    space = space if space is not None else default_space(config.task, block_names(config))
+    probe = create_study(
+        config,
+        strategy="random",
+        space=space,
+        budget=Budget(n_trials=1),
+        storage=None,
+        pruner="none",
+        seed=seed,
+    )
+    probe.enqueue_trial(space.defaults())
+    probe.optimize()
+    trial = probe.trials[0]
+    if trial.state != TrialState.COMPLETE:
+        reason = (
+            trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason") or trial.state.name
+        )
+        warnings.warn(
+            f"One trial of the default configuration did not complete ({reason}); "
+            "compare runs without a per-trial cap.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+    def scaled(limit: Any, used: float) -> float | None:
+        return TRIAL_FACTOR * used if limit is not None and used > 0 else None
+
+    nfe = scaled(budget.nfe, trial_nfe(trial))
+    return Budget(
+        work=scaled(budget.work, trial_work(trial)),
+        nfe=None if nfe is None else math.ceil(nfe),
+        timeout=scaled(budget.timeout, trial_seconds(trial)),
+    )
+
+
+def reference_points(
+    task: str | RunConfig | Objective, seeds: Sequence[int], objectives: Sequence[str]
+) -> dict[int, tuple[float, float]]:
+    """Seed -> the fixed reference point ``(metric, inference NFE)`` of a Pareto comparison.
+
+    It depends on the task alone, so that no strategy's result moves it: the metric of a model
+    that learned nothing from its inputs (:meth:`snopt._tasks.Task.null_metric`: chance
+    accuracy for a classifier, the variance of the targets for the time series) and the most
+    NFE one inference pass can take: ``max_nfe`` per solve (its default when the run sets no
+    cap) times the model's ODE blocks.  Empty for a single objective or a custom objective.
+    """
+    if len(objectives) < 2 or not isinstance(task, (str, RunConfig)):
+        return {}
+    from snopt._defaults import ODE
+    from snopt._tasks import get_task
+
+    config = RunConfig(task=task) if isinstance(task, str) else task
+    runner = get_task(config.task, **config.task_kwargs)
+    cap = float((config.max_nfe or ODE["max_nfe"]) * len(block_names(config)))
+    return {seed: (runner.null_metric(seed=seed), cap) for seed in seeds}
 
 
 def _default_name(task_or_objective: Any) -> str:
@@ -389,6 +481,7 @@ def report_from_storage(
     metric_name, direction = "value", "minimize"
     budget: dict[str, Any] = {}
     objectives: list[str] = ["metric"]
+    config: dict[str, Any] | None = None
     for seed in seeds:
         for strategy in strategies:
             study = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=storage)
@@ -396,6 +489,7 @@ def report_from_storage(
             metric_name = desc.get("metric_name", metric_name)
             budget = desc.get("budget", budget)
             objectives = desc.get("objectives", ["metric"])
+            config = desc.get("config")
             settings["samplers"][strategy] = desc.get("sampler")
             settings["pruner"] = desc.get("pruner")
             direction = study.directions[0].name.lower()
@@ -420,6 +514,7 @@ def report_from_storage(
         storage=redact_url(storage_url(storage)),
         settings=settings,
         objectives=objectives,
+        references=reference_points(RunConfig.from_dict(config), seeds, objectives) if config else {},
     )
 
 
@@ -482,27 +577,8 @@ def run_workers(
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     study.begin_session()
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(
-                study.study_name,
-                url,
-                i,
-                threads,
-                heartbeat_interval,
-                grace_period,
-                n_trials,
-                timeout,
-                trial_callbacks_factory,
-            ),
-            name=f"snopt-worker-{i}",
-        )
-        for i in range(1, workers)
-    ]
-    for p in procs:
-        p.start()
+    args = (heartbeat_interval, grace_period, n_trials, timeout, trial_callbacks_factory)
+    procs = _spawn_workers(study.study_name, url, workers - 1, threads, args)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     stopping = False
@@ -526,3 +602,17 @@ def run_workers(
     bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"Worker processes failed: {bad}; see their output above.")
+
+
+def _spawn_workers(
+    study_name: str, url: str | None, count: int, threads: int, args: tuple[Any, ...]
+) -> list[Any]:
+    """Start ``count`` worker processes (numbered from 1) on the study; ``args`` go to ``_worker_main``."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(study_name, url, i, threads, *args), name=f"snopt-worker-{i}")
+        for i in range(1, count + 1)
+    ]
+    for p in procs:
+        p.start()
+    return procs

@@ -32,9 +32,8 @@ import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
 from ._budget import STATUS_ATTR, counts, trial_nfe, trial_seconds, trial_work
-from ._space import HORIZON
+from ._choices import BLACK_BOX, HORIZON, IN_TRAINING, STRATEGY_HELP
 from ._stats import bootstrap_ci, describe, hypervolume_2d, paired_differences, pareto_front
-from ._strategies import BLACK_BOX, IN_TRAINING, STRATEGY_HELP
 
 
 @dataclass
@@ -225,6 +224,8 @@ class ComparisonReport:
         studies: one :class:`StudyResult` per strategy and seed.
         settings: samplers, pruner, base run and space, as recorded in the studies.
         objectives: ``["metric"]`` or ``["metric", "nfe"]`` (a Pareto comparison).
+        references: seed -> the fixed reference point ``(metric, inference NFE)`` of its
+            hypervolumes (Pareto comparisons of a built-in task; see :meth:`hypervolumes`).
         files: paths written by :meth:`write`.
     """
 
@@ -241,6 +242,7 @@ class ComparisonReport:
     targets: dict[int, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     objectives: list[str] = field(default_factory=lambda: ["metric"])
+    references: dict[int, tuple[float, float]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -261,6 +263,7 @@ class ComparisonReport:
         storage: str | None,
         settings: Mapping[str, Any] | None = None,
         objectives: Sequence[str] = ("metric",),
+        references: Mapping[int, tuple[float, float]] | None = None,
     ) -> ComparisonReport:
         """Fill in each seed's target and each study's cost to reach it."""
         if not (isinstance(epsilon, (int, float)) and epsilon >= 0 and math.isfinite(epsilon)):
@@ -293,6 +296,7 @@ class ComparisonReport:
             targets=targets,
             settings=dict(settings or {}),
             objectives=list(objectives),
+            references={int(k): (float(v[0]), float(v[1])) for k, v in (references or {}).items()},
         )
 
     # ----------------------------------------------------------- summaries
@@ -322,53 +326,54 @@ class ComparisonReport:
         hypervolume (multi-objective comparisons).
         """
         hv = self.hypervolumes()
-        rows = []
-        for strategy in self.strategies:
-            runs = self._runs(strategy)
-            scored = [s for s in runs if s.best_value is not None]
-            values = [float(s.best_value) for s in scored]  # type: ignore[arg-type]
-            sign = 1.0 if self.maximize else -1.0
-            ranked = sorted(scored, key=lambda s: sign * float(s.best_value))  # type: ignore[arg-type]
-            median_run = ranked[(len(ranked) - 1) // 2] if ranked else None
-            tests = [s.retrained["test"] for s in runs if s.retrained and s.retrained.get("test") is not None]
-            vals = [s.retrained["val"] for s in runs if s.retrained and s.retrained.get("val") is not None]
-            reached = [s for s in runs if s.work_to_target is not None or s.nfe_to_target is not None]
-            hvs = [hv[(strategy, s.seed)] for s in runs if (strategy, s.seed) in hv]
-            per_work = [h / s.work for s in runs for h in [hv.get((strategy, s.seed))] if h and s.work > 0]
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "n": len(values),
-                    "results": f"{len(values)}/{len(runs)}",
-                    "no_result_seeds": [s.seed for s in runs if s.best_value is None],
-                    "best": _median(values),
-                    "best_ci": bootstrap_ci(values, np.median),
-                    "test": _median(tests),
-                    "test_ci": bootstrap_ci(tests, np.median),
-                    "n_test": len(tests),
-                    "val_retrained": _median(vals),
-                    "T": dict(median_run.best_t1_blocks) if median_run else {},
-                    "hyperparams": median_run.best_params if median_run else {},
-                    "inference_nfe": median_run.best_inference_nfe if median_run else None,
-                    "trials": sum(s.n_trials for s in runs),
-                    "now": sum(s.n_now for s in runs),
-                    "before": sum(s.n_before for s in runs),
-                    "pruned": sum(s.n_pruned for s in runs),
-                    "failed": sum(s.n_failed for s in runs),
-                    "budget_cut": sum(s.n_budget for s in runs),
-                    "work": _median([s.work for s in runs]),
-                    "nfe": _median([float(s.nfe) for s in runs]),
-                    "wall_time_s": _median([s.wall_time for s in runs]),
-                    "trials_per_seed": _median([float(s.n_trials) for s in runs]),
-                    "reached": f"{len(reached)}/{len(runs)}",
-                    "work_to_target": _median([float(s.work_to_target) for s in reached if s.work_to_target]),
-                    "nfe_to_target": _median([float(s.nfe_to_target or 0) for s in reached]),
-                    "time_to_target_s": _median([float(s.time_to_target or 0.0) for s in reached]),
-                    "hypervolume": _median(hvs),
-                    "hv_per_work": _median(per_work),
-                }
-            )
-        return rows
+        return [self._summary_row(strategy, hv) for strategy in self.strategies]
+
+    def _summary_row(self, strategy: str, hv: Mapping[tuple[str, int], float]) -> dict[str, Any]:
+        """The :meth:`summary` row of one strategy (``hv``: :meth:`hypervolumes`)."""
+        runs = self._runs(strategy)
+        scored = [s for s in runs if s.best_value is not None]
+        values = [float(s.best_value) for s in scored]  # type: ignore[arg-type]
+        sign = 1.0 if self.maximize else -1.0
+        ranked = sorted(scored, key=lambda s: sign * float(s.best_value))  # type: ignore[arg-type]
+        median_run = ranked[(len(ranked) - 1) // 2] if ranked else None
+        tests = [s.retrained["test"] for s in runs if s.retrained and s.retrained.get("test") is not None]
+        vals = [s.retrained["val"] for s in runs if s.retrained and s.retrained.get("val") is not None]
+        reached = [s for s in runs if s.work_to_target is not None or s.nfe_to_target is not None]
+        hvs = [hv[(strategy, s.seed)] for s in runs if (strategy, s.seed) in hv]
+        per_work = [
+            h / s.work for s in runs for h in [hv.get((strategy, s.seed))] if h is not None and s.work > 0
+        ]
+        return {
+            "strategy": strategy,
+            "n": len(values),
+            "results": f"{len(values)}/{len(runs)}",
+            "no_result_seeds": [s.seed for s in runs if s.best_value is None],
+            "best": _median(values),
+            "best_ci": bootstrap_ci(values, np.median),
+            "test": _median(tests),
+            "test_ci": bootstrap_ci(tests, np.median),
+            "n_test": len(tests),
+            "val_retrained": _median(vals),
+            "T": dict(median_run.best_t1_blocks) if median_run else {},
+            "hyperparams": median_run.best_params if median_run else {},
+            "inference_nfe": median_run.best_inference_nfe if median_run else None,
+            "trials": sum(s.n_trials for s in runs),
+            "now": sum(s.n_now for s in runs),
+            "before": sum(s.n_before for s in runs),
+            "pruned": sum(s.n_pruned for s in runs),
+            "failed": sum(s.n_failed for s in runs),
+            "budget_cut": sum(s.n_budget for s in runs),
+            "work": _median([s.work for s in runs]),
+            "nfe": _median([float(s.nfe) for s in runs]),
+            "wall_time_s": _median([s.wall_time for s in runs]),
+            "trials_per_seed": _median([float(s.n_trials) for s in runs]),
+            "reached": f"{len(reached)}/{len(runs)}",
+            "work_to_target": _median([float(s.work_to_target) for s in reached if s.work_to_target]),
+            "nfe_to_target": _median([float(s.nfe_to_target or 0) for s in reached]),
+            "time_to_target_s": _median([float(s.time_to_target or 0.0) for s in reached]),
+            "hypervolume": _median(hvs),
+            "hv_per_work": _median(per_work),
+        }
 
     def paired(self) -> list[dict[str, Any]]:
         """Per-seed paired differences of every strategy against every black-box one.
@@ -396,29 +401,30 @@ class ComparisonReport:
         return rows
 
     def hypervolumes(self) -> dict[tuple[str, int], float]:
-        """(strategy, seed) -> hypervolume of its Pareto front, with one reference point per seed.
+        """(strategy, seed) -> hypervolume of its Pareto front against the seed's fixed reference.
 
-        The reference point of a seed is the worst metric and 1.1 x the largest inference
-        NFE of any complete trial of any strategy with that seed.
+        The reference point (:attr:`references`, set by :func:`compare` for a built-in task)
+        depends on the task alone, never on what a strategy found: the metric of a model that
+        learned nothing (:meth:`snopt._tasks.Task.null_metric`: chance accuracy for a
+        classifier) and the most NFE one inference pass can take (``max_nfe`` per solve times
+        the model's ODE blocks; a solve over it fails its trial).  The cost axis is
+        ``log10`` of the inference NFE: NFE spans orders of magnitude, and on a linear axis up
+        to the cap (30,000 on ``multiblock``) fronts at 42 and at 132 NFE would differ by
+        0.3%.  Units: metric x decades of NFE.  Points beyond the reference add nothing.  A
+        seed without a reference (a custom objective) gets no hypervolume.
         """
         out: dict[tuple[str, int], float] = {}
         if len(self.objectives) < 2:
             return out
         for seed in self.seeds:
-            pts = [
-                tuple(t["values"][:2])
-                for s in self.studies
-                if s.seed == seed
-                for t in s.trials
-                if t["state"] == "COMPLETE" and t.get("values") and len(t["values"]) > 1
-            ]
-            if not pts:
+            if seed not in self.references:
                 continue
-            metrics = [p[0] for p in pts]
-            ref = (min(metrics) if self.maximize else max(metrics), 1.1 * max(p[1] for p in pts))
+            metric_ref, nfe_ref = self.references[seed]
+            ref = (metric_ref, math.log10(nfe_ref))
             for s in self.studies:
                 if s.seed == seed:
-                    out[(s.strategy, seed)] = hypervolume_2d(s.front, ref, maximize_first=self.maximize)
+                    points = [(m, math.log10(max(c, 1.0))) for m, c in s.front]
+                    out[(s.strategy, seed)] = hypervolume_2d(points, ref, maximize_first=self.maximize)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -439,6 +445,7 @@ class ComparisonReport:
             "summary": self.summary(),
             "paired": self.paired(),
             "hypervolumes": {f"{k[0]}/s{k[1]}": v for k, v in self.hypervolumes().items()},
+            "hypervolume_references": {str(k): list(v) for k, v in self.references.items()},
             "studies": [asdict(s) for s in self.studies],
             "files": self.files,
         }
@@ -532,10 +539,13 @@ class ComparisonReport:
                 "",
                 "## Pareto fronts (metric against inference NFE)",
                 "",
-                "Hypervolume of each seed's front against a per-seed reference point (worst metric, "
-                "1.1 x the largest inference NFE of any strategy); per unit of work spent. Optuna cannot "
-                "prune or record intermediate values in multi-objective studies: these run without a "
-                "pruner, and a trial cut by the budget is pruned without a value.",
+                "Hypervolume of each seed's front in (metric, log10 inference NFE), against a fixed "
+                "reference point that no strategy's result sets: the metric of a model that learned "
+                "nothing (chance accuracy for a classifier) and the most NFE one inference pass can take "
+                f"(max_nfe per solve x ODE blocks); {self._md_references()}. Units: metric x decades "
+                "of NFE; also per unit of work spent. Optuna cannot prune or record intermediate values "
+                "in multi-objective studies: these run without a pruner, and a trial cut by the budget "
+                "is pruned without a value.",
                 "",
                 "| strategy | hypervolume (median) | hypervolume per work | front size (median) |",
                 "|---|---|---|---|",
@@ -547,6 +557,17 @@ class ComparisonReport:
                     f"| {_fmt(_median(sizes))} |"
                 )
         return lines
+
+    def _md_references(self) -> str:
+        if not self.references:
+            return "no reference point (a custom objective), so no hypervolume"
+        points = {(_fmt(m), _fmt(c)) for m, c in self.references.values()}
+        if len(points) == 1:
+            m, c = points.pop()
+            return f"reference ({m}, {c} NFE)"
+        return "references " + ", ".join(
+            f"s{seed} ({_fmt(m)}, {_fmt(c)} NFE)" for seed, (m, c) in sorted(self.references.items())
+        )
 
     def _md_per_seed(self) -> list[str]:
         lines: list[str] = []

@@ -25,8 +25,8 @@ import optuna
 
 from snopt._run import RunConfig
 
-#: Name of the horizon parameter, the one in-training strategies control.
-HORIZON = "t1"
+from ._choices import HORIZON
+
 #: Prefix of a per-block horizon parameter: ``t1/<block name>``.
 HORIZON_PREFIX = HORIZON + "/"
 

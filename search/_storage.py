@@ -30,8 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 from snopt._checks import sqlite_path, writable_file
 from snopt._redact import redact_text, redact_url
 
-#: The storage used when none is given: an SQLite file in the working directory.
-DEFAULT_STORAGE = "sqlite:///snopt.db"
+from ._choices import DEFAULT_STORAGE
+
 #: URL schemes accepted (optionally with a driver, e.g. ``postgresql+psycopg2``).
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
 #: Seconds between heartbeats of a running trial.
@@ -104,14 +104,7 @@ def resolve_storage(
             f"`storage` must be a URL string, an Optuna storage or None, but got {type(storage).__name__}."
         )
     scheme = check_storage(storage, create=create)
-    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive integer or None, but got {name}={value!r}.")
-    if heartbeat_interval is not None and grace_period is not None and grace_period < heartbeat_interval:
-        raise ValueError(
-            f"`grace_period >= heartbeat_interval` must hold, but got grace_period={grace_period}, "
-            f"heartbeat_interval={heartbeat_interval}."
-        )
+    _check_heartbeat(heartbeat_interval, grace_period)
     engine_kwargs = {}
     if scheme == "sqlite":
         # The file's folder, made now (check_storage made sure that it can be).
@@ -144,14 +137,8 @@ def check_storage(storage: str, *, create: bool = True) -> str:
             in 1..65535, or an SQLite file that is missing (with
             ``create=False``) or cannot be written.
     """
+    scheme = _scheme(storage)
     url = redact_url(storage)
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
-    if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(
-            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
-            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
-            f"but got storage={url!r}."
-        )
     try:
         port = urlsplit(storage).port
     except ValueError as exc:
@@ -164,6 +151,29 @@ def check_storage(storage: str, *, create: bool = True) -> str:
     if scheme == "sqlite":
         _check_sqlite(storage, create)
     return scheme
+
+
+def _scheme(storage: str) -> str:
+    """The database scheme of a storage URL (``postgresql+psycopg2://`` -> ``postgresql``), checked."""
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f"`storage` must be a database URL with one of the schemes {list(SUPPORTED_SCHEMES)} "
+            f"(e.g. {DEFAULT_STORAGE!r} or 'postgresql://user:password@host:5432/db'), "
+            f"but got storage={redact_url(storage)!r}."
+        )
+    return scheme
+
+
+def _check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
+    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer or None, but got {name}={value!r}.")
+    if heartbeat_interval is not None and grace_period is not None and grace_period < heartbeat_interval:
+        raise ValueError(
+            f"`grace_period >= heartbeat_interval` must hold, but got grace_period={grace_period}, "
+            f"heartbeat_interval={heartbeat_interval}."
+        )
 
 
 #: The extra of snopt that installs the driver SQLAlchemy picks for a plain ``scheme://`` URL.
@@ -246,7 +256,12 @@ def fail_interrupted_trials(study: optuna.Study) -> None:
             f"interrupted: its process{_owner(trial)} ended while the trial ran (killed, or a crash); "
             "failed when the study was resumed"
         )
-        storage, trial_id = study._storage, trial._trial_id  # Optuna has no public trial id
+        # Private storage and trial id, as Optuna's own fail_stale_trials does it: the public
+        # Study.tell(trial.number, state=FAIL) also runs the sampler's after_trial, and
+        # GridSampler's then calls study.stop(), which raises RuntimeError outside optimize()
+        # (Optuna 5.0).  Optuna has no public call that fails a dead process's trial, nor one that
+        # sets a user attribute of a trial given by number.
+        storage, trial_id = study._storage, trial._trial_id
         try:
             storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)

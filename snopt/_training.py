@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import math
 import os
 import random
@@ -19,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from ._ode import SolverError, as_solver_error, ode_blocks
 from ._progress import progress_bar
 from ._signals import Terminated as Terminated  # re-exported: it was defined here first
 from ._signals import signal_name, terminate_as_interrupt
+
+_P = ParamSpec("_P")
 
 
 class Status(str, enum.Enum):
@@ -139,16 +142,27 @@ class FitResult:
     checkpoint: str | None = None
     signal: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of the result."""
+    def to_dict(self, metric_name: str = "metric") -> dict[str, Any]:
+        """A JSON-serialisable dict of the result.
+
+        Args:
+            metric_name: the name of ``metric`` in ``final`` and ``history``: the task's
+                (``task.metric_name``: ``"accuracy"``, ``"mse"``, ``"nll"``); the dict says
+                it again as ``"metric_name"``.
+        """
+
+        def named(record: dict[str, Any]) -> dict[str, Any]:
+            return {metric_name if key == "metric" else key: value for key, value in record.items()}
+
         return {
             "status": str(self.status),
             "message": self.message,
-            "final": self.final,
+            "metric_name": metric_name,
+            "final": named(self.final),
             "stats": jsonable(self.stats),
             "checkpoint": self.checkpoint,
             "signal": self.signal,
-            "history": self.history,
+            "history": [named(record) for record in self.history],
         }
 
 
@@ -476,6 +490,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_solve(self)
 
+    @property
+    def metric_name(self) -> str:
+        """The task's name for ``metric`` (``accuracy``, ``mse``, ``nll``); ``metric`` without a task."""
+        return str(getattr(self.objective.task, "metric_name", None) or "metric")
+
     def horizons(self) -> dict[str, float]:
         """``t1/<block name>`` -> current horizon, for every ODE block of the model."""
         return {_t1_key(name): block.t1 for name, block in ode_blocks(self.model)}
@@ -670,7 +689,7 @@ class Trainer:
                 self.save_checkpoint(self.checkpoint_path)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
+                bar.set_postfix(_postfix(record, self.last_eval, self.metric_name), refresh=False)
         if self.history and "val_loss" not in self.history[-1]:
             self._evaluate(self.history[-1])
         if self.checkpoint_path is not None:
@@ -818,41 +837,36 @@ def _safe_len(loader: Any) -> int | None:
         return None
 
 
-def _postfix(record: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:
+def _postfix(record: dict[str, float], last_eval: dict[str, float], metric_name: str) -> dict[str, str]:
     post = {"loss": f"{record['train_loss']:.4g}"}
     if "metric" in last_eval:
-        post["metric"] = f"{last_eval['metric']:.4g}"
+        post[metric_name] = f"{last_eval['metric']:.4g}"
     t1 = [v for k, v in record.items() if k.startswith("t1")]
     if t1:
         post["T"] = ",".join(f"{v:.3g}" for v in t1)
     return post
 
 
-def fit(
-    model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable | None = None,
-    *,
-    optimizer: torch.optim.Optimizer,
-    task: Any = None,
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    metric_fn: Callable[[Any, Any], Any] | None = None,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    controller: Any = None,
-    preconditioner: Any = None,
-    scheduler: Any = None,
-    callbacks: Sequence[Callback] = (),
-    eval_every: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    seed: int | None = None,
-    device: str | torch.device | None = "cpu",
-    max_grad_norm: float | None = None,
-    progress: bool = True,
-    interrupt_checkpoint: str | os.PathLike | None = None,
-) -> FitResult:
+def _takes_the_arguments_of(
+    cls: Callable[_P, Any],
+) -> Callable[[Callable[..., FitResult]], Callable[_P, FitResult]]:
+    """Give the decorated function the parameters of ``cls``'s constructor.
+
+    Type checkers see them through the ``ParamSpec``; ``help()``, IDEs and
+    ``inspect.signature`` through ``__signature__``.  The parameters are written once, in
+    :class:`Trainer`, and ``fit`` forwards them.
+    """
+
+    def decorate(function: Callable[..., FitResult]) -> Callable[_P, FitResult]:
+        signature = inspect.signature(cls)
+        function.__signature__ = signature.replace(return_annotation="FitResult")  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+@_takes_the_arguments_of(Trainer)
+def fit(*args: Any, **kwargs: Any) -> FitResult:
     """Train ``model`` and return a :class:`FitResult`.
 
     Args:
@@ -895,28 +909,4 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (the message names the step).
         TrainingError: the ODE solver failed; ``exc.result`` holds the partial run.
     """
-    trainer = Trainer(
-        model,
-        train_loader,
-        val_loader,
-        optimizer=optimizer,
-        task=task,
-        loss_fn=loss_fn,
-        metric_fn=metric_fn,
-        epochs=epochs,
-        max_steps=max_steps,
-        controller=controller,
-        preconditioner=preconditioner,
-        scheduler=scheduler,
-        callbacks=callbacks,
-        eval_every=eval_every,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        seed=seed,
-        device=device,
-        max_grad_norm=max_grad_norm,
-        progress=progress,
-        interrupt_checkpoint=interrupt_checkpoint,
-    )
-    return trainer.run()
+    return Trainer(*args, **kwargs).run()

@@ -1,10 +1,12 @@
-"""Shared fixtures: fixed seeds, and every test runs in its own temporary folder."""
+"""Shared fixtures: fixed seeds, every test in its own temporary folder, and a tiny training run."""
 
 import random
 
 import numpy as np
 import pytest
 import torch
+
+from snopt import RunConfig
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +20,29 @@ def _seeded_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
     yield
+
+
+def _tiny_config(**overrides) -> RunConfig:
+    """Digits with a width-4 model, 3 fixed RK4 steps of training, a 90-image validation set."""
+    values = dict(
+        task="digits",
+        task_kwargs={"val_fraction": 0.05},
+        model_kwargs={"width": 4},
+        method="rk4",
+        epochs=None,
+        max_steps=3,
+        batch_size=32,
+        eval_every=1,
+        t1_every=1,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory of tiny runs: ``tiny_config(**overrides) -> RunConfig``."""
+    return _tiny_config
 
 
 #: Fixtures that start a server, a database, a browser or a process: tests using one are
@@ -34,3 +59,24 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     # One thread: on a loaded 2-core CI machine two threads made steps several times slower.
     torch.set_num_threads(1)
+    _sqlite_without_fsync()
+
+
+def _sqlite_without_fsync() -> None:
+    """SQLite files opened by this test process (Optuna's and MLflow's stores) skip fsync.
+
+    Every commit of an SQLite store waits for the disk (~10 ms each on CI's disk); a comparison
+    makes a thousand of them, MLflow's schema migrations hundreds.  The tests check what is
+    stored, not that it survives a power cut, and with ``synchronous=OFF`` the data still
+    reaches the operating system at every commit, so a killed process loses nothing.
+    Subprocesses (the CLI, servers) keep SQLite's defaults.
+    """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _no_fsync(dbapi_connection, connection_record):  # noqa: ARG001 - SQLAlchemy's signature
+        if type(dbapi_connection).__module__.startswith("sqlite3"):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.close()

@@ -87,12 +87,12 @@ def test_train_writes_a_json_summary(tmp_path):
         str(path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "snopt train: completed" in out.stdout and "metric" in out.stdout
+    assert "snopt train: completed" in out.stdout and "accuracy" in out.stdout
     data = json.loads(path.read_text())
-    assert data["status"] == "completed"
+    assert data["status"] == "completed" and data["metric_name"] == "accuracy"
     assert data["config"]["optimizer"] == "adam" and data["config"]["lr"] == 0.01
     assert len(data["history"]) == 6 and data["stats"]["steps"] == 6
-    assert 0.0 <= data["final"]["metric"] <= 1.0 and "t1/blocks.0" in data["final"]
+    assert 0.0 <= data["final"]["accuracy"] <= 1.0 and "t1/blocks.0" in data["final"]
 
 
 @pytest.mark.parametrize(
@@ -113,3 +113,20 @@ def test_bad_input_is_reported_without_a_traceback(args, message):
     assert out.returncode in (1, 2)
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trian"], "snopt: error: unknown command 'trian'; did you mean 'train'?"),
+        (["comapre", "--help"], "unknown command 'comapre'; did you mean 'compare'?"),
+        (["train", "--optimzer", "adam"], "snopt train: error: unrecognized arguments: --optimzer adam "),
+        (["train", "--optimzer=adam"], "(--optimzer: did you mean --optimizer?)"),
+        (["compare", "--strategys", "tpe"], "(--strategys: did you mean --strategies?)"),
+    ],
+)
+def test_a_misspelled_command_or_flag_gets_a_suggestion(args, message):
+    out = run(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""

@@ -93,7 +93,7 @@ def test_built_wheel_maps_search_into_snopt(tmp_path):
     assert not any(n.startswith("search/") for n in names)
 
 
-@pytest.mark.parametrize("package", ["snopt", "snopt.tracking"])
+@pytest.mark.parametrize("package", ["snopt", "snopt.tracking", "snopt.search"])
 def test_facade_type_checking_imports_match_the_lazy_exports(package):
     """The names type checkers see are exactly the names the package resolves at run time."""
     import ast
@@ -122,6 +122,9 @@ def test_facade_type_checking_imports_match_the_lazy_exports(package):
         "from snopt.cli import main; main(['--help'])",
         "from snopt.cli import main; main(['train', '--help'])",
         "from snopt.cli import main; main(['ui', '--help'])",
+        "from snopt.cli import main; main(['search', '--help'])",
+        "from snopt.cli import main; main(['compare', '--help'])",
+        "from snopt.cli import main; main(['worker', '--help'])",
     ],
 )
 def test_start_up_loads_no_heavy_module(statement):

@@ -82,6 +82,22 @@ class _Parser(argparse.ArgumentParser):
         self._print_message(f"usage: {self.prog}{tail} ... (see {self.prog} --help)\n", file or sys.stderr)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once.
+
+    argparse's own formatter appends ``(default: ...)`` to every option, also to one whose help
+    already says its default in words (``(default: at epoch ends)``, then ``(default: None)``)
+    and to switches (``(default: False)``).  Here a default is appended only where the help
+    states none and there is a value to show.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def _suggest_flags(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
     known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
     hints = []
@@ -126,7 +142,7 @@ def build_parser(
             name,
             help=spec.help,
             description=spec.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         if name not in wanted:
             continue

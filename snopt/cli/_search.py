@@ -11,30 +11,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._checks import writable_dir
+from .._config import RunConfig
 from .._redact import redact_url
-from .._run import RunConfig
-from ..search import (
+from ..search._budget import Budget
+from ..search._choices import (
+    BLACK_BOX,
     DEFAULT_EPSILON,
     DEFAULT_STORAGE,
     DEFAULT_STRATEGIES,
     HORIZON,
     PRUNERS,
     STRATEGIES,
-    Budget,
-    SearchSpace,
-    Study,
-    compare,
-    create_study,
-    default_space,
-    load_study,
-    run_workers,
+    STRATEGY_HELP,
+    TRIAL_FACTOR,
 )
-from ..search._objective import check_objectives, check_study_config
-from ..search._storage import check_storage
-from ..search._strategies import BLACK_BOX, STRATEGY_HELP
 from ._base import (
     Command,
     UsageError,
@@ -47,6 +40,9 @@ from ._base import (
     print_table,
 )
 from ._tracking import add_tracking_arguments, study_tracker, where_logged
+
+if TYPE_CHECKING:  # imported in run(): `--help` must not load Optuna or torch
+    from ..search import SearchSpace, Study
 
 #: In-training strategies whose other hyperparameters a black-box sampler picks (``--sampler``).
 TUNING_IN_TRAINING = ("feedback", "gradient", "hybrid")
@@ -93,6 +89,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def _objectives(text: str) -> str:
+    from ..search._objective import check_objectives  # here: `--help` must not load torch
+
     try:
         check_objectives(text)
     except ValueError as exc:
@@ -100,14 +98,9 @@ def _objectives(text: str) -> str:
     return text
 
 
-def _space(text: str) -> SearchSpace:
-    try:
-        return SearchSpace.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _add_budget_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any], trial_default: str = "none"
+) -> None:
     g = parser.add_argument_group(
         "budget (per study; whichever runs out first)",
         f"default when none is given: {Budget(**defaults).describe()}",
@@ -132,12 +125,19 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: dict[str, A
         help="cap on each study as a whole over every run, e.g. n_trials=20 or work=1e12,nfe=50000 "
         "(by default every run continues the study and spends its budget again, as Optuna does)",
     )
+    auto = (
+        f"; 'auto': {TRIAL_FACTOR:g}x what one trial of the space's default configuration costs, on "
+        "the axes the budget limits (run once before the studies, not counted), so that one expensive "
+        "configuration cannot take a whole budget"
+        if trial_default == "auto"
+        else ""
+    )
     g.add_argument(
         "--trial-budget",
-        default=None,
+        default=trial_default,
         metavar="SPEC",
         help="cap on each trial, checked inside its ODE solves, e.g. nfe=20000 or timeout=60,work=1e10 "
-        "(a trial that reaches it is pruned)",
+        f"(a trial that reaches it is pruned); 'none': no cap{auto}",
     )
 
 
@@ -157,7 +157,14 @@ def _total(args: argparse.Namespace) -> Budget | None:
 
 
 def _trial_budget(args: argparse.Namespace) -> Budget | None:
+    if args.trial_budget == "none":
+        return None
     return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
+
+
+def _compare_trial_budget(args: argparse.Namespace) -> Budget | str | None:
+    """Compare's ``--trial-budget``: 'auto' (its default) as is, else as search reads it."""
+    return "auto" if args.trial_budget == "auto" else _trial_budget(args)
 
 
 def _budget_spec(flag: str, spec: str | None, keys: tuple[str, ...]) -> Budget | None:
@@ -185,7 +192,6 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("study")
     g.add_argument(
         "--space",
-        type=_space,
         default=None,
         metavar="SPEC",
         help="search space, e.g. t1=0.25:4:log,lr=1e-3:5e-2:log,width=4:32:int:log,tol=1e-3:1e-1:log "
@@ -219,6 +225,8 @@ def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None
 
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
+    from ..search._objective import check_study_config
+
     _quiet_optuna()
     config = config_from_args(args)
     try:  # only a --config file can set them here
@@ -229,6 +237,8 @@ def _task_config(args: argparse.Namespace) -> RunConfig:
 
 def _check_storage(args: argparse.Namespace) -> None:
     """A bad storage URL is a usage error, reported before any work (nothing is created here)."""
+    from ..search._storage import check_storage
+
     try:
         check_storage(args.storage)
     except ValueError as exc:
@@ -243,11 +253,17 @@ def _quiet_optuna() -> None:
 
 
 def _space_for(args: argparse.Namespace, config: RunConfig) -> SearchSpace:
-    space = args.space if args.space is not None else default_space(config.task)
+    """The ``--space`` of ``args`` (default: the task's), parsed and checked against ``config``."""
+    from ..search import SearchSpace, default_space
+
+    try:
+        space = SearchSpace.parse(args.space) if args.space is not None else default_space(config.task)
+    except ValueError as exc:
+        raise UsageError(f"--space: {exc}") from exc
     try:
         space.validate_for(config)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"--space: {exc}") from exc
     return space
 
 
@@ -327,6 +343,8 @@ class SearchCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from ..search import create_study, run_workers
+
         config = _task_config(args)
         space = _space_for(args, config)
         try:
@@ -397,7 +415,9 @@ class CompareCommand(Command):
             "--strategies",
             type=_strategies,
             default=list(DEFAULT_STRATEGIES),
-            help="comma-separated, from " + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()),
+            help="comma-separated, from "
+            + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
+            + f" (default: {','.join(DEFAULT_STRATEGIES)})",
         )
         parser.add_argument(
             "--seeds",
@@ -435,7 +455,7 @@ class CompareCommand(Command):
             action="store_true",
             help="retrain each study's best configuration and score it on the task's test split",
         )
-        _add_budget_arguments(parser, COMPARE_BUDGET)
+        _add_budget_arguments(parser, COMPARE_BUDGET, trial_default="auto")
         _add_study_arguments(parser)
         add_tracking_arguments(parser)
 
@@ -448,7 +468,7 @@ class CompareCommand(Command):
             raise UsageError(str(exc)) from exc
         seeds = args.seeds if args.seeds is not None else [config.seed]
         _total(args)  # checked now, before anything is made; _compare parses them again
-        _trial_budget(args)
+        _compare_trial_budget(args)
         try:  # checked again by compare(); here it is a usage error, before anything is made
             writable_dir("output_dir", args.output_dir)
         except ValueError as exc:
@@ -477,6 +497,8 @@ class CompareCommand(Command):
         return code
 
     def _compare(self, args, config, space, budget, seeds, tracker):  # type: ignore[no-untyped-def]
+        from ..search import compare
+
         return compare(
             config,
             strategies=args.strategies,
@@ -491,7 +513,7 @@ class CompareCommand(Command):
             workers=args.workers,
             progress=not args.no_progress,
             total=_total(args),
-            trial_budget=_trial_budget(args),
+            trial_budget=_compare_trial_budget(args),
             objectives=args.objectives,
             test=args.test,
             sampler_kwargs={
@@ -548,6 +570,8 @@ class WorkerCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from ..search import load_study
+
         _quiet_optuna()
         worker = args.worker_index if args.worker_index is not None else os.getpid()
         try:

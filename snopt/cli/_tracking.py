@@ -33,7 +33,10 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--experiment", type=nonempty, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     g.add_argument(
-        "--run-name", type=nonempty, default=None, help="MLflow run name (default: task-optimizer-strategy)"
+        "--run-name",
+        type=nonempty,
+        default=None,
+        help="MLflow run name (default: task · optimizer · control)",
     )
     g.add_argument(
         "--log-models",

@@ -55,25 +55,19 @@ class TrainCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._checkpoint import CheckpointError
-        from .._run import build_run, run_training
-        from .._signals import Terminated, exit_status
-        from .._training import TrainingError
-
-        # The flags given override a --config file's checkpoint, resume and checkpoint_every.
-        given = {"checkpoint": args.checkpoint, "resume": args.resume or None}
-        given["checkpoint_every"] = args.checkpoint_every
-        config = config_from_args(args, **{k: v for k, v in given.items() if v is not None})
-        _check_used(args, config)
-        for flag, path in (("--checkpoint", config.checkpoint), ("--output-json", args.output_json)):
-            if path is not None:
-                _writable(flag, path)
-        _check_resumable(config)
+        config = _train_config(args)
         print(
             f"snopt train: {config.task}, optimizer {config.optimizer}, control {config.control}; "
             "building the model...",
             flush=True,
         )
+        _check_resumable(config)  # before anything is built; it loads torch, after the first line
+        # Imported after the first line: loading torch takes seconds.
+        from .._checkpoint import CheckpointError
+        from .._run import build_run, run_training
+        from .._signals import Terminated, exit_status
+        from .._training import TrainingError
+
         callbacks = _tracking_callbacks(args, config)  # an unwritable tracking store fails here
         try:
             run = build_run(config)
@@ -86,11 +80,12 @@ class TrainCommand(Command):
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.output_json and exc.result is not None:
-                write_json(args.output_json, {"config": config.resolved().to_dict(), **exc.result.to_dict()})
+                write_json(args.output_json, _json_summary(config, exc.result, run.task.metric_name))
             return 1
+        metric_name = run.task.metric_name
         summary: dict[str, Any] = {"task": config.task, "optimizer": config.optimizer}
         summary["control"] = config.control
-        summary.update(result.final)
+        summary.update({metric_name if k == "metric" else k: v for k, v in result.final.items()})
         summary["steps"] = result.stats["steps"]
         summary["wall_time_s"] = result.stats["wall_time"]
         summary["nfe_total"] = result.stats["nfe_total"]
@@ -98,7 +93,7 @@ class TrainCommand(Command):
         if result.message:
             print(result.message)
         if args.output_json:
-            write_json(args.output_json, {"config": config.resolved().to_dict(), **result.to_dict()})
+            write_json(args.output_json, _json_summary(config, result, metric_name))
             print(f"summary written to {os.path.abspath(args.output_json)}")
         for cb in callbacks:
             if isinstance(getattr(cb, "run_id", None), str):
@@ -106,6 +101,12 @@ class TrainCommand(Command):
         if result.status == "interrupted":
             return exit_status(Terminated(result.signal or "SIGINT"))
         return 0 if result.status == "completed" else 130
+
+
+def _json_summary(config: RunConfig, result: Any, metric_name: str) -> dict[str, Any]:
+    """What ``--output-json`` writes: the resolved configuration and the result, with ``metric``
+    under the task's name for it (``accuracy``, ``mse``, ``nll``)."""
+    return {"config": config.resolved().to_dict(), **result.to_dict(metric_name)}
 
 
 def _ignored(name: str, config: RunConfig) -> tuple[str, str] | None:
@@ -131,6 +132,19 @@ def _check_used(args: argparse.Namespace, config: RunConfig) -> None:
                 f"{flag} is only used with {users}, but got {flag}={_shown(getattr(args, f.name))} "
                 f"with --{setting} {getattr(config, setting)}; drop {flag} or change --{setting}."
             )
+
+
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The run of ``args``, checked before anything is built (nothing heavy is imported here)."""
+    # The flags given override a --config file's checkpoint, resume and checkpoint_every.
+    given = {"checkpoint": args.checkpoint, "resume": args.resume or None}
+    given["checkpoint_every"] = args.checkpoint_every
+    config = config_from_args(args, **{k: v for k, v in given.items() if v is not None})
+    _check_used(args, config)
+    for flag, path in (("--checkpoint", config.checkpoint), ("--output-json", args.output_json)):
+        if path is not None:
+            _writable(flag, path)
+    return config
 
 
 def _check_resumable(config: RunConfig) -> None:

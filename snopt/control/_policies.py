@@ -15,9 +15,9 @@ from .. import _defaults as D
 from .._defaults import POLICIES
 from ._checks import Bounds, Schedule, check_real, check_schedule, step_size
 
-#: Step size ``eta`` of each policy when none is given (see ``benchmarks/horizon.py``).  The
-#: gradient policy's step is in units of T per unit of ``Q_phi``, the feedback policy's is a
-#: fraction of a Gauss-Newton step.
+#: Step size ``eta`` of each policy when none is given (:data:`snopt._defaults.POLICY_LR` says how
+#: each was chosen).  The gradient policy's step is in units of T per unit of ``Q_phi``, the
+#: feedback policy's is a fraction of a Gauss-Newton step.
 DEFAULT_LR = D.POLICY_LR
 
 

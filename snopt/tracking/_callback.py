@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -268,6 +269,24 @@ class MlflowCallback(Callback):
         names = [str(p) for p in parts if p]
         return " · ".join(names) if names else None
 
+    def _model_name(self) -> str:
+        """The logged model's name, readable in MLflow's model list.
+
+        A study's trial: ``<study>-trial-<n>`` (``digits-tpe-s0-trial-3``); another run: its
+        name with the task in front (``digits-adam-fixed``).  MLflow refuses ``/ : . %`` and
+        quotes in model names, so anything but letters, digits, ``_`` and ``-`` becomes ``-``.
+        """
+        study, number = self.tags.get("optuna.study_name"), self.tags.get("optuna.trial_number")
+        if study and number is not None:
+            name = f"{study} trial {number}"
+        else:
+            name = self._run_name() or ""
+            task = self.tags.get("task") or (self.config or {}).get("task")
+            if task and str(task) not in name:
+                name = f"{task} {name}"
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+        return slug[:200] or "model"
+
     def _add_metrics(self, values: Mapping[str, Any], step: int, timestamp: int | None = None) -> None:
         ts = _now_ms() if timestamp is None else timestamp
         rows = []
@@ -316,8 +335,7 @@ class MlflowCallback(Callback):
         with self._pending_lock:
             self._pending = []
         self._follow_mlflow_state()
-        task = getattr(trainer.objective, "task", None)
-        self.metric_name = str(getattr(task, "metric_name", None) or "metric")
+        self.metric_name = trainer.metric_name
         self._resume_from_checkpoint(trainer)
         self.sink = _RunSink(
             self.tracking_uri, self.experiment, fallback_dir=self.fallback_dir, run_id=self._attach_to
@@ -425,7 +443,12 @@ class MlflowCallback(Callback):
             self._safely("log the final stats", lambda: self._log_end(trainer, result))
             self._safely("log artifacts", lambda: self._log_artifacts(trainer, result))
             if _wanted(self.log_model, result) and result.status in ("completed", "interrupted"):
-                self._safely("log the model", lambda: self.sink.log_model(trainer.model, config=self.config))  # type: ignore[union-attr]
+                self._safely(
+                    "log the model",
+                    lambda: self.sink.log_model(  # type: ignore[union-attr]
+                        trainer.model, self._model_name(), config=self.config
+                    ),
+                )
             if self.end_run:
                 status = _STATUS.get(result.status, "FAILED")
                 self._safely(
@@ -509,13 +532,14 @@ class MlflowCallback(Callback):
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "summary.json"), "artifact_path": None}
             )
-            (folder / "result.json").write_text(json.dumps(jsonable(result.to_dict()), indent=2, default=str))
+            (folder / "result.json").write_text(
+                json.dumps(jsonable(result.to_dict(self.metric_name)), indent=2, default=str)
+            )
             self.sink.submit(
                 {"op": "log_artifact", "path": str(folder / "result.json"), "artifact_path": None}
             )
             if _wanted(self.log_figures, result) and result.history:
-                task = getattr(trainer.objective, "task", None)
-                figures = _history_figures(result.history, getattr(task, "metric_name", None) or "metric")
+                figures = _history_figures(result.history, self.metric_name)
                 fig_dir = folder / "figures"
                 fig_dir.mkdir()
                 for name, fig in figures.items():

@@ -224,10 +224,15 @@ _http_saved: dict[str, str | None] = {}
 def _short_http_retries() -> Iterator[None]:
     """Lower MLflow's HTTP retries while runs are active (user settings win).
 
-    The one process-wide change snopt makes, scoped to active runs and undone after the last:
-    MLflow 3.17 has no public per-client retry or timeout setting, it reads
-    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and friends from the environment at each request. With
-    its defaults a dead server stalls training for minutes before the fallback journal takes over.
+    The one deliberate exception to "no process-wide environment mutation" (issue 11): MLflow
+    3.17 has no public per-client or per-request retry or timeout setting.  ``MlflowClient``'s
+    REST store calls ``mlflow.utils.rest_utils.http_request`` without retry arguments, which
+    then reads ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``, ``..._BACKOFF_JITTER``
+    and ``..._TIMEOUT`` from the environment at each request; the public setters in
+    ``mlflow.environment_variables`` write the same environment.  With MLflow's defaults a dead
+    server stalls training for minutes before the fallback journal takes over.  The change is
+    scoped: made when the first run starts, only for variables the user did not set, under a
+    lock, and undone when the last run ends.
     """
     global _http_users
     with _http_lock:

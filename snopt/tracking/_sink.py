@@ -170,8 +170,12 @@ class _RunSink:
     def log_model(self, model: Any, name: str = "model", config: Mapping[str, Any] | None = None) -> None:
         """Log ``model`` online; offline, journal its weights (a file of tensors, never a pickle).
 
-        ``config`` (the run's configuration) lets a sync rebuild a built-in task's model from
-        the weights and log it as an MLflow model; other models are synced as a weights file.
+        Args:
+            model: the trained model.
+            name: the logged model's name (MLflow's model list shows it; the journal keeps it).
+            config: the run's configuration: it lets a sync rebuild a built-in task's model from
+                the weights and log it as an MLflow model; other models are synced as a weights
+                file.
         """
         requirements = _model_requirements()
         with self._lock:

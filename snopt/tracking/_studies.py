@@ -123,15 +123,7 @@ def start_parent_run(
         fallback_dir=Path(fallback_dir) if fallback_dir else default_fallback_dir(),
         run_id=None if nest_under else _mlflow_run_env(uri),
     )
-    all_tags = {"snopt.kind": kind, "mlflow.source.name": "snopt", "mlflow.source.type": "LOCAL"}
-    if nest_under:
-        all_tags[_PARENT_TAG] = nest_under
-    commit = git_commit()
-    if commit:
-        all_tags["mlflow.source.git.commit"] = commit
-    if study is not None:
-        all_tags["optuna.study_name"] = study.study_name
-    all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    all_tags = _parent_tags(kind, study, nest_under, tags)
     with _short_http_retries():
         if sink.run_id is None:
             run_id = sink.create_run(name or (study.study_name if study is not None else None), all_tags)
@@ -142,15 +134,35 @@ def start_parent_run(
         flat.update({f"version.{k}": v for k, v in package_versions().items()})
         sink.log_batch(params=flat)
         sink.close()
+    return run_id if study is None else _record_parent(study, run_id, uri, experiment)
+
+
+def _parent_tags(
+    kind: str, study: Any, nest_under: str | None, tags: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The tags of a parent run: its kind, source, commit, study and parent, then ``tags``."""
+    all_tags = {"snopt.kind": kind, "mlflow.source.name": "snopt", "mlflow.source.type": "LOCAL"}
+    if nest_under:
+        all_tags[_PARENT_TAG] = nest_under
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
     if study is not None:
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
-        study.set_user_attr(TRACKING_URI_ATTR, redact_url(uri))
-        study.set_user_attr(EXPERIMENT_ATTR, experiment)
-        # Two workers that started at once: the attribute written last wins for everyone.
-        winner = study.user_attrs.get(PARENT_RUN_ATTR, run_id) if hasattr(study, "user_attrs") else run_id
-        if winner != run_id:
-            end_parent_run(run_id, status="KILLED", tracking_uri=uri, quiet=True)
-            return str(winner)
+        all_tags["optuna.study_name"] = study.study_name
+    all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    return all_tags
+
+
+def _record_parent(study: Any, run_id: str, uri: str, experiment: str) -> str:
+    """Store the parent run in the study's attributes; the run id every worker then uses."""
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    study.set_user_attr(TRACKING_URI_ATTR, redact_url(uri))
+    study.set_user_attr(EXPERIMENT_ATTR, experiment)
+    # Two workers that started at once: the attribute written last wins for everyone.
+    winner = study.user_attrs.get(PARENT_RUN_ATTR, run_id) if hasattr(study, "user_attrs") else run_id
+    if winner != run_id:
+        end_parent_run(run_id, status="KILLED", tracking_uri=uri, quiet=True)
+        return str(winner)
     return run_id
 
 
@@ -601,31 +613,50 @@ def tracking_callback_factory(
     )
 
 
-def _report_part(report: Any, key: str) -> Any:
+#: The parts of a report given as a mapping (``rows`` is another name for ``table``).
+_REPORT_KEYS = ("table", "figures", "files", "metrics")
+
+
+def _report_parts(report: Any) -> dict[str, Any]:
+    """The table, studies, figures, files, metrics and JSON of ``report`` (see :func:`log_report`)."""
     if report is None:
-        return None
+        return {}
     if isinstance(report, Mapping):
-        return report.get(key)
-    return getattr(report, key, None)
+        parts = {key: report.get(key) for key in _REPORT_KEYS}
+        if parts["table"] is None:
+            parts["table"] = report.get("rows")
+        return parts
+    from ..search._report import ComparisonReport  # here: only a report of snopt.search needs it
+
+    if not isinstance(report, ComparisonReport):
+        raise TypeError(
+            "`report` must be a snopt.search.ComparisonReport or a mapping of "
+            f"{', '.join(_REPORT_KEYS)}, but got {type(report).__name__}."
+        )
+    return _comparison_parts(report)
 
 
-def _comparison_parts(report: Any, metrics: Mapping[str, float] | None) -> tuple[Any, Any, Any]:
-    """A ``snopt.search.ComparisonReport``'s table (one row per strategy), studies (one row per
-    study; per-trial curves stay in report.json) and metrics (given ones win)."""
+def _comparison_parts(report: Any) -> dict[str, Any]:
+    """A ``ComparisonReport``'s table (one row per strategy), studies (one row per study;
+    per-trial curves stay in report.json), files, metrics (the target and each strategy's best)
+    and the report itself as JSON."""
     table = report.summary()
     studies = [
-        {k: v for k, v in jsonable(getattr(s, "__dict__", s)).items() if k not in ("curve", "trials")}
-        for s in getattr(report, "studies", [])
-    ] or None
-    if metrics is None:
-        found: dict[str, float] = {}
-        if isinstance(getattr(report, "target", None), (int, float)):
-            found["target"] = float(report.target)
-        for row in table:
-            if isinstance(row.get("best"), (int, float)) and row.get("strategy"):
-                found[f"best/{row['strategy']}"] = float(row["best"])
-        metrics = found
-    return table, studies, metrics
+        {k: v for k, v in jsonable(vars(s)).items() if k not in ("curve", "trials")} for s in report.studies
+    ]
+    metrics: dict[str, float] = {}
+    if isinstance(report.target, (int, float)):
+        metrics["target"] = float(report.target)
+    for row in table:
+        if isinstance(row.get("best"), (int, float)):
+            metrics[f"best/{row['strategy']}"] = float(row["best"])
+    return {
+        "table": table,
+        "studies": studies or None,
+        "files": report.files,
+        "metrics": metrics,
+        "json": report.to_dict(),
+    }
 
 
 def log_report(
@@ -643,78 +674,71 @@ def log_report(
 ) -> None:
     """Log a comparison or study report on its parent run.
 
-    The parts come from the keyword arguments or, where those are None, from ``report``
-    (a mapping or an object with the same names: ``table``/``rows``, ``figures``, ``files``
-    (a list, or a mapping of names to paths), ``metrics``; a ``snopt.search.ComparisonReport``
-    gives its ``summary()`` rows, its studies, its ``target`` and each strategy's best as
-    ``best/<strategy>``).  A table (a list of row dicts, a dict of columns or a DataFrame) goes
-    through ``MlflowClient.log_table`` as ``<artifact_dir>/summary.json`` (shown in the UI's
-    artifact view and usable with ``mlflow.load_table``); figures (matplotlib figures or image
-    paths, by file name) go to ``<artifact_dir>/figures``; files (Markdown, JSON, folders) to
-    ``<artifact_dir>``; metrics are logged on the parent.  A report with ``to_dict()`` is also
-    saved as ``<artifact_dir>/report.json``.
+    ``report`` is a :class:`snopt.search.ComparisonReport` (its ``summary()`` rows as the
+    table, its studies, its files, its ``target`` and each strategy's best as ``best/<strategy>``
+    metrics, and ``to_dict()`` as ``report.json``) or a mapping with any of the keys ``table``
+    (or ``rows``), ``figures``, ``files`` and ``metrics``; the keyword arguments win over both.
+    A table (a list of row dicts, a dict of columns or a DataFrame) goes through
+    ``MlflowClient.log_table`` as ``<artifact_dir>/summary.json`` (shown in the UI's artifact
+    view and usable with ``mlflow.load_table``); figures (matplotlib figures or image paths, by
+    file name) go to ``<artifact_dir>/figures``; files (Markdown, JSON, folders; a list, or a
+    mapping of names to paths) to ``<artifact_dir>``; metrics are logged on the parent.
 
     Args:
         parent_run_id: the parent run.
-        report: the report object or mapping.
+        report: the report (see above).
         table, figures, files, metrics, tags: the parts (see above).
         tracking_uri: as for :class:`MlflowCallback`.
         artifact_dir: artifact folder of the report.
         fallback_dir: where the report goes if MLflow is unreachable.
+
+    Raises:
+        TypeError: ``report`` is neither a ``ComparisonReport`` nor a mapping.
+        FileNotFoundError: ``files`` names a path that does not exist.
     """
-    table = table if table is not None else (_report_part(report, "table") or _report_part(report, "rows"))
-    studies = None
-    if table is None and callable(getattr(report, "summary", None)):
-        table, studies, metrics = _comparison_parts(report, metrics)
-    figures = figures if figures is not None else _report_part(report, "figures")
-    files = files if files is not None else _report_part(report, "files")
-    metrics = metrics if metrics is not None else _report_part(report, "metrics")
-    if isinstance(files, Mapping):  # e.g. ComparisonReport.files: name -> path
-        files = list(files.values())
-    paths = [Path(p) for p in (files or ())]
+    given = {"table": table, "figures": figures, "files": files, "metrics": metrics}
+    parts = {**_report_parts(report), **{k: v for k, v in given.items() if v is not None}}
+    listed = parts.get("files") or ()
+    paths = [Path(p) for p in (listed.values() if isinstance(listed, Mapping) else listed)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"`files` names paths that do not exist: {missing}.")
     sink = _parent_sink(parent_run_id, tracking_uri, fallback_dir)
     with _short_http_retries(), tempfile.TemporaryDirectory(prefix="snopt-report-") as tmp:
         try:
-            folder = Path(tmp)
-            if table is not None:
-                data = _table_data(table)
-                sink.submit(
-                    {"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/summary.json"}
-                )
-            if studies:
-                data = _table_data(studies)
-                sink.submit(
-                    {"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/studies.json"}
-                )
-            if hasattr(report, "to_dict"):
-                text = json.dumps(jsonable(report.to_dict()), indent=2, default=str)
-                (folder / "report.json").write_text(text)
-                sink.submit(
-                    {"op": "log_artifact", "path": str(folder / "report.json"), "artifact_path": artifact_dir}
-                )
-            if figures:
-                fig_dir = folder / "figures"
-                fig_dir.mkdir()
-                for fname, fig in dict(figures).items():
-                    target = fig_dir / Path(fname if Path(fname).suffix else f"{fname}.png").name
-                    if isinstance(fig, (str, os.PathLike)):
-                        shutil.copy2(fig, target)
-                    else:
-                        fig.savefig(target)
-                sink.submit(
-                    {"op": "log_artifact", "path": str(fig_dir), "artifact_path": f"{artifact_dir}/figures"}
-                )
-            for path in paths:
-                sink.submit({"op": "log_artifact", "path": str(path), "artifact_path": artifact_dir})
-            if metrics or tags:
+            _submit_report(sink, Path(tmp), artifact_dir, parts, paths)
+            if parts.get("metrics") or tags:
                 ts = _now_ms()
-                rows = [(_metric_key(k), float(v), ts, 0) for k, v in (metrics or {}).items()]
+                rows = [(_metric_key(k), float(v), ts, 0) for k, v in (parts.get("metrics") or {}).items()]
                 sink.log_batch(rows, tags={str(k): str(v) for k, v in (tags or {}).items()})
         finally:
             sink.close()
+
+
+def _submit_report(
+    sink: _RunSink, folder: Path, artifact_dir: str, parts: Mapping[str, Any], paths: list[Path]
+) -> None:
+    """Send a report's tables, JSON, figures and files (written to ``folder`` first where needed)."""
+    for key, name in (("table", "summary.json"), ("studies", "studies.json")):
+        if parts.get(key) is not None:
+            data = _table_data(parts[key])
+            sink.submit({"op": "log_table", "data": data, "artifact_file": f"{artifact_dir}/{name}"})
+    if parts.get("json") is not None:
+        path = folder / "report.json"
+        path.write_text(json.dumps(jsonable(parts["json"]), indent=2, default=str))
+        sink.submit({"op": "log_artifact", "path": str(path), "artifact_path": artifact_dir})
+    if parts.get("figures"):
+        fig_dir = folder / "figures"
+        fig_dir.mkdir()
+        for fname, fig in dict(parts["figures"]).items():
+            target = fig_dir / Path(fname if Path(fname).suffix else f"{fname}.png").name
+            if isinstance(fig, (str, os.PathLike)):
+                shutil.copy2(fig, target)
+            else:
+                fig.savefig(target)
+        sink.submit({"op": "log_artifact", "path": str(fig_dir), "artifact_path": f"{artifact_dir}/figures"})
+    for path in paths:
+        sink.submit({"op": "log_artifact", "path": str(path), "artifact_path": artifact_dir})
 
 
 def _table_data(table: Any) -> dict[str, list[Any]]:

@@ -9,7 +9,17 @@ from typing import Any
 
 # ------------------------------------------------------------------ system metrics
 class _SystemSampler:
-    """Samples MLflow's system-metric monitors in a thread and hands the values to ``emit``."""
+    """Samples MLflow's system-metric monitors in a thread and hands the values to ``emit``.
+
+    The monitor classes (``mlflow.system_metrics.metrics.*``) are not public API; MLflow 3.17
+    has none that fits.  Its public switch, ``mlflow.start_run(log_system_metrics=True)`` (or
+    ``mlflow.enable_system_metrics_logging()``), starts a ``SystemMetricsMonitor`` only for
+    fluent runs and logs straight to the tracking store with its own client, sampled at an
+    interval set process-wide (``set_system_metrics_sampling_interval`` writes an environment
+    variable).  snopt's runs are created through ``MlflowClient`` and their metrics go through
+    the run's sink, so that they reach the fallback journal when the server is down; MLflow
+    offers no public way to read the monitors' values or to set an interval per run.
+    """
 
     def __init__(self, emit: Callable[[dict[str, float], int], None], interval: float) -> None:
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor

@@ -1,4 +1,4 @@
-"""Fixtures of the study tests: a tiny training run, and a real PostgreSQL server on 127.0.0.1."""
+"""Fixtures of the study tests: quiet Optuna, and a real PostgreSQL server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,36 +13,11 @@ import time
 import optuna
 import pytest
 
-from snopt import RunConfig
-
 
 @pytest.fixture(autouse=True)
 def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
-
-
-def _tiny_config(**overrides) -> RunConfig:
-    """Digits with a width-4 model, 3 fixed RK4 steps of training, a 90-image validation set."""
-    values = dict(
-        task="digits",
-        task_kwargs={"val_fraction": 0.05},
-        model_kwargs={"width": 4},
-        method="rk4",
-        epochs=None,
-        max_steps=3,
-        batch_size=32,
-        eval_every=1,
-        t1_every=1,
-    )
-    values.update(overrides)
-    return RunConfig(**values)
-
-
-@pytest.fixture
-def tiny_config():
-    """A factory of tiny runs: ``tiny_config(**overrides) -> RunConfig``."""
-    return _tiny_config
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,86 @@ def test_search_then_worker_on_the_same_study(tmp_path):
     res = _snopt("worker", "--storage", "sqlite:///s.db", "--study", "mine", "--no-progress", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path / 's.db'}").trials) == 2
+
+
+def test_search_again_on_the_same_study_runs_its_budget_again_and_says_so(tmp_path):
+    args = ("search", *TINY, "--strategy", "random", "--n-trials", "2", "--storage", "sqlite:///s.db")
+    args = (*args, "--study-name", "again", "--no-tracking")
+    first = _snopt(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "0 trials there before this run" in first.stdout
+    assert "trials: 2 ran now, 0 were there before" in first.stdout
+    second = _snopt(*args, cwd=tmp_path)  # Optuna's convention: optimize(n_trials=2) runs 2 more
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 trials there before this run" in second.stdout
+    assert "trials: 2 ran now, 2 were there before" in second.stdout
+    trials = optuna.load_study(study_name="again", storage=f"sqlite:///{tmp_path / 's.db'}").trials
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    # The table lists every trial of the study, the earlier run's too.
+    rows = re.findall(r"^(\d+) +(complete|pruned) ", second.stdout, flags=re.MULTILINE)
+    assert [int(n) for n, _ in rows] == [0, 1, 2, 3]
+
+
+def test_pareto_compare_writes_a_front_and_hypervolumes(tmp_path):
+    res = _snopt(
+        "compare",
+        *TINY,
+        "--strategies",
+        "feedback,nsga2",
+        "--objectives",
+        "metric,nfe",
+        "--n-trials",
+        "2",
+        "--storage",
+        "sqlite:///p.db",
+        "--output-dir",
+        "out",
+        "--no-tracking",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["objectives"] == ["metric", "nfe"]
+    for study in data["studies"]:
+        front = study["front"]
+        assert front, study["strategy"]
+        complete = [t["values"] for t in study["trials"] if t["state"] == "COMPLETE"]
+        for m, nfe in front:  # each front point is a trial's (accuracy, inference NFE), none dominated
+            assert [m, nfe] in complete and nfe > 0
+            assert not any(o[0] >= m and o[1] <= nfe and o != [m, nfe] for o in complete)
+    assert data["hypervolume_references"] == {"0": [0.1, 10000.0]}  # chance, max_nfe x 1 block
+    assert set(data["hypervolumes"]) == {"feedback/s0", "nsga2/s0"}
+    assert "Pareto fronts" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_compare_caps_each_trial_by_default_unless_told(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    caps = {}
+    for name, extra in (("auto", ()), ("none", ("--trial-budget", "none"))):
+        res = _snopt(
+            "compare",
+            *TINY,
+            "--strategies",
+            "random",
+            "--n-trials",
+            "1",
+            "--budget-work",
+            "1e15",
+            *extra,
+            "--storage",
+            url,
+            "--study-name",
+            name,
+            "--output-dir",
+            name,
+            "--no-tracking",
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        caps[name] = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
+    # 3 trials of the default configuration (3 RK4 steps of a width-4 model): far below the budget
+    assert 0 < caps["auto"]["trial_budget"]["work"] < 1e12
+    assert caps["none"]["trial_budget"]["work"] is None
 
 
 def test_a_trial_budget_stops_a_minutes_long_solve_and_prunes_the_trial(tmp_path):

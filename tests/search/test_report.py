@@ -274,3 +274,62 @@ def test_seeds_without_a_result_are_named_and_budget_cuts_counted():
     assert "| 1/2 (none in s1) |" in md and "| 2/2 |" in md
     assert "| s0 -0.1 |" in md  # the seed named, seed 1 (no random result) left out
     assert "| random | 1 | `x-random-s1` | – |" in md and "| 1 (1) |" in md
+
+
+def _grid_hypervolume(front, ref_metric, ref_nfe, n=1500):
+    """Area in (accuracy, log10 NFE) dominated by ``front`` inside the reference box, counted on a grid."""
+    ms = ref_metric + (1.0 - ref_metric) * (np.arange(n) + 0.5) / n
+    cs = np.log10(ref_nfe) * (np.arange(n) + 0.5) / n
+    mm, cc = np.meshgrid(ms, cs)
+    dominated = np.zeros_like(mm, dtype=bool)
+    for m, nfe in front:
+        dominated |= (mm <= m) & (cc >= np.log10(nfe))
+    return dominated.mean() * (1.0 - ref_metric) * np.log10(ref_nfe)
+
+
+def test_hypervolume_uses_a_fixed_reference_so_the_worst_front_is_not_zero():
+    from snopt.search._report import StudyResult
+
+    fronts = {
+        "feedback": [(0.95, 42.0), (0.90, 30.0)],
+        "nsga2": [(0.86, 72.0), (0.82, 42.0)],
+        "tpe": [(0.45, 66.0)],  # the worst front of the seed
+    }
+    studies = []
+    for strategy, front in fronts.items():
+        s = StudyResult(strategy, 0, f"x-{strategy}-s0", work=1e9, best_value=max(m for m, _ in front))
+        s.front = front
+        studies.append(s)
+    settings = dict(
+        name="x", metric_name="accuracy", direction="maximize", budget={}, epsilon=0.0, storage=None
+    )
+    reference = {0: (0.1, 30000.0)}
+    report = ComparisonReport.build(
+        studies=studies, objectives=["metric", "nfe"], references=reference, **settings
+    )
+    hv = report.hypervolumes()
+    for strategy, front in fronts.items():
+        assert hv[(strategy, 0)] == pytest.approx(_grid_hypervolume(front, 0.1, 30000.0), rel=3e-3)
+    assert hv[("tpe", 0)] > 0  # a reference at the seed's worst metric would give it 0 by construction
+    # The reference is the task's, not the results': dropping a strategy changes no other value.
+    fewer = ComparisonReport.build(
+        studies=studies[:2], objectives=["metric", "nfe"], references=reference, **settings
+    )
+    assert fewer.hypervolumes() == {k: v for k, v in hv.items() if k[0] != "tpe"}
+    assert "reference (0.1, 3e+04 NFE)" in report.to_markdown()
+    assert report.to_dict()["hypervolume_references"] == {"0": [0.1, 30000.0]}
+
+
+def test_reference_points_come_from_the_task():
+    from snopt.search._compare import reference_points
+
+    from snopt import RunConfig
+    from snopt._tasks import get_task
+
+    assert reference_points("multiblock", [0, 1], ["metric", "nfe"]) == {0: (0.1, 30000.0), 1: (0.1, 30000.0)}
+    config = RunConfig(task="timeseries", max_nfe=500)
+    assert reference_points(config, [2], ["metric", "nfe"]) == {
+        2: (get_task("timeseries").null_metric(seed=2), 500.0)
+    }
+    assert reference_points(RunConfig(max_nfe=None), [0], ["metric", "nfe"]) == {0: (0.1, 10000.0)}
+    assert reference_points("digits", [0], ["metric"]) == {}  # one objective: no hypervolume

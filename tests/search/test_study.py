@@ -212,3 +212,89 @@ def test_a_study_stored_before_a_setting_existed_resumes(tiny_config, tmp_path):
     study.study.set_user_attr("snopt", desc)
     again = _study(tiny_config(), storage=url, budget=Budget(n_trials=1), seed=3)
     assert again.study.study_name == study.study.study_name
+
+
+def test_default_trial_budget_is_three_default_trials_on_the_budgets_axes(tiny_config):
+    from snopt.search import TRIAL_FACTOR, TrainingObjective, default_trial_budget
+
+    config = tiny_config()
+    trial = optuna.trial.FixedTrial(SPACE.defaults())  # one trial of the default configuration
+    TrainingObjective(config, SPACE, "random")(trial)
+    work, nfe = trial.user_attrs["work"], trial.user_attrs["nfe_total"]
+    assert TRIAL_FACTOR == 3
+    cap = default_trial_budget(config, Budget(work=1e15, nfe=10**9), space=SPACE)
+    assert cap is not None and (cap.work, cap.nfe, cap.timeout) == (pytest.approx(3 * work), 3 * nfe, None)
+    timed = default_trial_budget(config, Budget(timeout=600.0), space=SPACE)
+    assert timed is not None and (timed.work, timed.nfe) == (None, None) and 0 < timed.timeout < 600
+    assert default_trial_budget(config, Budget(n_trials=10), space=SPACE) is None  # nothing to scale
+    assert default_trial_budget(lambda trial: 0.0, Budget(work=1.0)) is None  # a custom objective
+
+
+def test_default_trial_budget_keeps_one_wide_trial_from_taking_the_whole_budget(tiny_config):
+    """compare's default: a trial may spend 3 default trials' work; the rest goes to other trials."""
+    from snopt.search import Int, default_trial_budget
+
+    config = tiny_config(max_steps=12)  # 108 evaluations: the budgets are checked every 8
+    space = SearchSpace({"width": Int(2, 64, default=4)})
+    probe = _study(config, space=space, budget=Budget(n_trials=1))
+    probe.enqueue_trial({"width": 4})
+    probe.optimize()
+    unit = probe.trials[0].user_attrs["work"]  # one trial of the default (width-4) model
+    budget = Budget(work=40 * unit)
+    runs = {}
+    for cap in (default_trial_budget(config, budget, space=space), None):
+        study = _study(config, space=space, budget=budget, trial_budget=cap)
+        study.enqueue_trial({"width": 32})  # about 50 width-4 trials' work: more than the budget
+        for _ in range(8):
+            study.enqueue_trial({"width": 4})
+        study.optimize(n_trials=9)
+        runs[cap is None] = study.trials
+    wide, *rest = runs[False]
+    assert wide.state == TrialState.PRUNED
+    assert "the trial's budget ran out (work" in wide.user_attrs["stop_reason"]
+    assert 3 * unit <= wide.user_attrs["work"] < 0.5 * 40 * unit  # cut near its cap
+    assert [t.state for t in rest] == [TrialState.COMPLETE] * 8
+    # Without a cap the wide trial spends the whole budget and the study has no result.
+    ran = [t for t in runs[True] if t.state != TrialState.WAITING]
+    assert [t.state for t in ran] == [TrialState.PRUNED]
+    assert "the study's budget ran out (work" in ran[0].user_attrs["stop_reason"]
+
+
+def test_compare_caps_each_trial_by_default(tiny_config, tmp_path):
+    from snopt.search import TrainingObjective
+
+    config = tiny_config(max_steps=1)
+    trial = optuna.trial.FixedTrial(SPACE.defaults())
+    TrainingObjective(config, SPACE, "random")(trial)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    for name, kwargs in (("auto", {}), ("none", {"trial_budget": None})):
+        compare(
+            config,
+            strategies=["random"],
+            budget=Budget(n_trials=1, work=1e15),
+            space=SPACE,
+            storage=url,
+            output_dir=None,
+            name=name,
+            progress=False,
+            warm_up=False,
+            **kwargs,
+        )
+        desc = optuna.load_study(study_name=f"{name}-random-s0", storage=url).user_attrs["snopt"]
+        expected = 3 * trial.user_attrs["work"] if name == "auto" else None
+        assert desc["trial_budget"] == {"n_trials": None, "timeout": None, "nfe": None, "work": expected}
+    with pytest.raises(ValueError, match=r"`trial_budget` must be a Budget, a dict, None or 'auto', but got"):
+        compare(config, budget=Budget(n_trials=1), storage=None, output_dir=None, trial_budget="half")
+
+
+def test_trials_enqueued_before_a_session_count_against_its_budget(tiny_config):
+    # Enqueued trials get their numbers before optimize() starts the session; they run in it and
+    # count (the session once began after them, so the budget saw none of their NFE).
+    study = _study(tiny_config(), budget=Budget(nfe=60))
+    for _ in range(4):
+        study.enqueue_trial({"t1": 1.0, "lr": 0.01})
+    study.optimize()
+    assert study.session["first_trial"] == 0
+    ran = [t for t in study.trials if t.state != TrialState.WAITING]
+    assert [t.state for t in ran] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert "the study's budget ran out (NFE" in ran[2].user_attrs["stop_reason"]

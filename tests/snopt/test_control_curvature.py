@@ -203,15 +203,17 @@ def test_gauss_newton_through_later_blocks(float64):
     assert stats["t1/b/Q_phiphi"] == pytest.approx(gauss_newton((0.0, 1.0)), rel=1e-4)
 
 
+@pytest.mark.parametrize("every, momentum, updates", [(1, 0.0, 25), (5, 0.9, 20)])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_feedback_term_predicts_the_drift_of_the_full_batch_gradient(float64, loss):
-    # Full batch, so the drift of dJ/dT caused by one optimizer step is exact by autograd on
-    # the closed form x(T) = x0 + v T (a trained field and head).
+def test_feedback_term_predicts_the_drift_of_the_full_batch_gradient(float64, loss, every, momentum, updates):
+    """Full batch, so the drift of dJ/dT caused by one optimizer step is exact by autograd on the
+    closed form x(T) = x0 + v T (a trained field and head).  With updates every 5 steps and running
+    averages (momentum 0.9), the term is the drift over the update step's own parameter change."""
     model, block, x, y, fn = _setup(loss, "rk4", n=64)
     head = model[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
     ctl = Controller(
-        model, warmup=0, policy="feedback", lr=0.3, every=1, momentum=0.0, penalty=0.0, optimizer=opt
+        model, warmup=0, policy="feedback", lr=0.3, every=every, momentum=momentum, penalty=0.0, optimizer=opt
     )
 
     def full_batch_q_t():
@@ -223,18 +225,22 @@ def test_feedback_term_predicts_the_drift_of_the_full_batch_gradient(float64, lo
         )
 
     predicted, drift = [], []
-    for _ in range(25):
+    for step in range(1, every * updates + 1):
         opt.zero_grad()
         before = full_batch_q_t()
         fn(model(x), y).backward()
         opt.step()
-        drift.append(full_batch_q_t() - before)
+        after = full_batch_q_t()
         ctl.step(lambda: fn(model(x), y))
-        predicted.append(ctl.stats["t1/0/feedback"])
+        if step % every == 0:
+            predicted.append(ctl.stats["t1/0/feedback"])
+            drift.append(after - before)
+    assert ctl.stats["t1/0/updates"] == updates
     p, d = torch.tensor(predicted), torch.tensor(drift)
     correlation = float(torch.corrcoef(torch.stack([p, d]))[0, 1])
     assert correlation > 0.4
-    # Q_T + Q_Ttheta dtheta predicts the next Q_T better than Q_T alone.
+    # Q_T + Q_Ttheta dtheta predicts the next Q_T better than Q_T alone; at every=5 a term built
+    # from the window's five updates, from the step before, or from none would not.
     assert float((p - d).abs().mean()) < 0.9 * float(d.abs().mean())
 
 
@@ -250,3 +256,49 @@ def test_a_loss_linear_in_the_output_falls_back_to_the_fisher_curvature(float64)
     assert stats["t1/0/Q_phiphi"] == pytest.approx(slope**2, rel=1e-9)
     assert stats["t1/0/fisher_fallback"] == 1
     assert stats["t1/0/delta"] == pytest.approx(1.0 / slope, rel=1e-6)  # -Q_T / Q_TT, Q_T = -w . v
+
+
+class MeanAndLogVariance(nn.Module):
+    """``x(T) = x0 + v T`` into a head with two outputs, a mean and a log-variance (both linear in T)."""
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.block = ODEBlock(Velocity(dim), 0.0, 0.8, method="rk4", options={"step_size": 0.1})
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def _gaussian_nll(out, y):
+    return F.gaussian_nll_loss(out[:, 0], y, out[:, 1].exp())
+
+
+def test_gauss_newton_of_a_gaussian_nll_matches_the_exact_second_derivative(float64):
+    """The loss's Hessian in the output (heteroscedastic: 1/variance, and the log-variance's own
+    terms) comes through the closure; the model output is linear in T, so J^T H J is d2J/dT2."""
+    torch.manual_seed(0)
+    model = MeanAndLogVariance()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(32, 3, generator=g)
+    y = torch.randn(32, generator=g)
+    v, head = model.block.func.v.detach(), model.head
+
+    def loss_of(t):
+        out = (x + v * t) @ head.weight.detach().T + head.bias.detach()
+        return _gaussian_nll(out, y)
+
+    t = torch.tensor(0.8)
+    hessian = float(torch.autograd.functional.hessian(loss_of, t))
+    grad = float(torch.autograd.functional.jacobian(loss_of, t))
+    assert hessian > 0.0  # else the controller would clip it at 0 and the comparison says nothing
+    # Not the Hessian of an MSE on the mean: the variance weighs each sample.
+    mse_like = float(
+        torch.autograd.functional.hessian(
+            lambda s: 0.5 * F.mse_loss((x + v * s) @ head.weight.detach()[0] + head.bias.detach()[0], y), t
+        )
+    )
+    assert abs(mse_like - hessian) > 0.1 * hessian
+    stats = _one_update(model, x, y, _gaussian_nll, 1.0)
+    assert stats["t1/block/Q_phi"] == pytest.approx(grad, rel=1e-7)
+    assert stats["t1/block/Q_phiphi"] == pytest.approx(hessian, rel=1e-6)

@@ -1,6 +1,18 @@
-"""The feedback policy with default settings finds closed-form optimal horizons T* in training."""
+"""The feedback policy with default settings finds closed-form optimal horizons T* in training.
 
+The whole grid of the one-block problem (three noise levels, two starts, dopri5, 1,100 steps
+each) and the three-block problem take minutes: they run this file as a script in a
+subprocess (``python test_control_optimum.py horizon NOISE START`` or ``... three``) and are
+marked ``integration``.  One case of the grid, with a solver that is exact on its field, runs
+in the fast suite.
+"""
+
+from __future__ import annotations
+
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +31,15 @@ def float64():
     torch.set_default_dtype(old)
 
 
+def _in_subprocess(*args: str) -> dict:
+    """Run this file as a script with ``args``; the dict it prints as JSON."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 # --------------------------------------- one block: constant velocity, a trained head
 class Velocity(nn.Module):
     """``dx/dt = 1`` (frozen): ``x(T) = x0 + T``."""
@@ -28,6 +49,8 @@ class Velocity(nn.Module):
 
 
 T_TRUE, PENALTY = 1.5, 0.01
+#: The solver of the grid; RK4 and any step size are exact on a constant field too.
+DOPRI5 = dict(method="dopri5", rtol=1e-7, atol=1e-7)
 
 
 def velocity_data(noise, n=256, seed=0):
@@ -52,9 +75,9 @@ def velocity_optimum(x0, y, c=PENALTY):
     ).x
 
 
-def train_velocity(x0, y, start, steps=1100):  # the slowest case settles by step 904
+def train_velocity(x0, y, start, steps=1100, **solver):  # the slowest case settles by step 904
     torch.manual_seed(0)
-    block = ODEBlock(Velocity(), 0.0, start, method="dopri5", rtol=1e-7, atol=1e-7)
+    block = ODEBlock(Velocity(), 0.0, start, **(solver or DOPRI5))
     model = nn.Sequential(block, nn.Tanh(), nn.Linear(1, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     ctl = Controller(model, penalty=PENALTY, optimizer=opt)  # every other setting: the defaults
@@ -68,24 +91,38 @@ def train_velocity(x0, y, start, steps=1100):  # the slowest case settles by ste
     return path, ctl
 
 
-CASES = [pytest.param(noise, start) for noise in (0.05, 1.0, 3.0) for start in (0.3, 4.0)]
-
-
-@pytest.mark.parametrize("noise, start", CASES)
-def test_feedback_finds_the_optimal_horizon_of_a_trained_head(float64, noise, start):
+def horizon_case(noise, start, steps=1100, **solver) -> dict:
+    """The optimum T* of one case and the path of T that training takes towards it."""
     x0, y = velocity_data(noise)
-    t_star = velocity_optimum(x0, y)
+    path, ctl = train_velocity(x0, y, start, steps, **solver)
+    return {"t_star": velocity_optimum(x0, y), "path": path, "updates": ctl.stats["t1/0/updates"]}
+
+
+def check_horizon_case(case: dict) -> None:
+    t_star, path = case["t_star"], case["path"]
     assert 0.2 < t_star < 3.5  # an interior optimum, away from both starts
-    path, ctl = train_velocity(x0, y, start)
     # T follows the optimum of the head it has; the joint optimum comes at the head's pace.
     tail = path[-100:]  # the last 20 updates
     assert all(abs(t - t_star) <= 0.02 * t_star for t in tail), (t_star, path[::25])
-    assert ctl.stats["t1/0/updates"] > 0
+    assert case["updates"] > 0
+
+
+def test_feedback_finds_the_optimal_horizon_of_a_trained_head(float64):
+    # The grid's quickest case (it settles by step 429), with RK4: exact on dx/dt = 1.
+    case = horizon_case(0.05, 0.3, steps=600, method="rk4", options={"step_size": 0.5})
+    check_horizon_case(case)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("noise, start", [(n, s) for n in (0.05, 1.0, 3.0) for s in (0.3, 4.0)])
+def test_feedback_finds_the_optimal_horizon_on_the_whole_grid(noise, start):
+    check_horizon_case(_in_subprocess("horizon", str(noise), str(start)))
 
 
 # -------------------------- three blocks in sequence, optima ten times apart, one scale
 OMEGA = 1.0
 THREE_TRUE = (0.2, 1.0, 2.0)
+THREE_PENALTY = 1e-3
 
 
 class PairRotation(nn.Module):
@@ -144,25 +181,45 @@ def three_optimum(x0, y, c):
         return loss
 
     opt.step(objective)
-    return [float(t) for t in z[:3]]
+    return [float(t) for t in z.detach()[:3]]
 
 
-def test_three_blocks_with_tenfold_different_horizons(float64):
-    c = 1e-3
+def three_blocks_case(steps=300) -> dict:
+    """The closed-form optima of the three horizons and where training takes them."""
     x0, y = three_data()
-    t_star = three_optimum(x0, y, c)
-    assert t_star[2] > 8 * t_star[0]
     model = ThreeBlocks((1.0, 1.0, 1.0))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    ctl = Controller(model, penalty=c, optimizer=opt)
-    for _ in range(300):
+    ctl = Controller(model, penalty=THREE_PENALTY, optimizer=opt)
+    for _ in range(steps):
         opt.zero_grad()
         F.mse_loss(model(x0), y).backward()
         opt.step()
         ctl.step(lambda: F.mse_loss(model(x0), y))
-    values = [ctl.values[f"t1/blocks.{k}"] for k in range(3)]
+    return {
+        "t_star": three_optimum(x0, y, THREE_PENALTY),
+        "values": [ctl.values[f"t1/blocks.{k}"] for k in range(3)],
+        "limited": sum(ctl.stats[f"t1/blocks.{k}/limited"] for k in range(3)),
+        "updates": ctl.stats["updates"],
+        "scale": float(model.scale),
+    }
+
+
+@pytest.mark.integration
+def test_three_blocks_with_tenfold_different_horizons():
+    case = _in_subprocess("three")
+    t_star, values = case["t_star"], case["values"]
+    assert t_star[2] > 8 * t_star[0]
     for value, target in zip(values, t_star):
         assert value == pytest.approx(target, rel=0.05), (values, t_star)
-    limited = sum(ctl.stats[f"t1/blocks.{k}/limited"] for k in range(3))
-    assert limited <= 0.1 * 3 * ctl.stats["updates"] + 6  # the trust region cuts few updates
-    assert math.isfinite(float(model.scale))
+    assert case["limited"] <= 0.1 * 3 * case["updates"] + 6  # the trust region cuts few updates
+    assert math.isfinite(case["scale"])
+
+
+if __name__ == "__main__":  # the long runs of the integration tests, in their own process
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    if sys.argv[1] == "horizon":
+        result = horizon_case(float(sys.argv[2]), float(sys.argv[3]))
+    else:
+        result = three_blocks_case()
+    print(json.dumps(result))

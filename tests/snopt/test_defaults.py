@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_run_config_defaults_match_the_library():
         D.SNOPT["update_freq"],
         D.SNOPT["alpha"],
     )
+    assert (config.optimizer, config.control) == (D.RUN["optimizer"], D.RUN["control"])
     assert (config.t1_penalty, config.t1_every, config.t1_max_step, config.t1_warmup) == (
         D.CONTROL["penalty"],
         D.CONTROL["every"],
@@ -144,6 +146,21 @@ def test_every_command_builds_the_librarys_default_controller(command):
     assert _controller_settings(built) == _controller_settings(reference)
 
 
-def test_the_mlflow_project_sets_no_controller_flag():
-    text = (Path(__file__).parents[2] / "mlflow" / "MLproject").read_text()
-    assert "--t1-" not in text  # its entry points inherit the command line's (the library's) defaults
+@pytest.mark.parametrize("command", ["train", "search", "compare"])
+def test_the_mlflow_project_runs_what_the_command_line_runs(command):
+    """An entry point without -P parses to the bare `snopt <command>`: the MLproject repeats no default."""
+    spec = pytest.importorskip("mlflow.projects._project_spec")
+    entry = spec.load_project(str(Path(__file__).parents[2] / "mlflow")).get_entry_point(command)
+    parser = build_parser()[0]
+
+    def parsed(user_parameters: dict[str, str]):
+        line = entry.compute_command(user_parameters, "unused")  # what `mlflow run` executes
+        argv = shlex.split(line.rpartition("&&")[2])
+        assert argv[:2] == ["snopt", command], line
+        return parser.parse_args(argv[1:])
+
+    assert vars(parsed({})) == vars(parser.parse_args([command, "--no-progress"]))
+    assert parsed({"seed": "7"}).seed == 7  # a -P name is passed through as --name value
+    if command == "train":
+        config = config_from_args(parsed({}))
+        assert (config.optimizer, config.control) == (D.RUN["optimizer"], D.RUN["control"])

@@ -318,3 +318,14 @@ def test_a_solve_over_max_nfe_fails_the_run_with_the_cap_in_the_message():
         fit(model, train, optimizer=opt, loss_fn=nn.functional.cross_entropy, epochs=1, progress=False)
     result = info.value.result
     assert result.status == "failed" and result.stats["nfe_total"] == 301
+
+
+def test_fit_takes_the_arguments_of_trainer():
+    import inspect
+
+    from snopt import Trainer, fit
+
+    assert inspect.signature(fit).parameters == inspect.signature(Trainer).parameters
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="'epoch'"):  # a misspelled argument, as Trainer names it
+        fit(model, [], optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=1)

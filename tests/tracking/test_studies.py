@@ -253,7 +253,8 @@ def test_comparison_of_two_strategies(mlflow_server, tmp_path):
             assert trial_run.data.tags["strategy"] == strategy
             assert trial_run.info.run_name == f"{strategy} #0"
             # The study's best trial (its only one) keeps its model and figures.
-            assert trial_run.outputs.model_outputs
+            (output,) = trial_run.outputs.model_outputs
+            assert client.get_logged_model(output.model_id).name == f"digits-{strategy}-s0-trial-0"
             assert any(a.path == "figures" for a in client.list_artifacts(trial_run.info.run_id))
             assert trial_run.info.status == "FINISHED"
             steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_loss")]
@@ -419,3 +420,105 @@ def test_best_mode_keeps_artifacts_of_trials_that_beat_the_best_so_far():
     assert _keep_artifacts("all", None) is True and _keep_artifacts("none", None) is False
     with pytest.raises(ValueError, match="`log_models` must be one of"):
         StudyTracker(log_models=True)
+
+
+def test_report_parts_of_a_comparison_report_a_mapping_and_anything_else():
+    from snopt.search import ComparisonReport, StudyResult
+
+    from snopt.tracking._studies import _report_parts
+
+    studies = []
+    for strategy, best in (("feedback", 0.9), ("tpe", 0.8)):
+        study = StudyResult(strategy, 0, f"x-{strategy}-s0")
+        study.curve.append(
+            {"trial": 0, "state": "COMPLETE", "value": best, "cum_time": 1.0, "cum_nfe": 10, "best": best}
+        )
+        study.best_value = best
+        studies.append(study)
+    report = ComparisonReport.build(
+        name="x",
+        metric_name="accuracy",
+        direction="maximize",
+        budget={"nfe": 10},
+        epsilon=0.0,
+        studies=studies,
+        storage=None,
+    )
+    parts = _report_parts(report)
+    assert [row["strategy"] for row in parts["table"]] == ["feedback", "tpe"]
+    assert parts["metrics"] == {"target": 0.8, "best/feedback": 0.9, "best/tpe": 0.8}
+    assert [s["strategy"] for s in parts["studies"]] == ["feedback", "tpe"]
+    assert "curve" not in parts["studies"][0] and parts["json"]["target"] == 0.8
+    assert _report_parts({"rows": [{"a": 1}], "metrics": {"m": 1.0}})["table"] == [{"a": 1}]
+
+    class LooksLikeAReport:  # the duck-typed reports of before are refused, by name
+        def summary(self):
+            return []
+
+    with pytest.raises(TypeError, match="`report` must be a snopt.search.ComparisonReport or a mapping"):
+        _report_parts(LooksLikeAReport())
+
+
+def test_budget_cut_and_solver_failure_runs_end_as_their_optuna_trials(mlflow_server, tmp_path):
+    """A trial cut by the study's budget is PRUNED in Optuna and KILLED in MLflow; a solver failure
+    is FAIL and FAILED, with the solver's message in both."""
+    search = pytest.importorskip("snopt.search")
+    from snopt import RunConfig
+
+    base = dict(
+        task="digits",
+        task_kwargs={"val_fraction": 0.05},
+        model_kwargs={"width": 4},
+        max_steps=3,
+        batch_size=32,
+        eval_every=1,
+        epochs=None,
+    )
+    space = search.SearchSpace({"lr": search.Float(1e-3, 5e-2, log=True)})
+    cases = {
+        # 3 fixed RK4 steps cost 27 NFE: a 60-NFE budget completes two trials and cuts the third.
+        "cut": (RunConfig(method="rk4", **base), search.Budget(nfe=60)),
+        # An adaptive forward solve capped at 5 evaluations fails at once.
+        "failing": (RunConfig(method="dopri5", max_nfe=5, **base), search.Budget(n_trials=1)),
+    }
+    client = MlflowClient(mlflow_server.uri)
+    runs = {}
+    for name, (config, budget) in cases.items():
+        tracker = StudyTracker(
+            kind="study", name=name, tracking_uri=mlflow_server.uri, experiment="states", system_metrics=False
+        )
+        study = search.create_study(
+            config,
+            strategy="random",
+            space=space,
+            budget=budget,
+            storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+            study_name=name,
+            pruner="none",
+            trial_callbacks_factory=tracker,
+        )
+        with tracker:
+            tracker.start(study)
+            study.optimize()
+            tracker.on_study_end(study)
+        runs[name] = (study.trials, {r.info.run_id: r for r in children(client, tracker.parent_run_id)})
+    mlflow_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for trials, kids in runs.values():
+        assert len(kids) == len(trials)
+        for trial in trials:
+            run = kids[trial.user_attrs["mlflow_run_id"]]
+            assert run.data.tags["snopt.trial_state"] == trial.state.name
+            assert run.info.status == mlflow_status[trial.state.name]
+    cut, kids = runs["cut"]
+    assert [t.state.name for t in cut] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = kids[cut[2].user_attrs["mlflow_run_id"]]
+    assert pruned.data.tags["snopt.status"] == "budget"
+    assert "the study's budget ran out (NFE" in pruned.data.tags["snopt.message"]
+    assert "the study's budget ran out (NFE" in cut[2].user_attrs["stop_reason"]
+    (failed,), kids = runs["failing"]
+    assert failed.state.name == "FAIL"
+    run = kids[failed.user_attrs["mlflow_run_id"]]
+    message = run.data.tags["snopt.message"]
+    assert "forward solve took more than max_nfe=5 field evaluations" in message
+    assert message in failed.user_attrs["fail_reason"]  # the same words in Optuna and in MLflow
+    assert "snopt._" not in message  # no private module or class names

@@ -128,6 +128,7 @@ def assert_complete_run(client: MlflowClient, run, result, tracking_uri: str, *,
     model_id = outputs.model_outputs[0].model_id
     logged = client.get_logged_model(model_id)
     assert str(logged.status) == "READY" and logged.source_run_id == run_id
+    assert logged.name == "digits-adam-fixed"  # the run "digits · adam · fixed", not "model"
     local_model = mlflow.artifacts.download_artifacts(
         artifact_uri=logged.artifact_location, tracking_uri=tracking_uri
     )
@@ -361,7 +362,8 @@ def test_default_store_is_the_sqlite_file_in_the_working_directory(tmp_path, mon
     run = only_run(client, "snopt")
     assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "fixed"
     assert len(history_of(client, run.info.run_id, "train_loss")) == 2
-    assert run.outputs.model_outputs  # the model, in the local store too
+    (output,) = run.outputs.model_outputs  # the model, in the local store too
+    assert client.get_logged_model(output.model_id).name == "toy-fixed"  # from the run's name
     assert tracking_callbacks(parser.parse_args(["--no-tracking"]), {}, {}) == []
 
 
