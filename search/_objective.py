@@ -31,8 +31,10 @@ and only a run that trained every planned step is ``COMPLETE``.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +79,40 @@ def record_interrupt(trial: optuna.trial.BaseTrial, exc: BaseException) -> None:
             trial.set_user_attr("fail_reason", interrupt_reason(exc))
     except Exception:  # noqa: BLE001 - the storage may be what failed; the trial fails either way
         pass
+
+
+#: Settings of a run that say where it checkpoints: a study's trials never take them from the
+#: study (its database may be shared or planted); each trial has its own interrupt checkpoint.
+CHECKPOINT_SETTINGS = ("checkpoint", "resume", "checkpoint_every")
+#: The folder, under the working directory of the process that runs a trial, of its checkpoint.
+CHECKPOINT_DIR = "snopt_checkpoints"
+
+
+def check_study_config(config: RunConfig) -> RunConfig:
+    """A study's base run: without a checkpoint path or resume (every trial has its own path)."""
+    if config.checkpoint is not None or config.resume:
+        raise ValueError(
+            "`checkpoint` and `resume` of a study's RunConfig must be left unset: every trial checkpoints "
+            f"on its own (on Ctrl-C or SIGTERM, to ./{CHECKPOINT_DIR}/<study>/trial-<n>.pt), but got "
+            f"checkpoint={config.checkpoint!r}, resume={config.resume}."
+        )
+    return config
+
+
+def study_config(data: Mapping[str, Any]) -> RunConfig:
+    """The base run a study stored, without any checkpoint setting (a database says nothing of files)."""
+    return RunConfig.from_dict({k: v for k, v in data.items() if k not in CHECKPOINT_SETTINGS})
+
+
+def interrupt_checkpoint(trial: optuna.trial.BaseTrial) -> Path:
+    """Where ``trial`` saves itself when interrupted: ``./snopt_checkpoints/<study>/trial-<n>.pt``.
+
+    Under this process's working directory, by study and trial number, so that workers never
+    share a file, and never derived from what the study's database holds but its name.
+    """
+    study = getattr(getattr(trial, "study", None), "study_name", None) or "no-study"
+    folder = re.sub(r"[^A-Za-z0-9._-]", "_", str(study)).lstrip(".") or "study"
+    return Path.cwd() / CHECKPOINT_DIR / folder / f"trial-{_number(trial) or 0}.pt"
 
 
 def check_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
@@ -361,6 +397,7 @@ class TrainingObjective:
             raise TypeError(f"`config` must be a snopt.RunConfig, but got {type(config).__name__}.")
         if not isinstance(space, SearchSpace):
             raise TypeError(f"`space` must be a SearchSpace, but got {type(space).__name__}.")
+        check_study_config(config)
         self.strategy = check_strategy(strategy)
         self.trial_budget = check_trial_budget(trial_budget)
         space.validate_for(config)
@@ -467,7 +504,13 @@ class TrainingObjective:
         try:
             run = build_run(config)
             self._set_horizons(trial, run, values)
-            result = run_training(config, callbacks=callbacks, progress=self.progress, run=run)
+            result = run_training(
+                config,
+                callbacks=callbacks,
+                progress=self.progress,
+                run=run,
+                interrupt_checkpoint=interrupt_checkpoint(trial),
+            )
             if result.status == Status.INTERRUPTED:
                 status, reason = "interrupted", result.message
                 # Re-raised with its signal, for the trial's reason and the exit status.

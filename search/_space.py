@@ -282,6 +282,20 @@ Param = Float | Int | Categorical
 _PARAM_TYPES: dict[str, Any] = {"float": Float, "int": Int, "categorical": Categorical}
 
 
+def _check_aliases(names: Sequence[str]) -> None:
+    """Refuse two parameters that set the same setting (``tol`` and ``rtol``, ``t1`` and ``t1/<block>``)."""
+    clashes = [(TOLERANCE, n) for n in ("rtol", "atol") if TOLERANCE in names and n in names]
+    if HORIZON in names:
+        clashes += [(HORIZON, n) for n in names if n.startswith(HORIZON_PREFIX)]
+    if clashes:
+        first, second = clashes[0]
+        what = "rtol and atol" if first == TOLERANCE else "the horizon of every block"
+        raise ValueError(
+            f"Search parameters {first!r} and {second!r} set the same setting ({first!r} sets {what}); "
+            f"keep one of them, but got both in {list(names)}."
+        )
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Named parameters searched by every strategy.
@@ -324,6 +338,7 @@ class SearchSpace:
                     f"Parameter {name!r} must be a Float, Int or Categorical, but got {type(param).__name__}."
                 )
             param.check(name)
+        _check_aliases(list(self.params))
         object.__setattr__(self, "params", dict(self.params))
 
     # ------------------------------------------------------------ queries
@@ -414,6 +429,8 @@ class SearchSpace:
             )
         for name in self.names:
             self._check_values(name, "rtol" if name == TOLERANCE else name)
+        self._check_model_args(config, task, [n for n in self.names if n in model_args])
+        self._check_runs(config)
         per_block = [n[len(HORIZON_PREFIX) :] for n in self.names if n.startswith(HORIZON_PREFIX)]
         if per_block:
             blocks = block_names(config)
@@ -436,6 +453,45 @@ class SearchSpace:
                 rule(setting, value)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"Search parameter {name!r} reaches a value a run refuses: {exc}") from None
+
+    def _check_runs(self, config: RunConfig) -> None:
+        """The runs at the defaults and at every choice of a categorical setting are valid configurations.
+
+        Rules between settings (``momentum`` only with SGD and SNOpt, say) hold for the run as a
+        whole, so they are checked on whole runs, not on each parameter's range.
+        """
+        defaults = self.defaults()
+        tries = [defaults]
+        for name, param in self.params.items():
+            if isinstance(param, Categorical) and name in _CONFIG_FIELDS:
+                tries += [{**defaults, name: choice} for choice in param.choices]
+        for values in tries:
+            try:
+                self.apply(config, values)
+            except (TypeError, ValueError) as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                raise ValueError(f"Search space ({shown}) reaches a run a RunConfig refuses: {exc}") from None
+
+    def _check_model_args(self, config: RunConfig, task: Any, names: Sequence[str]) -> None:
+        """The model builds at the low and at the high ends of the model arguments, and at every choice.
+
+        Built on torch's meta device, so a huge ``width`` is refused (see
+        :data:`snopt._run.MAX_PARAMETERS`) instead of allocated by the first trial.
+        """
+        from snopt._run import check_model_size
+
+        ranged = [n for n in names if not isinstance(self.params[n], Categorical)]
+        tries = [{n: getattr(self.params[n], end) for n in ranged} for end in ("low", "high")]
+        for name in names:
+            param = self.params[name]
+            if isinstance(param, Categorical):
+                tries += [{name: choice} for choice in param.choices]
+        for values in tries:
+            try:
+                check_model_size(config, task, {**config.model_kwargs, **values})
+            except ValueError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                raise ValueError(f"Search space ({shown}) reaches a model a run refuses: {exc}") from None
 
     def apply(self, config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
         """A copy of ``config`` with ``values`` set (config fields directly, the rest as model arguments)."""

@@ -20,6 +20,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
@@ -27,7 +28,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from snopt._checks import sqlite_path, writable_file
-from snopt._redact import redact_url
+from snopt._redact import redact_text, redact_url
 
 from ._choices import DEFAULT_STORAGE
 
@@ -102,11 +103,12 @@ def resolve_storage(
         raise TypeError(
             f"`storage` must be a URL string, an Optuna storage or None, but got {type(storage).__name__}."
         )
-    scheme = _scheme(storage)
+    scheme = check_storage(storage, create=create)
     _check_heartbeat(heartbeat_interval, grace_period)
     engine_kwargs = {}
     if scheme == "sqlite":
-        _check_sqlite(storage, create)
+        # The file's folder, made now (check_storage made sure that it can be).
+        writable_file("storage", sqlite_path(storage), create=True)
         # Several worker processes write to one file: wait for the lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
@@ -121,6 +123,34 @@ def resolve_storage(
             )
         except ImportError as exc:
             raise ImportError(_missing_driver(storage, scheme)) from exc
+
+
+def check_storage(storage: str, *, create: bool = True) -> str:
+    """Check a storage URL without connecting to it or creating anything; return its scheme.
+
+    Args:
+        storage: a database URL.
+        create: whether a missing SQLite file may be created later (False: it must exist).
+
+    Raises:
+        ValueError: naming ``storage``: an unsupported scheme, a port that is not a number
+            in 1..65535, or an SQLite file that is missing (with
+            ``create=False``) or cannot be written.
+    """
+    scheme = _scheme(storage)
+    url = redact_url(storage)
+    try:
+        port = urlsplit(storage).port
+    except ValueError as exc:
+        raise ValueError(
+            f"`storage` must be a database URL of the form scheme://user:password@host:port/database, "
+            f"but got storage={url!r} ({redact_text(str(exc))})."
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"`storage` must name a port in 1..65535, but got port {port} in storage={url!r}.")
+    if scheme == "sqlite":
+        _check_sqlite(storage, create)
+    return scheme
 
 
 def _scheme(storage: str) -> str:
@@ -175,7 +205,7 @@ def _check_sqlite(storage: str, create: bool) -> None:
             f"`storage` must name an existing SQLite file (a study's database), but {path!r} does not exist; "
             f"check the path, or create the study first (snopt search), storage={url!r}."
         )
-    writable_file("storage", path, create=True)
+    writable_file("storage", path)
 
 
 def owner_attrs() -> dict[str, str | int]:

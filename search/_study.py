@@ -36,8 +36,10 @@ from ._objective import (
     TrialCallbacksFactory,
     TrialFailed,
     check_objectives,
+    check_study_config,
     check_trial_budget,
     record_interrupt,
+    study_config,
 )
 from ._space import SearchSpace, block_names, default_space
 from ._storage import (
@@ -462,7 +464,7 @@ def _description(
 
 def _base_config(task: str | RunConfig, seed: int) -> RunConfig:
     if isinstance(task, RunConfig):
-        return task
+        return check_study_config(task)
     from snopt._tasks import TASKS
 
     if task not in TASKS:
@@ -713,7 +715,7 @@ def _check_compatible(study_name: str, old: Mapping[str, Any], new: Mapping[str,
     if old.get("config") is not None:
         # A study stored before a setting was added (max_nfe, say) has that setting's default.
         with contextlib.suppress(ValueError, TypeError):
-            old = {**old, "config": RunConfig.from_dict(old["config"]).to_dict()}
+            old = {**old, "config": study_config(old["config"]).to_dict()}
     defaults = {"objectives": ["metric"]}
     differ = [
         k for k in keys if _normalise(old.get(k, defaults.get(k))) != _normalise(new.get(k, defaults.get(k)))
@@ -766,7 +768,7 @@ def load_study(
         storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period, create=False
     )
     existing, desc = _snopt_study(study_name, resolved, storage)
-    config = RunConfig.from_dict(desc["config"]) if desc.get("config") is not None else None
+    config = study_config(desc["config"]) if desc.get("config") is not None else None
     if config is None and objective is None:
         raise ValueError(f"Study {study_name!r} runs a custom objective; pass it as `objective`.")
     return create_study(

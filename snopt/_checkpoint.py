@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,8 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise _fail(path, "does not exist or is not a file.")
     if file.stat().st_size == 0:
         raise _fail(path, "is empty (0 bytes); delete it or point `checkpoint` elsewhere.")
+    if not zipfile.is_zipfile(file):
+        raise _fail(path, _not_an_archive(file))
     try:
         state = torch.load(file, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -64,7 +67,7 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise _fail(
             path,
             "holds objects other than tensors and plain data and was not loaded "
-            f"(snopt checkpoints never do): {detail.split(' was not an allowed global')[0]}.",
+            f"(snopt checkpoints never do): {detail.split(' was not an allowed global')[0].rstrip('.')}.",
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise _fail(
@@ -80,6 +83,51 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if missing:
         raise _fail(path, f"lacks the entries {missing}.")
     return state
+
+
+#: Bytes of a file that is not a checkpoint read to say what it is.
+_SNIFF_BYTES = 1 << 20
+
+
+def _not_an_archive(file: Path) -> str:
+    """What a file that is not a torch zip archive (every snopt checkpoint is one) holds, unread.
+
+    A raw pickle is never handed to torch, whose legacy reader would warn about its protocol
+    and call it corrupt: its opcodes are listed (``pickletools`` runs nothing) and the globals
+    it names are reported, since code in a pickle is reached through them.
+    """
+    with open(file, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if not head.startswith(b"\x80"):  # every pickle of protocol 2 and later starts with PROTO
+        return (
+            "is truncated or corrupt, or another kind of file: not a torch zip archive, as checkpoints are."
+        )
+    names = _pickle_globals(head)
+    if names:
+        return (
+            "holds objects other than tensors and plain data and was not loaded (snopt checkpoints never "
+            f"do): a raw pickle naming {', '.join(names[:5])}."
+        )
+    return (
+        "is a raw pickle, not a snopt checkpoint (a torch zip archive of tensors and plain data); not loaded."
+    )
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The globals (``module.name``) a pickle names, read with ``pickletools`` (nothing is run)."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a cut or malformed pickle: what was read so far
+        pass
+    return list(dict.fromkeys(names))
 
 
 def check_matches(
@@ -135,10 +183,14 @@ def _some(keys: list[str], n: int = 5) -> str:
 
 
 def write_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` atomically (temporary file, then rename) and return the path."""
+    """Write ``state`` atomically (temporary file, then rename) and return the path.
+
+    The temporary file is this process's own, so that two processes that write the same
+    path never write into one file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path

@@ -111,7 +111,7 @@ class RunConfig:
         {}, _TASK, "task arguments, e.g. dataset=two_moons", check.mapping, metavar="K=V,..."
     )
     model_kwargs: dict[str, Any] = _setting(
-        {}, _TASK, "model arguments, e.g. width=32", check.mapping, metavar="K=V,..."
+        {}, _TASK, "model arguments, e.g. width=32 (at most 1e8 parameters)", check.mapping, metavar="K=V,..."
     )
     t1: float = _setting(D.ODE["t1"], _ODE, "initial horizon T of every ODE block", check.positive)
     method: str = _setting(D.ODE["method"], _ODE, "torchdiffeq method", _choice(D.METHODS), choices=D.METHODS)
@@ -258,6 +258,17 @@ class RunConfig:
             raise ValueError("One of `epochs` or `max_steps` must be set, but both are None.")
         if self.resume and self.checkpoint is None:
             raise ValueError("`resume=True` needs a `checkpoint` path, but checkpoint is None.")
+        if self.checkpoint_every is not None and self.checkpoint is None:
+            raise ValueError(
+                "`checkpoint_every` needs a `checkpoint` path, but got "
+                f"checkpoint_every={self.checkpoint_every} and checkpoint=None."
+            )
+        if self.momentum is not None and self.optimizer not in D.MOMENTUM:
+            raise ValueError(
+                f"`momentum` is only used by the optimizers {list(D.MOMENTUM)}, but got "
+                f"momentum={self.momentum} with optimizer={self.optimizer!r}; "
+                "drop momentum or change the optimizer."
+            )
 
     # ------------------------------------------------------------------ values
     @property

@@ -10,7 +10,7 @@ sampled along the backward solve without patching the solver.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Union
 
@@ -242,6 +242,11 @@ def check_max_nfe(value: int | None) -> int | None:
 
 def _solver_options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of torchdiffeq ``options`` checked against ``method`` (``max_num_steps`` defaulted)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"`options` must be a mapping of torchdiffeq solver options (e.g. {{'max_num_steps': 1000}}) "
+            f"or None, but got options={options!r}."
+        )
     options = dict(options or {})
     valid = (
         _ADAPTIVE_OPTIONS

@@ -7,7 +7,9 @@ lives in :mod:`snopt._config` (importable without torch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,16 @@ from ._ode import ode_blocks
 from ._training import Callback, FitResult, fit
 from .control import Controller
 
-__all__ = ["Run", "RunConfig", "build_controller", "build_optimizer", "build_run", "run_training"]
+__all__ = [
+    "MAX_PARAMETERS",
+    "Run",
+    "RunConfig",
+    "build_controller",
+    "build_optimizer",
+    "build_run",
+    "check_model_size",
+    "run_training",
+]
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -94,12 +105,51 @@ class Run:
 _MODEL_SETTINGS = ("t1", "method", "rtol", "atol", "adjoint", "max_nfe")
 
 
+#: The most parameters a model of a built-in task may have: 1e8 is 400 MB of float32 weights,
+#: about 1.6 GB with gradients and Adam's moments, and thousands of times the default models
+#: (digits at width 1024 has 1.9e7).  A larger size is a typo, not a model this tool trains well.
+MAX_PARAMETERS = 10**8
+
+
+def check_model_size(config: RunConfig, task: Any, model_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Build the model on torch's meta device (no memory, no random draws) and return its size.
+
+    Args:
+        config: the run (its solver settings and, unless ``model_kwargs``, its model arguments).
+        task: the built task.
+        model_kwargs: model arguments to try instead of ``config.model_kwargs``.
+
+    Raises:
+        ValueError: the model refuses the arguments, or would have more than
+            :data:`MAX_PARAMETERS` parameters (the message names ``model_kwargs``).
+    """
+    kwargs = dict(config.model_kwargs if model_kwargs is None else model_kwargs)
+    settings = {name: getattr(config, name) for name in _MODEL_SETTINGS if name != "max_nfe"}
+    try:
+        with torch.device("meta"):
+            model = task.build_model(**settings, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"`model_kwargs` {kwargs} do not build the {config.task} model: {exc}") from None
+    except RuntimeError:  # torch cannot even size it (a tensor of more than 2**63 bytes)
+        size = math.inf
+    else:
+        size = sum(p.numel() for p in model.parameters())
+    if size > MAX_PARAMETERS:
+        count = "more than torch can count" if math.isinf(size) else f"{size:.3g}"
+        raise ValueError(
+            f"`model_kwargs` must give a model of at most {MAX_PARAMETERS:.0e} parameters, but "
+            f"model_kwargs={kwargs} gives the {config.task} model {count} parameters; choose a smaller size."
+        )
+    return int(size)
+
+
 def build_run(config: RunConfig) -> Run:
     """Build task, data, model, optimizer and controller of ``config`` (seeded).
 
     Raises:
         ValueError: ``task_kwargs`` or ``model_kwargs`` name an argument the task or its model
-            does not take (checked before anything is built).
+            does not take, or give a model larger than :data:`MAX_PARAMETERS` (checked before
+            anything is built).
     """
     from . import _checks as check
     from ._tasks import _TASK_CLASSES, get_task
@@ -117,6 +167,7 @@ def build_run(config: RunConfig) -> Run:
         reserved=_MODEL_SETTINGS,
         owner=f"the {config.task} model",
     )
+    check_model_size(config, task)
     model = task.build_model(
         t1=config.t1,
         method=config.method,
@@ -139,8 +190,13 @@ def run_training(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     run: Run | None = None,
+    interrupt_checkpoint: str | os.PathLike | None = None,
 ) -> FitResult:
-    """Train the run described by ``config`` and return its :class:`FitResult`."""
+    """Train the run described by ``config`` and return its :class:`FitResult`.
+
+    ``interrupt_checkpoint``: where the run saves itself on Ctrl-C or SIGTERM when
+    ``config.checkpoint`` is None (see :func:`snopt.fit`).
+    """
     run = run or build_run(config)
     return fit(
         run.model,
@@ -160,4 +216,5 @@ def run_training(
         device=config.device,
         max_grad_norm=config.max_grad_norm,
         progress=progress,
+        interrupt_checkpoint=interrupt_checkpoint,
     )

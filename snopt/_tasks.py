@@ -177,6 +177,25 @@ class Task(ABC):
         return f"{type(self).__name__}()"
 
 
+#: Images in scikit-learn's digits data set (tests check it against the data).
+_DIGITS_IMAGES = 1797
+
+
+def _check_split(name: str, fraction: float, n: int, classes: int) -> int:
+    """The samples left after holding out ``fraction`` of ``n`` in a stratified split.
+
+    Raises ``ValueError`` naming ``name`` when either side would get fewer samples than
+    there are classes (scikit-learn's split needs one of each).
+    """
+    held = math.ceil(fraction * n)  # as scikit-learn's train_test_split rounds
+    if min(held, n - held) < classes:
+        raise ValueError(
+            f"`{name}` must leave at least {classes} images (one per class) on each side of the split, "
+            f"but {name}={fraction!r} splits {n} images into {n - held} and {held}."
+        )
+    return n - held
+
+
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
@@ -213,6 +232,11 @@ class DigitsTask(Task):
         self.test_fraction = (
             None if test_fraction is None else _check_fraction("test_fraction", test_fraction)
         )
+        # Checked now, not deep in scikit-learn when the loaders are made.
+        rest = _DIGITS_IMAGES
+        if self.test_fraction is not None:
+            rest = _check_split("test_fraction", self.test_fraction, rest, self.num_classes)
+        _check_split("val_fraction", self.val_fraction, rest, self.num_classes)
 
     def build_model(
         self,

@@ -275,9 +275,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(check_device("device", device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` is {str(device)!r} but CUDA is not available; use 'cpu' or 'auto'.")
+    missing = _missing_device(dev)
+    if missing:
+        raise ValueError(
+            f"`device` must be a device this machine has, but got device={str(device)!r} ({missing}); "
+            "use 'cpu' or 'auto'."
+        )
     return dev
+
+
+def _missing_device(dev: torch.device) -> str:
+    """Why ``dev`` is not on this machine ("" when it is)."""
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA devices"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return ""
 
 
 def seed_everything(seed: int) -> None:
@@ -356,6 +371,8 @@ def _check_trainer_args(
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, but got {type(optimizer).__name__}.")
     if resume and checkpoint is None:
         raise ValueError("`resume=True` needs a `checkpoint` path.")
+    if checkpoint_every is not None and checkpoint is None:
+        raise ValueError("`checkpoint_every` needs a `checkpoint` path, but checkpoint is None.")
     if checkpoint is not None:
         writable_file("checkpoint", checkpoint)
     for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
@@ -395,10 +412,11 @@ class Trainer:
         device: str | torch.device | None = "cpu",
         max_grad_norm: float | None = None,
         progress: bool = True,
+        interrupt_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         """Store the arguments (checked by ``_check_trainer_args``) and zero the run's counters.
 
-        Over 60 lines only because it stores 20 arguments and 15 counters, one per line.
+        Over 60 lines only because it stores 21 arguments and 15 counters, one per line.
         """
         _check_trainer_args(
             train_loader,
@@ -431,6 +449,7 @@ class Trainer:
         self.device = resolve_device(device)
         self.max_grad_norm = max_grad_norm
         self.progress = progress
+        self.interrupt_path = Path(interrupt_checkpoint) if interrupt_checkpoint is not None else None
 
         self.step = 0
         self.epoch = 0
@@ -678,7 +697,7 @@ class Trainer:
 
     def _save_interrupted(self, stop_signal: str | None) -> str:
         """Checkpoint an interrupted run; the message (also warned) says where and how to resume."""
-        path = self.checkpoint_path or Path("snopt-interrupted.pt")
+        path = self.checkpoint_path or self.interrupt_path or Path("snopt-interrupted.pt")
         self.save_checkpoint(path)
         what = "by Ctrl-C (SIGINT)" if stop_signal == "SIGINT" else f"by {stop_signal}"
         message = (
@@ -876,6 +895,8 @@ def fit(*args: Any, **kwargs: Any) -> FitResult:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         max_grad_norm: clip the gradient norm to this value.
         progress: show a progress bar.
+        interrupt_checkpoint: where a run without ``checkpoint`` saves itself on Ctrl-C or
+            SIGTERM (default ``./snopt-interrupted.pt``; a study's trial uses its own).
 
     Returns:
         The run's :class:`FitResult`; status ``"interrupted"`` after Ctrl-C (a

@@ -111,7 +111,11 @@ def test_sigterm_stops_snopt_search_with_failed_trials_and_killed_runs(tmp_path,
     assert len(trials) == workers and len({t.user_attrs["snopt_pid"] for t in trials}) == workers
     for trial in trials:
         assert trial.state == TrialState.FAIL and "by SIGTERM" in trial.user_attrs["fail_reason"]
-    assert read_checkpoint(tmp_path / "snopt-interrupted.pt", "cpu")["step"] >= 5
+        # Each worker process saved its trial in a file of its own, named in the trial's reason.
+        saved = tmp_path / "snopt_checkpoints" / "digits-random-s0" / f"trial-{trial.number}.pt"
+        assert str(saved) in trial.user_attrs["fail_reason"]
+        assert read_checkpoint(saved, "cpu")["step"] >= 5
+    assert not (tmp_path / "snopt-interrupted.pt").exists()
     runs = _runs(tmp_path / "mlflow.db")
     (study,) = [r for r in runs if r.data.tags["snopt.kind"] == "study"]
     kids = [r for r in runs if r.data.tags["snopt.kind"] == "trial"]
@@ -147,7 +151,7 @@ def test_sigterm_stops_snopt_worker_with_a_failed_trial_and_a_killed_run(tmp_pat
     (trial,) = optuna.load_study(study_name="w", storage=f"sqlite:///{db}").trials
     assert trial.state == TrialState.FAIL and "by SIGTERM" in trial.user_attrs["fail_reason"]
     assert trial.user_attrs["snopt_pid"] == proc.pid
-    assert read_checkpoint(tmp_path / "snopt-interrupted.pt", "cpu")["step"] >= 5
+    assert read_checkpoint(tmp_path / "snopt_checkpoints" / "w" / "trial-0.pt", "cpu")["step"] >= 5
     (run,) = _runs(tmp_path / "mlflow.db")
     assert run.info.status == "KILLED" and run.data.tags["snopt.signal"] == "SIGTERM"
     assert trial.user_attrs["mlflow_run_id"] == run.info.run_id

@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(command: Command, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .._redact import redact_text
     from .._signals import exit_status, interrupt_reason, terminate_as_interrupt
 
     try:
@@ -191,7 +192,7 @@ def _run(command: Command, parser: argparse.ArgumentParser, args: argparse.Names
             return command.run(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"snopt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"snopt {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"snopt {args.command}: stopped ({interrupt_reason(exc)})", file=sys.stderr)
@@ -200,7 +201,8 @@ def _run(command: Command, parser: argparse.ArgumentParser, args: argparse.Names
         if getattr(args, "debug", False):
             raise
         print(
-            f"snopt {args.command}: error: {type(exc).__name__}: {exc} (use --debug for a traceback)",
+            f"snopt {args.command}: error: {type(exc).__name__}: {redact_text(str(exc))} "
+            "(use --debug for a traceback)",
             file=sys.stderr,
         )
         return 1

@@ -69,7 +69,10 @@ def nonempty(text: str) -> str:
 
 
 def _nonneg_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value
@@ -82,6 +85,10 @@ def _key_values(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(
+                f"{key.strip()!r} is given twice in {text!r}; give each key once"
+            )
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -201,19 +208,32 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     """The :class:`RunConfig` of parsed ``args``: the command's base, then ``--config``, then flags.
 
     Raises:
-        UsageError: a value breaks a field's rule (the message names the flag) or the config
-            file cannot be read.
+        UsageError: a value breaks a field's rule (the message names the flag), the config
+            file cannot be read, or the device is not on this machine.
     """
     base: RunConfig = getattr(args, "_run_base", None) or RunConfig()
-    names = [f.name for f in dataclasses.fields(RunConfig)]
+    # Only the generated flags: a command's own flag of a field (train's --checkpoint) is an override.
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)]
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     given.update(overrides)
     try:
         if getattr(args, "config", None):
             base = RunConfig.from_file(args.config, base=base)
-        return RunConfig.from_dict(given, base=base)
+        config = RunConfig.from_dict(given, base=base)
     except (TypeError, ValueError) as exc:
         raise UsageError(name_the_flag(str(exc))) from exc
+    _check_device(config)
+    return config
+
+
+def _check_device(config: RunConfig) -> None:
+    """The run's device exists on this machine (``cuda:99``, ``mps`` without MPS), before any work."""
+    from .._training import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ValueError as exc:
+        raise UsageError(name_the_flag(str(exc))) from None
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:

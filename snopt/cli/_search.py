@@ -31,6 +31,7 @@ from ..search._choices import (
 from ._base import (
     Command,
     UsageError,
+    _nonneg_float,
     _positive_float,
     _positive_int,
     add_run_arguments,
@@ -82,7 +83,19 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return seeds
+
+
+def _objectives(text: str) -> str:
+    from ..search._objective import check_objectives  # here: `--help` must not load torch
+
+    try:
+        check_objectives(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_budget_arguments(
@@ -149,6 +162,11 @@ def _trial_budget(args: argparse.Namespace) -> Budget | None:
     return _budget_spec("--trial-budget", args.trial_budget, ("nfe", "timeout", "work"))
 
 
+def _compare_trial_budget(args: argparse.Namespace) -> Budget | str | None:
+    """Compare's ``--trial-budget``: 'auto' (its default) as is, else as search reads it."""
+    return "auto" if args.trial_budget == "auto" else _trial_budget(args)
+
+
 def _budget_spec(flag: str, spec: str | None, keys: tuple[str, ...]) -> Budget | None:
     """A :class:`Budget` from ``key=value,...`` (None when the flag is not given)."""
     if spec is None:
@@ -207,16 +225,22 @@ def _sampler_kwargs(sampler: str | None, strategy: str) -> dict[str, Any] | None
 
 
 def _task_config(args: argparse.Namespace) -> RunConfig:
+    from ..search._objective import check_study_config
+
     _quiet_optuna()
-    return config_from_args(args)
+    config = config_from_args(args)
+    try:  # only a --config file can set them here
+        return check_study_config(config)
+    except ValueError as exc:
+        raise UsageError(f"--config: {exc}") from None
 
 
 def _check_storage(args: argparse.Namespace) -> None:
-    """A bad storage URL is a usage error, reported before any work (last: it creates the database)."""
-    from ..search import resolve_storage
+    """A bad storage URL is a usage error, reported before any work (nothing is created here)."""
+    from ..search._storage import check_storage
 
     try:
-        resolve_storage(args.storage)
+        check_storage(args.storage)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -327,6 +351,8 @@ class SearchCommand(Command):
             budget = _budget(args, SEARCH_BUDGET)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        total, trial_budget = _total(args), _trial_budget(args)
+        _check_storage(args)
         tracker = study_tracker(
             args,
             kind="study",
@@ -338,7 +364,6 @@ class SearchCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
-        _check_storage(args)
         try:
             study = create_study(
                 config,
@@ -351,8 +376,8 @@ class SearchCommand(Command):
                 seed=config.seed,
                 pruner=args.pruner,
                 progress=not args.no_progress,
-                total=_total(args),
-                trial_budget=_trial_budget(args),
+                total=total,
+                trial_budget=trial_budget,
                 sampler_kwargs=_sampler_kwargs(args.sampler, args.strategy),
             )
         except ValueError as exc:  # e.g. a study of that name with other settings
@@ -414,12 +439,13 @@ class CompareCommand(Command):
         )
         parser.add_argument(
             "--epsilon",
-            type=float,
+            type=_nonneg_float,
             default=DEFAULT_EPSILON,
             help="'reached' means within epsilon of the seed's best black-box value",
         )
         parser.add_argument(
             "--objectives",
+            type=_objectives,
             default="metric",
             help="'metric' or 'metric,nfe' (Pareto: the metric against the inference NFE; use "
             "strategies such as feedback,nsga2,tpe)",
@@ -441,6 +467,13 @@ class CompareCommand(Command):
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         seeds = args.seeds if args.seeds is not None else [config.seed]
+        _total(args)  # checked now, before anything is made; _compare parses them again
+        _compare_trial_budget(args)
+        try:  # checked again by compare(); here it is a usage error, before anything is made
+            writable_dir("output_dir", args.output_dir)
+        except ValueError as exc:
+            raise UsageError(f"--output-dir: {exc}") from None
+        _check_storage(args)
         print(
             f"comparing {','.join(args.strategies)} on {config.task}, seeds {seeds}, "
             f"budget {budget.describe()} per strategy and seed; studies in {redact_url(args.storage)}"
@@ -457,11 +490,6 @@ class CompareCommand(Command):
                 "config": config.resolved().to_dict(),
             },
         )
-        try:  # checked again by compare(); here it is a usage error, before the database is made
-            writable_dir("output_dir", args.output_dir)
-        except ValueError as exc:
-            raise UsageError(f"--output-dir: {exc}") from None
-        _check_storage(args)
         with tracker or contextlib.nullcontext():
             report = self._compare(args, config, space, budget, seeds, tracker)
         code = self._print(args, report)
@@ -485,7 +513,7 @@ class CompareCommand(Command):
             workers=args.workers,
             progress=not args.no_progress,
             total=_total(args),
-            trial_budget="auto" if args.trial_budget == "auto" else _trial_budget(args),
+            trial_budget=_compare_trial_budget(args),
             objectives=args.objectives,
             test=args.test,
             sampler_kwargs={

@@ -26,6 +26,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("MLflow tracking")
     g.add_argument(
         "--tracking-uri",
+        type=nonempty,
         default=None,
         metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
@@ -251,6 +252,13 @@ class UiCommand(Command):
 
         if not 0 < args.port < 65536:
             raise UsageError(f"`--port` must be in 1..65535, but got --port={args.port}.")
+        if args.backend_store_uri is not None:
+            from .._checks import tracking_uri
+
+            try:
+                tracking_uri("backend_store_uri", args.backend_store_uri)
+            except ValueError as exc:
+                raise UsageError(f"--backend-store-uri: {exc}") from None
         store = _resolve_uri(args.backend_store_uri)
         if store.startswith(("http://", "https://")):
             print(f"{redact_url(store)} is a tracking server; it serves its own UI: open {redact_url(store)}")
@@ -308,7 +316,11 @@ class TrackingCommand(Command):
             "action", choices=["sync", "status"], help="sync: replay into MLflow; status: list"
         )
         parser.add_argument(
-            "--dir", default=None, metavar="PATH", help="fallback folder (default: ./snopt_runs/fallback)"
+            "--dir",
+            type=nonempty,
+            default=None,
+            metavar="PATH",
+            help="fallback folder (default: ./snopt_runs/fallback)",
         )
         parser.add_argument(
             "--tracking-uri",

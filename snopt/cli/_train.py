@@ -55,21 +55,15 @@ class TrainCommand(Command):
         add_tracking_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        config = config_from_args(
-            args, checkpoint=args.checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every
-        )
-        _check_used(args, config)
-        if args.checkpoint_every is not None and args.checkpoint is None:
-            raise UsageError("`--checkpoint-every` needs `--checkpoint FILE`, but no --checkpoint was given.")
-        for flag, path in (("--checkpoint", args.checkpoint), ("--output-json", args.output_json)):
-            if path is not None:
-                _writable(flag, path)
+        config = _train_config(args)
         print(
             f"snopt train: {config.task}, optimizer {config.optimizer}, control {config.control}; "
             "building the model...",
             flush=True,
         )
+        _check_resumable(config)  # before anything is built; it loads torch, after the first line
         # Imported after the first line: loading torch takes seconds.
+        from .._checkpoint import CheckpointError
         from .._run import build_run, run_training
         from .._signals import Terminated, exit_status
         from .._training import TrainingError
@@ -81,6 +75,8 @@ class TrainCommand(Command):
             raise UsageError(name_the_flag(str(exc))) from exc
         try:
             result = run_training(config, callbacks=callbacks, progress=not args.no_progress, run=run)
+        except CheckpointError as exc:  # written for another model or optimizer
+            raise UsageError(f"--checkpoint: {exc}") from None
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.output_json and exc.result is not None:
@@ -136,6 +132,31 @@ def _check_used(args: argparse.Namespace, config: RunConfig) -> None:
                 f"{flag} is only used with {users}, but got {flag}={_shown(getattr(args, f.name))} "
                 f"with --{setting} {getattr(config, setting)}; drop {flag} or change --{setting}."
             )
+
+
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The run of ``args``, checked before anything is built (nothing heavy is imported here)."""
+    # The flags given override a --config file's checkpoint, resume and checkpoint_every.
+    given = {"checkpoint": args.checkpoint, "resume": args.resume or None}
+    given["checkpoint_every"] = args.checkpoint_every
+    config = config_from_args(args, **{k: v for k, v in given.items() if v is not None})
+    _check_used(args, config)
+    for flag, path in (("--checkpoint", config.checkpoint), ("--output-json", args.output_json)):
+        if path is not None:
+            _writable(flag, path)
+    return config
+
+
+def _check_resumable(config: RunConfig) -> None:
+    """A checkpoint to resume from is read before any work: an empty, corrupt or crafted file is refused."""
+    if not (config.resume and config.checkpoint and os.path.exists(config.checkpoint)):
+        return
+    from .._checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(config.checkpoint)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
 
 
 def _writable(flag: str, path: str) -> None:

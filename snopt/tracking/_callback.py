@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._checks import writable_store
+from .._redact import redact_url
 from .._training import Callback, FitResult, jsonable
 from ._common import (
     _OFFLINE_PREFIX,
@@ -386,7 +387,8 @@ class MlflowCallback(Callback):
             info = json.loads(side.read_text())
         except (OSError, ValueError):
             return
-        if info.get("tracking_uri") == self.tracking_uri and info.get("run_id"):
+        # The file holds the URI redacted (older files: as given); compare what both say.
+        if redact_url(info.get("tracking_uri")) == redact_url(self.tracking_uri) and info.get("run_id"):
             run_id = str(info["run_id"])
             if not run_id.startswith(_OFFLINE_PREFIX):
                 self._attach_to = run_id
@@ -423,7 +425,7 @@ class MlflowCallback(Callback):
         if self.sink is not None and self.sink.run_id:
             try:
                 Path(path + ".mlflow.json").write_text(
-                    json.dumps({"run_id": self.sink.run_id, "tracking_uri": self.tracking_uri})
+                    json.dumps({"run_id": self.sink.run_id, "tracking_uri": redact_url(self.tracking_uri)})
                 )
             except OSError:
                 pass

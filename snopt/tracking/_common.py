@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._redact import redact_text
+
 _logger = logging.getLogger("snopt.tracking")
 
 #: Experiment that runs land in unless told otherwise.
@@ -254,6 +256,39 @@ def _short_http_retries() -> Iterator[None]:
                 _http_saved.clear()
 
 
+#: Seconds a database tracking store (PostgreSQL, MySQL) has to accept a connection.
+DB_CONNECT_TIMEOUT = 5
+
+
+def _check_database(uri: str) -> None:
+    """Raise ``ConnectionError`` within seconds when a database tracking store does not answer.
+
+    MLflow 3.17 tries to reach a tracking database 10 times over about 100 s before it gives up
+    (``MAX_RETRY_COUNT`` in ``mlflow.store.db.utils``, with no public setting), so one short
+    connection first, through SQLAlchemy's public API with the driver's ``connect_timeout``,
+    sends an unreachable store's run to the fallback journal at once.
+    """
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in ("postgresql", "mysql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(
+        uri, poolclass=NullPool, connect_args={"connect_timeout": DB_CONNECT_TIMEOUT}
+    )
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
+        raise ConnectionError(
+            f"the tracking database did not accept a connection within {DB_CONNECT_TIMEOUT} s "
+            f"({_describe(exc)})"
+        ) from None
+    finally:
+        engine.dispose()
+
+
 def _is_rejection(exc: BaseException) -> bool:
     """The server answered and refused the request (retrying cannot help)."""
     code = getattr(exc, "error_code", None)
@@ -261,7 +296,8 @@ def _is_rejection(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    """One line on ``exc`` for warnings, logs and notes; credentials redacted before it is cut."""
+    text = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
     return f"{type(exc).__name__}: {_truncate(text, 300)}"
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._redact import is_redacted, redact_url
+from .._redact import is_redacted, redact_text, redact_url
 from ._common import (
     _JOURNAL_FORMAT,
     _OFFLINE_PREFIX,
     _PARENT_TAG,
+    _check_database,
     _describe,
     _is_rejection,
     _mark_reachable,
@@ -164,6 +165,9 @@ class SyncResult:
     error: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.error = redact_text(self.error)  # an exception's text may quote the URI it failed on
+
 
 def _read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -182,7 +186,9 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def _check_folder(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"`dir` must be the fallback folder, but {str(directory)!r} is a file.")
+        raise ValueError(
+            f"`directory` must be the fallback folder, but directory={str(directory)!r} is a file."
+        )
 
 
 def pending_journals(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -346,6 +352,10 @@ def _replay(path: Path, id_map: dict[str, str], tracking_uri: str | None) -> Syn
         return SyncResult(str(path), "waiting", error=str(exc))
     if progress.get("run_id") and any(op["op"] == "create_run" for op in ops[:done]):
         id_map[header["local_id"]] = progress["run_id"]  # created by an earlier, interrupted sync
+    try:
+        _check_database(uri)  # a database that is down fails the sync in seconds, not minutes
+    except ConnectionError as exc:
+        return SyncResult(str(path), "failed", run_id=run_id, error=str(exc))
     client = _mlflow().MlflowClient(tracking_uri=uri)
     base = path.parent / header["local_id"]  # the journal's own folder (a plain name, checked on reading)
     result = SyncResult(str(path), "failed", run_id=None)

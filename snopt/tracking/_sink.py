@@ -15,6 +15,7 @@ from ._common import (
     _MAX_TAG_LENGTH,
     _OFFLINE_PREFIX,
     _PARENT_TAG,
+    _check_database,
     _describe,
     _is_rejection,
     _logger,
@@ -64,6 +65,7 @@ class _RunSink:
     @property
     def client(self) -> Any:
         if self._client is None:
+            _check_database(self.tracking_uri)  # seconds, not MLflow's 100 s of retries
             self._client = _mlflow().MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 

@@ -276,6 +276,8 @@ class StudyTracker:
         self.kind = kind
         self.name = name
         self.tracking_uri = writable_store("tracking_uri", _resolve_uri(tracking_uri))
+        # A URI given here wins over the one a study recorded (see callback()).
+        self._explicit_uri = tracking_uri is not None
         self.experiment = check_text("experiment", experiment)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.params = dict(params or {})
@@ -482,6 +484,10 @@ class StudyTracker:
                     attrs = study.user_attrs
                     parent = recorded
                     uri = _recorded_uri(attrs, uri) or uri
+                    if self._explicit_uri and redact_url(uri) != redact_url(self.tracking_uri):
+                        # The worker was told where to log: the study's database does not override
+                        # it, and the study's parent run lives elsewhere.
+                        uri, parent = self.tracking_uri, self.parent_run_id
                     experiment = attrs.get(EXPERIMENT_ATTR) or experiment
                 if _is_mlflow_storage(_study_storage(study)):
                     # MlflowStorage's trial id is the trial's run id. Optuna has no public trial id

@@ -44,13 +44,61 @@ def test_sigterm_in_a_trial_fails_it_with_the_signal_and_the_checkpoint(tmp_path
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs["fail_reason"]
-    assert (
-        "SIGTERM" in reason
-        and "snopt-interrupted.pt" in reason
-        and (tmp_path / "snopt-interrupted.pt").exists()
-    )
+    saved = tmp_path / "snopt_checkpoints" / study.study_name / "trial-0.pt"
+    assert "SIGTERM" in reason and str(saved) in reason and saved.exists()
+    assert not (tmp_path / "snopt-interrupted.pt").exists()  # a trial's own file, never a shared one
     # An interrupted trial is owed again: it does not count against the budget.
     assert "snopt_status" not in trial.user_attrs and study.spent().trials == 0
+
+
+@pytest.mark.integration  # an SQLite database shared by two workers
+def test_two_workers_write_distinct_interrupt_checkpoints(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    space = SearchSpace({"t1": Float(0.5, 2.0, default=1.0)})
+    create_study(
+        tiny_config(), strategy="random", space=space, storage=url, study_name="w/../x", pruner="none"
+    )
+    for worker in (0, 1):  # two workers of one study in one folder, one after the other, both killed
+        study = load_study(
+            "w/../x", url, worker=worker, trial_callbacks_factory=lambda trial, config: [_SignalAt()]
+        )
+        with pytest.raises(Terminated), pytest.warns(UserWarning, match="by SIGTERM"):
+            study.optimize(n_trials=1)
+    trials = optuna.load_study(study_name="w/../x", storage=url).trials
+    saved = [tmp_path / "snopt_checkpoints" / "w_.._x" / f"trial-{n}.pt" for n in (0, 1)]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    for trial, path in zip(trials, saved):
+        assert path.exists() and str(path) in trial.user_attrs["fail_reason"]
+    assert sorted(p.name for p in (tmp_path / "snopt_checkpoints" / "w_.._x").iterdir()) == [
+        "trial-0.pt",
+        "trial-1.pt",
+    ]  # no temporary file left, none shared
+
+
+@pytest.mark.integration  # an SQLite database
+def test_a_checkpoint_path_stored_in_a_study_never_reaches_a_worker(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    space = SearchSpace({"t1": Float(0.5, 2.0, default=1.0)})
+    with pytest.raises(
+        ValueError, match="`checkpoint` and `resume` of a study's RunConfig must be left unset"
+    ):
+        create_study(tiny_config(checkpoint="planted.pt"), strategy="random", space=space, storage=url)
+    create_study(tiny_config(), strategy="random", space=space, storage=url, study_name="p", pruner="none")
+    # Someone with access to the database plants a checkpoint path in the stored configuration.
+    stored = optuna.load_study(study_name="p", storage=url)
+    desc = stored.user_attrs["snopt"]
+    planted = tmp_path / "elsewhere" / "planted.pt"
+    desc["config"].update(checkpoint=str(planted), resume=True, checkpoint_every=1)
+    stored.set_user_attr("snopt", desc)
+
+    study = load_study("p", url, trial_callbacks_factory=lambda trial, config: [_SignalAt()])
+    assert study.objective.config.checkpoint is None and not study.objective.config.resume
+    with pytest.raises(Terminated), pytest.warns(UserWarning, match="by SIGTERM"):
+        study.optimize(n_trials=1)
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "snopt_checkpoints" / "p" / "trial-0.pt").exists()
 
 
 def test_sigterm_outside_training_fails_the_trial_with_the_signal():

@@ -1,14 +1,16 @@
 """Checkpoints: data only (a crafted file never runs), clear errors, and exact resume anywhere."""
 
 import os
+import pickle
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from snopt._checkpoint import CheckpointError
+from snopt._checkpoint import CheckpointError, read_checkpoint
 from snopt._ode import ODEBlock
 from snopt._training import Callback, TrainingError, fit
 
@@ -121,6 +123,22 @@ def test_a_crafted_checkpoint_never_runs_its_payload(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.pt.*holds objects other than tensors"):
         train(checkpoint=ckpt, resume=True)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_raw_pickle_is_reported_as_not_data_and_never_unpickled(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "raw.pt"
+    ckpt.write_bytes(pickle.dumps(Marker(marker), protocol=protocol))
+    # No torch warning about the pickle's protocol either: the file never reaches torch.load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"raw\.pt.*holds objects other than tensors.*system"):
+            read_checkpoint(ckpt)
+    assert not marker.exists()
+    ckpt.write_bytes(pickle.dumps({"model": {}}, protocol=protocol))
+    with pytest.raises(CheckpointError, match="is a raw pickle, not a snopt checkpoint"):
+        read_checkpoint(ckpt)
 
 
 @pytest.mark.parametrize(

@@ -387,7 +387,7 @@ def _round_trip(obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)

@@ -254,6 +254,24 @@ def test_timeseries_test_split_is_fresh_series():
         test_loader(get_task("toy2d"), 4)
 
 
+def test_digits_split_sizes_are_checked_as_scikit_learn_splits() -> None:
+    from snopt._tasks import _DIGITS_IMAGES, _digits_arrays
+
+    assert len(_digits_arrays()[0]) == _DIGITS_IMAGES
+    # 0.0051 holds out ceil(9.16) = 10 images, one per class: scikit-learn splits it.
+    DigitsTask(val_fraction=0.0051).arrays()
+    DigitsTask(val_fraction=0.994).arrays()
+    for fraction in (0.005, 0.995):  # 9 images held out, or 9 left: refused before scikit-learn is asked
+        with pytest.raises(
+            ValueError, match=rf"`val_fraction` must leave at least 10 images .* val_fraction={fraction} "
+        ):
+            DigitsTask(val_fraction=fraction)
+    with pytest.raises(ValueError, match="`test_fraction` must leave"):
+        DigitsTask(test_fraction=0.995)
+    with pytest.raises(ValueError, match="`val_fraction` must leave .* splits 179 images"):
+        DigitsTask(val_fraction=0.96, test_fraction=0.9)
+
+
 def test_null_metric_is_what_a_model_that_learned_nothing_scores() -> None:
     """The reference of the Pareto hypervolumes, checked by scoring input-blind models."""
     digits = DigitsTask()
