@@ -55,7 +55,8 @@ MOMENTUM: MappingProxyType[str, float] = MappingProxyType({"sgd": 0.9, "snopt": 
 #: :class:`snopt.SNOpt`'s keyword defaults (its ``lr`` is :data:`LR` ``["snopt"]``).  ``eps`` and
 #: ``alpha`` belong to ``curvature="reference"``, ``damping`` and ``factor_decay`` to ``"kfac"``;
 #: ``diag_scale`` makes the untracked parameters' Adam step Adam's default learning rate.
-#: ``kl_clip`` ``"auto"`` is :data:`KL_CLIP` of the curvature.
+#: ``kl_clip`` ``"auto"`` is :data:`KL_CLIP` of the curvature.  ``sampling`` is where the field
+#: layers' curvature is sampled: ``"steps"`` or ``"stages"`` (see :mod:`snopt._curvature`).
 SNOPT: MappingProxyType[str, Any] = MappingProxyType(
     {
         "momentum": MOMENTUM["snopt"],
@@ -69,6 +70,7 @@ SNOPT: MappingProxyType[str, Any] = MappingProxyType(
         "update_growth": 0.5,
         "alpha": 0.75,
         "sample_step": 0.01,
+        "sampling": "steps",
         "full_precond": True,
         "untracked": "adam",
         "diag_scale": LR["adam"] / LR["snopt"],
