@@ -504,6 +504,26 @@ def test_stage_factors_match_a_brute_force_integral_on_a_fine_grid(adjoint, meth
 
 
 @pytest.mark.parametrize("adjoint", [True, False])
+def test_stage_sampling_drops_the_evaluations_of_rejected_steps(adjoint):
+    """A first step over half the horizon is rejected (three times here): its stages sit far
+    off the trajectory (A would be 3% off with them) and must not count."""
+    g = torch.Generator().manual_seed(2)
+    T, n = 2.0, 3
+    field = AffineField(3, g)
+    with torch.no_grad():
+        field.lin.weight.mul_(2.0)
+    block = ODEBlock(field, 0.0, T, rtol=1e-8, atol=1e-8, options={"first_step": 1.0}, adjoint=adjoint)
+    collector = _stage_collector(block)
+    x0 = torch.randn(n, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+    assert (block.stats.rejected_backward if adjoint else block.stats.rejected_forward) > 0
+    A, B, _ = collector.layers[0].factors()
+    a_ref, b_ref = _fine_integral(field, x0, w, T)
+    assert _rel(A, a_ref) < 3e-3 and _rel(B, b_ref) < 3e-3, (_rel(A, a_ref), _rel(B, b_ref))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
 @pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", {"step_size": 0.1})])
 def test_stage_sampling_adds_no_field_evaluation_and_records_only_on_refresh(adjoint, method, options):
     """A refresh pass evaluates the field exactly as often as a plain pass: the solver's own NFE."""
