@@ -48,6 +48,8 @@ that state when its gradient is complete.  A stage's gradient arrives after that
 state its output feeds and before that of the state it is evaluated from, whatever the
 solver; so a first-same-as-last stage (evaluated at the end of one step, used as the first
 stage of the next) lands in the step whose weight it carries.  Rejected steps get no gradient.
+(The first adaptive step's length depends on the initial state through torchdiffeq's step-size
+selection, so its stages' gradients also carry that path, as the parameter gradient does.)
 
 Layers outside the ODE blocks (a stem, a head) get the ordinary K-FAC statistics of their
 forward and backward pass on refresh steps.
