@@ -16,7 +16,13 @@ Variants (SNOpt keyword arguments, plus one of the prototypes below):
   library's ``A ⊗ B + g mean(a) mean(b) I`` (curvature ``"kfac-factored"``);
 - ``ema``: a bias-corrected running average (beta 0.9) of the preconditioned, clipped step,
   like Adam's first moment, instead of no momentum;
-- ``cap``: the step of every tracked layer limited to 10% of the layer's norm ``|[W | b]|``.
+- ``cap``: the step of every tracked layer limited to 10% of the layer's norm ``|[W | b]|``;
+- ``stages``: the field curvature from the adjoint solve's own stage evaluations on refresh
+  steps (SNOpt's ``sampling="stages"``, in the library) instead of an explicit evaluation
+  per sample at its step starts.
+
+Each part also records, per variant, the share of the run's time spent collecting curvature
+and the curvature samples per refresh (medians over seeds, from ``SNOpt.stats``).
 
 Usage::
 
@@ -118,6 +124,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ema 0.9": {"ema": 0.9},
     "ema 0.9, kl_clip 1e-2": {"ema": 0.9, "kl_clip": 1e-2},
     "cap 0.1, kl_clip 1e-2": {"cap": 0.1, "kl_clip": 1e-2},
+    "stages": {"sampling": "stages"},
+    "stages, kl_clip 1e-2": {"sampling": "stages", "kl_clip": 1e-2},
 }
 
 
@@ -142,12 +150,26 @@ def train(task: str, seed: int, variant: str | None) -> dict[str, Any]:
         row.update({k: float(h[k]) for k in ("val_loss", "metric") if k in h})
         steps.append(row)
     name = "adam" if variant is None else variant
+    stats = dict(run.optimizer.stats) if variant is not None else {}  # type: ignore[attr-defined]
     return {
         "variant": name,
         "seed": seed,
         "status": status,
         "elapsed": time.perf_counter() - start,
         "steps": steps,
+        "stats": stats,
+    }
+
+
+def collection(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over runs of the share of the run's time spent collecting curvature and of the
+    curvature samples per refresh (``SNOpt.stats``)."""
+    shares = [r["stats"]["collect_time"] / r["elapsed"] for r in runs]
+    per_refresh = [r["stats"]["samples"] / max(r["stats"]["refreshes"], 1) for r in runs]
+    return {
+        "collect_share": statistics.median(shares),
+        "samples_per_refresh": statistics.median(per_refresh),
+        "refreshes": statistics.median(r["stats"]["refreshes"] for r in runs),
     }
 
 
@@ -157,7 +179,16 @@ def run_task(task: str, seeds: list[int], variants: list[str]) -> dict[str, Any]
         for variant in [None, *variants]:
             run = train(task, seed, variant)
             runs[run["variant"]].append(run)
-            print(f"[{task}] seed {seed} {run['variant']}: {run['status']} {run['elapsed']:.0f}s", flush=True)
+            stats = run["stats"]
+            extra = (
+                f" collect {stats['collect_time']:.2f}s, {stats['samples']} samples, {stats['refreshes']} refreshes"
+                if stats
+                else ""
+            )
+            print(
+                f"[{task}] seed {seed} {run['variant']}: {run['status']} {run['elapsed']:.0f}s{extra}",
+                flush=True,
+            )
     higher = task == "digits"
     targets = {
         k: statistics.median(ob.value_at(r, k, 0.75) for r in runs["adam"])
@@ -171,6 +202,7 @@ def run_task(task: str, seeds: list[int], variants: list[str]) -> dict[str, Any]
         "targets": targets,
         "comparisons": comparisons,
         "diverged": diverged,
+        "collection": {v: collection(runs[v]) for v in variants},
     }
 
 

@@ -19,6 +19,38 @@ but the hooks only count them: they record during the explicit evaluation alone,
 neither the solver nor the inner autograd call of a CNF's trace contributes to the
 curvature.
 
+That is ``sampling="steps"``.  With ``sampling="stages"`` the collector evaluates nothing
+itself: it records the layers' inputs and output gradients in the solver's own evaluations
+of the field on refresh steps, in the solve that carries the gradient.  In adjoint mode that
+is the adjoint solve: torchdiffeq evaluates the field with grad enabled inside its augmented
+dynamics and pulls ``-a(t)`` back through it, so the forward hook of each layer registers a
+tensor hook on its output ``h`` and receives ``g = -(dh f)^T a`` at the stage's time, state
+and adjoint (the sign does not matter to ``B``).  The no-grad forward solve records nothing:
+the block publishes an evaluation (:attr:`~snopt._ode.ODEBlock.evaluation`) only in the
+solve that carries the gradient.  A gradient that arrives while its evaluation is still
+running comes from an autograd call inside the field (a CNF's trace) and is ignored.  Each
+evaluation is weighted by :func:`time_weights` over the times of the evaluations kept in its
+own solve; evaluations of rejected adaptive steps (between ``callback_step`` and
+``callback_reject_step``) are dropped, being off the accepted trajectory, and so are those
+outside ``[t0, t1]`` (the last adaptive step overshoots the end and is interpolated back).
+The initial derivative and the step-size probe of adaptive solvers are kept.
+
+In direct mode (backpropagation through the solver) the forward evaluations are the ones
+that receive gradients, but backprop hands each stage ``i`` of a step of length ``dt`` its
+gradient times the solver's weight of that stage, ``dt b_i``, which is zero for some stages
+(Dormand-Prince's second) and negative for others: a stage's ``g`` alone is not ``g(t)``.
+Their sum over a step is, to first order, ``dt`` times ``g`` over the step, so in direct mode
+``B`` is built per step from ``G = sum of the stages' g`` as ``B_step = n^2/R sum_r (G_r/dt)
+(G_r/dt)^T``, weighted by ``dt``; ``A`` still uses every stage's input, weighted by
+:func:`time_weights`.  A stage's gradient is assigned to a step by when it arrives: tensor
+hooks on the solver state at each step start (and on the output at ``t1``) note the time of
+that state when its gradient is complete.  A stage's gradient arrives after that of the
+state its output feeds and before that of the state it is evaluated from, whatever the
+solver; so a first-same-as-last stage (evaluated at the end of one step, used as the first
+stage of the next) lands in the step whose weight it carries.  Rejected steps get no gradient.
+(The first adaptive step's length depends on the initial state through torchdiffeq's step-size
+selection, so its stages' gradients also carry that path, as the parameter gradient does.)
+
 Layers outside the ODE blocks (a stem, a head) get the ordinary K-FAC statistics of their
 forward and backward pass on refresh steps.
 
@@ -41,7 +73,10 @@ The weight ``w_j`` of a sample is the time it represents within its own solve
 include both ends ``t0`` and ``t1`` (the block samples them from the gradients of its
 input and output) and the solver's step starts in between (at most one per grid cell of
 ``sample_step``), so uneven adaptive steps are weighted by their length and each solve's
-weights sum to its horizon.  Both factors carry the horizon because
+weights sum to its horizon.  With ``sampling="stages"`` the samples are the kept stage
+evaluations of the solve (in direct mode, for ``B``, its steps weighted by their lengths),
+normalised the same way, so the factors of both modes estimate the same integrals.
+Both factors carry the horizon because
 the gradient of a field layer is the time integral ``int_0^T g z^T dt``, whose per-sample
 second moment is ``≈ (T mean A_j) ⊗ (T mean B_j)``.
 Outer layers: ``A`` and ``B`` are the averages of ``A_call`` and ``B_call`` over the
@@ -63,7 +98,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ode import ODEBlock, State, ode_blocks
+from ._ode import FieldEvaluation, ODEBlock, State, ode_blocks
+
+#: How field layers are sampled (``CurvatureCollector(sampling=...)``); see the module docstring.
+SAMPLINGS = ("steps", "stages")
 
 
 # --------------------------------------------------------------------- layer adapters
@@ -213,6 +251,7 @@ class TrackedLayer:
     count: int = 0
     captures: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     pending: dict[int, _Solve] = field(default_factory=dict)
+    stage_pending: dict[int, _StageSolve] = field(default_factory=dict)
 
     @property
     def weight(self) -> Tensor:
@@ -253,6 +292,36 @@ class TrackedLayer:
         self.span = t1 - t0
         self.count += 1
 
+    def add_stage(self, evaluation: FieldEvaluation, z: Tensor, g: Tensor) -> None:
+        """Keep the input ``z`` and output gradient ``g`` of the layer in one solver evaluation
+        of its field (weighted in :meth:`factors`)."""
+        z = z.detach()
+        g = g.detach()
+        key = id(evaluation.solve)
+        record = self.stage_pending.get(key)
+        if record is None:
+            record = self.stage_pending[key] = _StageSolve(evaluation)
+        rows_z, locations = self.adapter.input_rows(self.module, z)
+        rows_g = self.adapter.output_rows(self.module, g)
+        r = rows_z.shape[0]
+        n = z.shape[0] if z.dim() >= 2 else 1
+        record.scale = n * n / r
+        a = rows_z.T @ rows_z
+        record.a.append(a.div_(r))
+        record.times.append(evaluation.t)
+        record.steps.append(evaluation.step)
+        if evaluation.adjoint:
+            b = rows_g.T @ rows_g
+            record.b.append(b.mul_(record.scale))
+        else:
+            # Backprop hands each stage its gradient times the solver's weight of that stage:
+            # sum them over the step they belong to (see the module docstring).
+            window = len(evaluation.bounds)
+            total = record.windows.get(window)
+            record.windows[window] = rows_g.clone() if total is None else total.add_(rows_g)
+        self.locations = locations
+        self.count += 1
+
     def _settle(self) -> None:
         """Weight the pending field samples by the time they represent and add them to the sums."""
         for record in self.pending.values():
@@ -261,6 +330,14 @@ class TrackedLayer:
             for w, a, b in zip(weights, record.a, record.b):
                 self._add(a.mul_(w), b.mul_(w), w)
         self.pending.clear()
+        for stage_record in self.stage_pending.values():
+            settled = stage_record.factors()
+            if settled is not None:
+                horizon = stage_record.evaluation.t1 - stage_record.evaluation.t0
+                self.horizon_sum += horizon
+                self.span = horizon
+                self._add(settled[0], settled[1], horizon)
+        self.stage_pending.clear()
 
     def _add(self, a: Tensor, b: Tensor, weight: float) -> None:
         if self.a_sum is None or self.b_sum is None:
@@ -297,6 +374,7 @@ class TrackedLayer:
         self.count = 0
         self.captures.clear()
         self.pending.clear()
+        self.stage_pending.clear()
 
 
 @dataclass(eq=False)
@@ -309,6 +387,84 @@ class _Solve:
     times: list[float] = field(default_factory=list)
     a: list[Tensor] = field(default_factory=list)
     b: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _StageSolve:
+    """The solver evaluations of one solve recorded for one layer, before weighting.
+
+    Attributes:
+        evaluation: the first evaluation recorded (the solve, its interval, its rejected
+            steps and, in direct mode, its step bounds are shared by all of them).
+        times, steps, a: per evaluation: its time, its step and ``A_call``.
+        b: adjoint mode: ``B_call`` per evaluation.
+        windows: direct mode: per window (the number of step bounds passed when the
+            gradient arrived), the sum of the output-gradient rows of its evaluations.
+        scale: ``n^2 / R`` of the layer's calls.
+    """
+
+    evaluation: FieldEvaluation
+    times: list[Tensor] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    a: list[Tensor] = field(default_factory=list)
+    b: list[Tensor] = field(default_factory=list)
+    windows: dict[int, Tensor] = field(default_factory=dict)
+    scale: float = 1.0
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(A, B)`` of the solve: its horizon times the time averages, or None without samples.
+
+        Evaluations of rejected steps and outside ``[t0, t1]`` are dropped; the others are
+        weighted by :func:`time_weights` over their times.  One host sync reads the times.
+        """
+        ev = self.evaluation
+        t0, t1 = ev.t0, ev.t1
+        horizon = t1 - t0
+        tol = 1e-9 * max(1.0, abs(t0), abs(t1))
+        times = torch.stack(self.times).tolist()
+        keep = [
+            i
+            for i, (t, step) in enumerate(zip(times, self.steps))
+            if step not in ev.rejected and t0 - tol <= t <= t1 + tol
+        ]
+        if not keep:
+            return None
+        weights = time_weights([min(max(times[i], t0), t1) for i in keep], t0, t1)
+        a = torch.zeros_like(self.a[0])
+        for w, i in zip(weights, keep):
+            a.add_(self.a[i], alpha=w)
+        if ev.adjoint:
+            b = torch.zeros_like(self.b[0])
+            for w, i in zip(weights, keep):
+                b.add_(self.b[i], alpha=w)
+            return a, b
+        # Direct mode: the windows' spans sum to the horizon when every step got gradients.
+        spans = self._spans(t0, t1)
+        if not spans:
+            return None
+        width = self.windows[next(iter(spans))].shape[1]
+        b = torch.zeros(width, width, dtype=a.dtype, device=a.device)
+        for window, span in spans.items():
+            rows = self.windows[window]
+            b.addmm_(rows.T, rows, alpha=self.scale / span)
+        return a, b.mul_(horizon / sum(spans.values()))
+
+    def _spans(self, t0: float, t1: float) -> dict[int, float]:
+        """Direct mode: the time span of each window with gradients, within ``[t0, t1]``.
+
+        Window ``w`` holds the gradients that arrived after ``w`` step bounds: the step from
+        the ``w + 1``-th bound (``t0`` after the last) to the ``w``-th.
+        """
+        bounds = self.evaluation.bounds
+        ends = torch.stack(bounds).tolist() if bounds else []
+        ends.append(t0)
+        spans = {}
+        for window in self.windows:
+            if 1 <= window < len(ends):
+                span = min(ends[window - 1], t1) - max(ends[window], t0)
+                if span > 0:
+                    spans[window] = span
+        return spans
 
 
 def time_weights(times: list[float], t0: float, t1: float) -> list[float]:
@@ -365,6 +521,10 @@ class _LayerHook:
             if collector._recording:
                 layer.sample_calls += 1
                 layer.captures.append((z, output))
+            elif collector.sampling_mode == "stages" and isinstance(output, Tensor) and output.requires_grad:
+                evaluation = layer.block.evaluation
+                if evaluation is not None:
+                    output.register_hook(_StageHook(collector, layer, evaluation, z.detach()))
         elif (
             collector._armed
             and torch.is_grad_enabled()
@@ -402,6 +562,36 @@ class _OuterBackward:
         self.collector.collect_time += time.perf_counter() - start
 
 
+class _StageHook:
+    """Tensor hook on a field layer's output in one solver evaluation: receives its ``g``.
+
+    A gradient that arrives while the evaluation is still in progress comes from an autograd
+    call inside the field (a CNF's trace), not from the backward pass: it is ignored.
+    """
+
+    def __init__(
+        self, collector: CurvatureCollector, layer: TrackedLayer, evaluation: FieldEvaluation, z: Tensor
+    ) -> None:
+        self.collector = collector
+        self.layer = layer
+        self.evaluation = evaluation
+        self.z = z
+
+    def __call__(self, grad: Tensor) -> None:
+        block = self.layer.block
+        evaluation = self.evaluation
+        if block is None or block.evaluation is evaluation:
+            return
+        start = time.perf_counter()
+        self.layer.add_stage(evaluation, self.z, grad)
+        collector = self.collector
+        if id(evaluation) not in collector._seen:
+            collector._seen[id(evaluation)] = evaluation
+            collector.samples += 1
+            block._count("samples")
+        collector.collect_time += time.perf_counter() - start
+
+
 # ---------------------------------------------------------------------- collector
 class CurvatureCollector:
     """Collects the Kronecker factors of every Linear/Conv2d layer of a model.
@@ -415,16 +605,22 @@ class CurvatureCollector:
 
     Args:
         model: the model.
-        sample_step: grid spacing of the samples along each block's backward solve, as a
-            fraction of the horizon ``t1 - t0``, in (0, 1].
+        sample_step: ``"steps"`` sampling: grid spacing of the samples along each block's
+            backward solve, as a fraction of the horizon ``t1 - t0``, in (0, 1].
         full_precond: also collect the layers outside the ODE blocks.
         params: if given, only layers whose weight is among these parameters are tracked.
+        sampling: how field layers are sampled (:data:`SAMPLINGS`): ``"steps"``, an explicit
+            evaluation of the field at the solver's step starts (at most one per grid cell of
+            ``sample_step``) and both ends; ``"stages"``, the solver's own evaluations, with no
+            evaluation of its own.  See the module docstring.
 
     Attributes:
         layers: the :class:`TrackedLayer` records, field layers first.
         skipped: qualified name -> reason for every module with parameters that is not tracked.
-        samples: samples taken since construction.
+        samples: samples taken since construction (``"stages"``: solver evaluations whose
+            output gradients arrived).
         collect_time: seconds spent computing statistics since construction.
+        sampling_mode: the ``sampling`` argument.
     """
 
     def __init__(
@@ -434,10 +630,13 @@ class CurvatureCollector:
         sample_step: float = 0.01,
         full_precond: bool = True,
         params: Iterable[Tensor] | None = None,
+        sampling: str = "steps",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
         self.sample_step = _check_sample_step(sample_step)
+        self.sampling_mode = check_sampling(sampling)
+        self._seen: dict[int, FieldEvaluation] = {}
         self.full_precond = bool(full_precond)
         wanted = None if params is None else {id(p) for p in params}
         self.layers: list[TrackedLayer] = []
@@ -491,6 +690,10 @@ class CurvatureCollector:
     def sample_spacing(self, block: ODEBlock) -> float:
         """``sample_step * (t1 - t0)``."""
         return self.sample_step * (block.t1 - block.t0)
+
+    def stages(self, block: ODEBlock) -> bool:
+        """True with ``sampling="stages"``: the block publishes the solver's evaluations."""
+        return self.sampling_mode == "stages"
 
     def sample(self, block: ODEBlock, t: float, state: State, adjoint: State, call: object) -> None:
         """Add one sample of solve ``call``: evaluate the field at ``(t, state)``, pull ``adjoint``
@@ -565,6 +768,7 @@ class CurvatureCollector:
         """Forget the statistics of every layer."""
         for layer in self.layers:
             layer.reset()
+        self._seen.clear()
 
     def remove(self) -> None:
         """Remove the hooks and uninstall the collector from the blocks it sampled."""
@@ -587,6 +791,13 @@ class CurvatureCollector:
 
 def _none() -> None:
     return None
+
+
+def check_sampling(value: Any) -> str:
+    """Validate a ``sampling`` choice: one of :data:`SAMPLINGS`."""
+    if not isinstance(value, str) or value not in SAMPLINGS:
+        raise ValueError(f"`sampling` must be one of {list(SAMPLINGS)}, but got sampling={value!r}.")
+    return value
 
 
 def _check_sample_step(value: Any) -> float:

@@ -4,14 +4,16 @@ The block wraps the user's vector field in :class:`_Field`, which counts functio
 evaluations and exposes torchdiffeq's own step callbacks (``callback_step`` and
 ``callback_step_adjoint``).  Those callbacks hand us the exact solver state (and, in
 the adjoint solve, the exact adjoint) at every step start, which is how curvature is
-sampled along the backward solve without patching the solver.
+sampled along the backward solve without patching the solver.  A sampler may instead
+record the solver's own evaluations of the field (:meth:`StateSampler.stages`): the block
+then publishes each evaluation as :attr:`ODEBlock.evaluation` while it runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Union
 
 import torch
@@ -121,6 +123,55 @@ class StateSampler(Protocol):
         sampled at both ends ``t0`` and ``t1`` and at step starts in between.
         """
 
+    def stages(self, block: ODEBlock) -> bool:
+        """Whether the sampler records the solver's own field evaluations instead (optional).
+
+        When True, :meth:`sample` is never called: on sampled passes the block publishes
+        every evaluation of the field by the solve that carries the gradient (the adjoint
+        solve in adjoint mode, the forward solve in direct mode) as
+        :attr:`ODEBlock.evaluation` while it runs.  A sampler without this method samples
+        step starts.
+        """
+
+
+@dataclass(eq=False)
+class FieldEvaluation:
+    """One evaluation of a block's field by the solver, on a pass sampled at its stages.
+
+    The block publishes it as :attr:`ODEBlock.evaluation` for the duration of the call, so
+    that hooks inside the field know the solve and time they run at; a gradient that
+    arrives while it is still published comes from an autograd call inside the field (a
+    CNF's trace), not from the backward pass.
+
+    Attributes:
+        solve: identifies the solve (one block call and its backward pass); the same
+            object for every evaluation of that solve.
+        t: the time of the evaluation, a 0-dim tensor (read on the host when the samples
+            are weighted, not here).
+        step: the solver step the evaluation belongs to: 0 before the first step (the
+            initial derivative and the initial step-size probe of adaptive solvers), then
+            1, 2, ... counting attempted steps (rejected ones included).
+        t0: start of the solve's interval.
+        t1: end of the solve's interval.
+        adjoint: whether the gradient comes from an adjoint solve (True) or from
+            backpropagation through the forward solve (False).
+        rejected: the steps of this solve rejected so far (shared with the solve, filled as
+            it goes).
+        bounds: direct mode: the times of the step starts (and of ``t1`` first) whose
+            gradient has arrived during backward, in arrival order (shared with the solve).
+            A gradient that arrives after ``k`` of them belongs to the step that ends at the
+            ``k``-th (see :mod:`snopt._curvature`).
+    """
+
+    solve: object
+    t: Tensor
+    step: int
+    t0: float
+    t1: float
+    adjoint: bool
+    rejected: set[int]
+    bounds: list[Tensor]
+
 
 class _Field(nn.Module):
     """The user's field, plus NFE counting and torchdiffeq step callbacks."""
@@ -137,6 +188,7 @@ class _Field(nn.Module):
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         block = self._block
         run = block._run
+        evaluation = None
         if run is not None:
             block._count("nfe_backward" if run.backward_phase else "nfe_forward")
             run.nfe += 1
@@ -149,9 +201,15 @@ class _Field(nn.Module):
                 )
             if block.stop_check is not None:
                 block.stop_check(block)
-        if block._shapes is None:
-            return self.func(t, y)
-        return _flatten(self.func(t, _unflatten(y, block._shapes)))
+            if run.stages and run.in_sampled_phase() and torch.is_grad_enabled():
+                evaluation = run.evaluation(t)
+        block._evaluation = evaluation
+        try:
+            if block._shapes is None:
+                return self.func(t, y)
+            return _flatten(self.func(t, _unflatten(y, block._shapes)))
+        finally:
+            block._evaluation = None
 
     # torchdiffeq looks these up by name; see torchdiffeq/_impl/misc.py.
     def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
@@ -166,22 +224,43 @@ class _AdaptiveField(_Field):
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         self._block._count("rejected_forward")
+        self._block._on_reject()
 
     def callback_reject_step_adjoint(self, t0: Tensor, y_aug: Any, dt: Tensor) -> None:
         self._block._count("rejected_backward")
+        self._block._on_reject()
 
 
+@dataclass(eq=False)
 class _Run:
     """Book-keeping of one forward call and the backward pass that follows it."""
 
-    def __init__(self, sampler: StateSampler | None, t0: float, spacing: float) -> None:
-        self.backward_phase = False
-        #: Field evaluations of the current solve (reset when the backward pass starts).
-        self.nfe = 0
-        self.sampler = sampler
-        self.t0 = t0
-        self.spacing = spacing
-        self.cells: set[int] = set()
+    sampler: StateSampler | None
+    t0: float
+    spacing: float
+    t1: float = 0.0
+    adjoint: bool = True
+    #: Whether the sampler records the solver's own evaluations (:meth:`StateSampler.stages`).
+    stages: bool = False
+    backward_phase: bool = False
+    #: Field evaluations of the current solve (reset when the backward pass starts).
+    nfe: int = 0
+    cells: set[int] = field(default_factory=set)
+    #: Stage sampling: attempted steps of the sampled solve, the rejected ones, and (direct
+    #: mode) the step-start times whose gradient has arrived (see :class:`FieldEvaluation`).
+    step: int = 0
+    rejected: set[int] = field(default_factory=set)
+    bounds: list[Tensor] = field(default_factory=list)
+
+    def in_sampled_phase(self) -> bool:
+        """Whether the solve running now is the one whose evaluations carry the gradient."""
+        return self.backward_phase == self.adjoint
+
+    def evaluation(self, t: Tensor) -> FieldEvaluation:
+        """The record of an evaluation of the field at time ``t`` in the current step."""
+        return FieldEvaluation(
+            self, t.detach(), self.step, self.t0, self.t1, self.adjoint, self.rejected, self.bounds
+        )
 
     def new_cell(self, t: float) -> bool:
         """True the first time a time in a given grid cell is seen."""
@@ -349,11 +428,21 @@ class ODEBlock(nn.Module):
         self.sampler: StateSampler | None = None
         self._run: _Run | None = None
         self._shapes: list[torch.Size] | None = None
+        self._evaluation: FieldEvaluation | None = None
 
     @property
     def func(self) -> nn.Module:
         """The user's vector field."""
         return self.field.func
+
+    @property
+    def evaluation(self) -> FieldEvaluation | None:
+        """The solver's evaluation of the field in progress, on passes sampled at the stages.
+
+        None outside such an evaluation, on other passes, and in the solve that carries no
+        gradient (the no-grad forward solve of adjoint mode).
+        """
+        return self._evaluation
 
     @property
     def t1(self) -> float:
@@ -395,16 +484,13 @@ class ODEBlock(nn.Module):
         t1 = self.t1
         self.stats = SolverStats(t1=t1)
         self.totals.t1 = t1
-        sampler = self.sampler
-        if sampler is None or not torch.is_grad_enabled() or not sampler.sampling(self):
-            sampler = None
-        spacing = sampler.sample_spacing(self) if sampler is not None else 1.0
-        self._run = run = _Run(sampler, self.t0, spacing)
-        if sampler is not None and not y0.requires_grad:
+        self._run = run = self._new_run(t1)
+        steps, stages = run.sampler is not None and not run.stages, run.stages
+        if steps and not y0.requires_grad:
             # Sampling needs the adjoint at t0: a leaf that requires grad gets it (direct mode
             # also samples through tensor hooks on the solver state).
             y0 = y0.detach().requires_grad_()
-        if sampler is not None and self.adjoint:
+        if steps and self.adjoint:
             # The adjoint solve's step starts never include t0: sample it from y0's gradient.
             y0.register_hook(self._end_sample_hook(run, self.t0, y0.detach(), self._shapes))
         t = torch.tensor(
@@ -429,9 +515,12 @@ class ODEBlock(nn.Module):
             run.backward_phase = True
             run.nfe = 0
         out = ys[-1]
-        if not self.adjoint and out.requires_grad and run.sampler is not None:
+        if not self.adjoint and out.requires_grad and steps:
             # The forward steps of a direct solve never start at t1: sample it from out's gradient.
             out.register_hook(self._end_sample_hook(run, t1, out.detach(), self._shapes))
+        if not self.adjoint and out.requires_grad and stages:
+            # The first bound of the backward pass through the steps (see FieldEvaluation.bounds).
+            out.register_hook(_BoundHook(run.bounds, t[-1]))
         if self.adjoint and out.requires_grad:
             # A block called several times in one forward (an ODE-RNN) must sample and count
             # (for ``max_nfe``) each adjoint solve with that call's own record and shapes.
@@ -443,6 +532,16 @@ class ODEBlock(nn.Module):
         if self.horizon_grad and out.requires_grad:
             out.register_hook(self._horizon_hook(t[-1], out.detach(), self._shapes))
         return _unflatten(out, self._shapes) if self._shapes is not None else out
+
+    def _new_run(self, t1: float) -> _Run:
+        """The record of a call: whether and how its sampler samples it (a pass with grad only)."""
+        sampler = self.sampler
+        if sampler is None or not torch.is_grad_enabled() or not sampler.sampling(self):
+            return _Run(None, self.t0, 1.0, t1=t1, adjoint=self.adjoint)
+        stages_of = getattr(sampler, "stages", None)
+        stages = bool(stages_of(self)) if stages_of is not None else False
+        spacing = 1.0 if stages else sampler.sample_spacing(self)
+        return _Run(sampler, self.t0, spacing, t1=t1, adjoint=self.adjoint, stages=stages)
 
     def _end_sample_hook(
         self, run: _Run, t: float, state: Tensor, shapes: list[torch.Size] | None
@@ -517,6 +616,12 @@ class ODEBlock(nn.Module):
         sampler = run.sampler
         if sampler is None:
             return
+        if run.stages:
+            if run.in_sampled_phase():
+                run.step += 1
+                if not self.adjoint and y0.requires_grad:
+                    y0.register_hook(_BoundHook(run.bounds, t0.detach()))
+            return
         t = float(t0)  # a host sync, on sampled (refresh) passes only
         shapes = self._shapes
         if adjoint_state is not None:
@@ -530,6 +635,11 @@ class ODEBlock(nn.Module):
 
             y0.register_hook(hook)
 
+    def _on_reject(self) -> None:
+        run = self._run
+        if run is not None and run.stages and run.in_sampled_phase():
+            run.rejected.add(run.step)
+
     def _take_sample(
         self, run: _Run, t: float, y: Tensor, adj: Tensor, shapes: list[torch.Size] | None
     ) -> None:
@@ -541,6 +651,18 @@ class ODEBlock(nn.Module):
             sampler.sample(self, t, _unflatten(y.detach(), shapes), _unflatten(adj.detach(), shapes), run)
         else:
             sampler.sample(self, t, y.detach(), adj.detach(), run)
+
+
+class _BoundHook:
+    """A tensor hook on a direct solve's state that notes the time of that state when its
+    gradient arrives: the gradients that arrive after it belong to the step that ends there."""
+
+    def __init__(self, bounds: list[Tensor], t: Tensor) -> None:
+        self.bounds = bounds
+        self.t = t
+
+    def __call__(self, grad: Tensor) -> None:
+        self.bounds.append(self.t)
 
 
 def ode_blocks(model: nn.Module) -> list[tuple[str, ODEBlock]]:

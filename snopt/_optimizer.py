@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _defaults as D
-from ._curvature import CurvatureCollector, TrackedLayer
+from ._curvature import CurvatureCollector, TrackedLayer, check_sampling
 
 Schedule = Union[float, Callable[[int], float]]  # noqa: UP007 - a runtime alias
 
@@ -415,6 +415,7 @@ class _Engine:
         update_growth: float,
         sample_step: Any,
         full_precond: bool,
+        sampling: str,
         params: Iterable[Tensor] | None = None,
     ) -> None:
         self.curvature = CURVATURES[curvature]
@@ -426,6 +427,7 @@ class _Engine:
             sample_step=_resolve("sample_step", sample_step, 0),
             full_precond=full_precond,
             params=params,
+            sampling=sampling,
         )
         self.steps = 0
         self.last_refresh: int | None = None
@@ -641,8 +643,8 @@ class SNOpt(torch.optim.Optimizer):
     Build it before the first forward pass of training.  Losses are assumed to be
     averaged over the batch (torch's default reductions).
 
-    Every hyperparameter except ``curvature``, ``update_growth``, ``untracked`` and
-    ``full_precond`` may be a constant or a schedule: a callable of the 0-based step index
+    Every hyperparameter except ``curvature``, ``update_growth``, ``sampling``, ``untracked``
+    and ``full_precond`` may be a constant or a schedule: a callable of the 0-based step index
     returning the value (validated at step 0 and at every use; to save a state with
     ``torch.save``, use picklable module-level functions).  ``damping`` and
     ``factor_decay`` are read on refresh steps.  LR schedulers work on a constant ``lr`` as
@@ -669,7 +671,10 @@ class SNOpt(torch.optim.Optimizer):
             ``update_freq`` (>= 0; 0 keeps it constant).
         alpha: ``"reference"``: decay of the running second moment, in [0, 1].
         sample_step: spacing of the curvature samples along the backward solve, as a
-            fraction of the horizon, in (0, 1].
+            fraction of the horizon, in (0, 1] (``sampling="steps"``).
+        sampling: ``"steps"`` (an explicit field evaluation per sample, at the adjoint
+            solve's step starts) or ``"stages"`` (the solver's own evaluations on refresh
+            steps, no extra evaluation); see :mod:`snopt._curvature`.
         full_precond: also precondition the layers outside the ODE blocks.
         untracked: ``"adam"`` or ``"sgd"``: the step of parameters without curvature.
         diag_scale: ratio of the untracked parameters' Adam learning rate to ``lr`` (> 0).
@@ -700,6 +705,7 @@ class SNOpt(torch.optim.Optimizer):
         update_growth: float = D.SNOPT["update_growth"],
         alpha: Schedule = D.SNOPT["alpha"],
         sample_step: Schedule = D.SNOPT["sample_step"],
+        sampling: str = D.SNOPT["sampling"],
         full_precond: bool = D.SNOPT["full_precond"],
         untracked: str = D.SNOPT["untracked"],
         diag_scale: Schedule = D.SNOPT["diag_scale"],
@@ -724,23 +730,21 @@ class SNOpt(torch.optim.Optimizer):
             diag_scale=_check_hyper("diag_scale", diag_scale),
         )
         self.untracked = _check_choice("untracked", untracked, UNTRACKED)
-        update_freq = _check_update_freq(update_freq)
-        update_growth = _check_growth(update_growth)
-        sample_step = _check_hyper("sample_step", sample_step)
-        full_precond = _check_bool("full_precond", full_precond)
+        self.update_freq = _check_update_freq(update_freq)
+        self.update_growth = _check_growth(update_growth)
+        self.sample_step = _check_hyper("sample_step", sample_step)
+        self.sampling = check_sampling(sampling)
+        self.full_precond = _check_bool("full_precond", full_precond)
         super().__init__(model.parameters() if params is None else params, defaults)
         optimized = [p for group in self.param_groups for p in group["params"]]
-        self.update_freq = update_freq
-        self.update_growth = update_growth
-        self.sample_step = sample_step
-        self.full_precond = full_precond
         self._engine = _Engine(
             model,
             curvature=self.curvature,
-            update_freq=update_freq,
-            update_growth=update_growth,
-            sample_step=sample_step,
-            full_precond=full_precond,
+            update_freq=self.update_freq,
+            update_growth=self.update_growth,
+            sample_step=self.sample_step,
+            full_precond=self.full_precond,
+            sampling=self.sampling,
             params=optimized,
         )
         self.collector = self._engine.collector
@@ -926,6 +930,7 @@ class SNOptPreconditioner:
         update_growth: growth of the refresh interval per refresh (>= 0).
         alpha: ``"reference"``: decay of the second moment, in [0, 1].
         sample_step: spacing of the curvature samples, a fraction of the horizon in (0, 1].
+        sampling: ``"steps"`` or ``"stages"`` (see :class:`SNOpt`).
         full_precond: also precondition the layers outside the ODE blocks.
     """
 
@@ -941,6 +946,7 @@ class SNOptPreconditioner:
         update_growth: float = D.SNOPT["update_growth"],
         alpha: Schedule = D.SNOPT["alpha"],
         sample_step: Schedule = D.SNOPT["sample_step"],
+        sampling: str = D.SNOPT["sampling"],
         full_precond: bool = D.SNOPT["full_precond"],
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -956,6 +962,7 @@ class SNOptPreconditioner:
         self.update_freq = _check_update_freq(update_freq)
         self.update_growth = _check_growth(update_growth)
         self.sample_step = _check_hyper("sample_step", sample_step)
+        self.sampling = check_sampling(sampling)
         self.full_precond = _check_bool("full_precond", full_precond)
         self._engine = _Engine(
             model,
@@ -964,6 +971,7 @@ class SNOptPreconditioner:
             update_growth=self.update_growth,
             sample_step=self.sample_step,
             full_precond=self.full_precond,
+            sampling=self.sampling,
         )
         self.collector = self._engine.collector
         self.state: dict[str, dict[str, Tensor]] = {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snopt import ODEBlock, RunConfig
+from snopt import ODEBlock, RunConfig, SNOpt
 from snopt._run import build_optimizer
 
 DT = torch.float64
@@ -154,6 +154,30 @@ class TestSNOptReference(OptimizerContract):
     name = "snopt"
     lr = 0.1
     settings: ClassVar[dict[str, Any]] = {"snopt_curvature": "reference"}
+
+
+class TestSNOptStages(OptimizerContract):
+    """Curvature from the adjoint solve's own stage evaluations (``sampling="stages"``).
+
+    ``RunConfig`` has no field for it (``"steps"`` is the default), so the optimizer is built
+    as :func:`snopt._run.build_optimizer` builds SNOpt, plus the keyword.
+    """
+
+    name = "snopt"
+    lr = 0.1
+
+    def make(self, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
+        return SNOpt(model, lr=overrides.get("lr", self.lr), sampling="stages")
+
+    def test_refresh_steps_record_the_stage_evaluations(self):
+        model = _model()
+        opt = self.make(model)
+        self.train(model, opt, _batches(3))
+        block = model[1]
+        # One refresh (the first step), sampled at every evaluation of its adjoint solve
+        # (rk4: 4 per step, 4 steps) and no other.
+        assert opt.stats["refreshes"] == 1 and opt.stats["samples"] == 16
+        assert block.stats.samples == 0  # the last step was no refresh
 
 
 class TestAdam(OptimizerContract):

@@ -15,7 +15,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from snopt._curvature import CurvatureCollector, adapter_for, time_weights
-from snopt._models import CNF, ODEClassifier
+from snopt._models import CNF, ODERNN, ODEClassifier
 from snopt._ode import ODEBlock
 
 DT = torch.float64
@@ -459,3 +459,230 @@ def test_unsupported_modules_are_listed_and_copies_are_not_tracked():
 def test_invalid_sample_step_is_rejected(bad):
     with pytest.raises(ValueError, match=r"`sample_step` must be a number in \(0, 1\]"):
         CurvatureCollector(nn.Linear(2, 2), sample_step=bad)
+
+
+# ------------------------------------------------------------ sampling="stages"
+def _stage_collector(model):
+    collector = CurvatureCollector(model, sampling="stages")
+    collector.arm(True)
+    return collector
+
+
+def _rel(got, ref):
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", {"step_size": 0.1})])
+def test_stage_factors_match_a_brute_force_integral_on_a_fine_grid(adjoint, method, options):
+    """The solver's own evaluations, weighted by the time each represents, integrate A(t) and B(t).
+
+    Adaptive steps are uneven here; in direct mode B comes from the per-step sums of the
+    stages' gradients (backprop scales each stage's by its solver weight).
+    """
+    g = torch.Generator().manual_seed(2)
+    T, n = 2.0, 3
+    field = AffineField(3, g)
+    with torch.no_grad():
+        field.lin.weight.mul_(2.0)
+    block = ODEBlock(field, 0.0, T, method=method, options=options, rtol=1e-8, atol=1e-8, adjoint=adjoint)
+    collector = _stage_collector(block)
+    x0 = torch.randn(n, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+    s = block.stats
+    # Every evaluation of the solve that carries the gradient is a sample (the adjoint
+    # solve; in direct mode the forward solve, whose rejected steps get no gradient).
+    nfe = s.nfe_backward - 1 if adjoint else s.nfe_forward  # -1: dL/dt1's evaluation
+    assert 20 < collector.samples <= nfe
+    if method == "rk4":
+        assert collector.samples == nfe
+    (layer,) = collector.layers
+    A, B, _ = layer.factors()
+    a_ref, b_ref = _fine_integral(field, x0, w, T)
+    assert _rel(A, a_ref) < 3e-3 and _rel(B, b_ref) < 3e-3, (_rel(A, a_ref), _rel(B, b_ref))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_stage_sampling_drops_the_evaluations_of_rejected_steps(adjoint):
+    """A first step over half the horizon is rejected (three times here): its stages sit far
+    off the trajectory (A would be 3% off with them) and must not count."""
+    g = torch.Generator().manual_seed(2)
+    T, n = 2.0, 3
+    field = AffineField(3, g)
+    with torch.no_grad():
+        field.lin.weight.mul_(2.0)
+    block = ODEBlock(field, 0.0, T, rtol=1e-8, atol=1e-8, options={"first_step": 1.0}, adjoint=adjoint)
+    collector = _stage_collector(block)
+    x0 = torch.randn(n, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum(1).mean().backward()
+    assert (block.stats.rejected_backward if adjoint else block.stats.rejected_forward) > 0
+    A, B, _ = collector.layers[0].factors()
+    a_ref, b_ref = _fine_integral(field, x0, w, T)
+    assert _rel(A, a_ref) < 3e-3 and _rel(B, b_ref) < 3e-3, (_rel(A, a_ref), _rel(B, b_ref))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", {"step_size": 0.1})])
+def test_stage_sampling_adds_no_field_evaluation_and_records_only_on_refresh(adjoint, method, options):
+    """A refresh pass evaluates the field exactly as often as a plain pass: the solver's own NFE."""
+    g = torch.Generator().manual_seed(5)
+    calls = []
+
+    class Counted(TanhField):
+        def forward(self, t, x):
+            calls.append(t)
+            return super().forward(t, x)
+
+    field = Counted(2, 4, g)
+    block = ODEBlock(field, 0.0, 1.0, method=method, options=options, adjoint=adjoint)
+    collector = CurvatureCollector(block, sampling="stages")
+    x0 = torch.randn(3, 2, generator=g, dtype=DT)
+    seen = {}
+    for refresh in (False, True, False):
+        collector.arm(refresh)
+        calls.clear()
+        before = collector.samples
+        (block(x0) ** 2).sum().backward()
+        s = block.stats
+        assert len(calls) == s.nfe_forward + s.nfe_backward  # dL/dt1's evaluation included
+        seen.setdefault(refresh, []).append(len(calls))
+        if refresh:
+            assert collector.samples > before and s.samples == collector.samples - before
+            assert all(layer.factors() is not None for layer in collector.layers)
+            collector.reset()
+        else:
+            assert collector.samples == before and s.samples == 0
+            assert all(not layer.stage_pending and layer.factors() is None for layer in collector.layers)
+    assert seen[True][0] == seen[False][0] == seen[False][1]
+
+
+def _closed_form_conv(field, x0, w, T):
+    """x(t) and a(t) of the conv field as a dense affine flow on the flattened state."""
+    n, d = len(x0), x0[0].numel()
+    with torch.no_grad():
+        bias_part = field.conv(torch.zeros(1, *x0.shape[1:], dtype=DT)).reshape(-1)
+        eye = torch.eye(d, dtype=DT).reshape(d, *x0.shape[1:])
+        m_lin = (field.conv(eye).reshape(d, d) - bias_part).T
+    m = torch.zeros(d + 1, d + 1, dtype=DT)
+    m[:d, :d], m[:d, d] = m_lin, bias_part
+    x0_aug = torch.cat([x0.reshape(n, d), torch.ones(n, 1, dtype=DT)], 1)
+
+    def state(t):
+        return (x0_aug @ torch.linalg.matrix_exp(m * t).T)[:, :d].reshape(x0.shape)
+
+    def adjoint(t):
+        return ((w.reshape(n, d) / n) @ torch.linalg.matrix_exp(m_lin * (T - t))).reshape(x0.shape)
+
+    return state, adjoint
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_conv_stage_factors_match_a_brute_force_integral(adjoint):
+    g = torch.Generator().manual_seed(3)
+    T, n, L = 0.6, 2, 9
+    field = ConvField(g)
+    block = ODEBlock(field, 0.0, T, method="rk4", options={"step_size": 0.1}, adjoint=adjoint)
+    collector = _stage_collector(block)
+    x0 = torch.randn(n, 2, 3, 3, generator=g, dtype=DT)
+    w = torch.randn(n, 2, 3, 3, generator=g, dtype=DT)
+    (w * block(x0)).sum((1, 2, 3)).mean().backward()
+    state, adj = _closed_form_conv(field, x0, w, T)
+    points = 241
+    a_ref = torch.zeros(19, 19, dtype=DT)
+    b_ref = torch.zeros(2, 2, dtype=DT)
+    for j, t in enumerate(torch.linspace(0, T, points, dtype=DT).tolist()):
+        wt = T / (points - 1) / (2 if j in (0, points - 1) else 1)
+        z = torch.cat([_unfold_by_loops(state(t), 3, 1), torch.ones(n * L, 1, dtype=DT)], 1)
+        rows = adj(t).permute(0, 2, 3, 1).reshape(-1, 2)
+        a_ref += wt * z.T @ z / (n * L)
+        b_ref += wt * (n * rows).T @ (n * rows) / (n * L)
+    A, B, locations = collector.layers[0].factors()
+    assert locations == L
+    assert _rel(A, a_ref) < 2e-3 and _rel(B, b_ref) < 2e-3, (_rel(A, a_ref), _rel(B, b_ref))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_stage_factors_of_a_block_solved_twice_carry_both_horizons(adjoint):
+    """Two solves of one block per forward (an ODE-RNN's pattern): each weighted in its own solve."""
+    g = torch.Generator().manual_seed(5)
+    T, n = 1.0, 5
+    field = AffineField(3, g)
+    block = ODEBlock(field, 0.0, T, rtol=1e-8, atol=1e-8, adjoint=adjoint)
+    collector = _stage_collector(block)
+    x1, x2, w1, w2 = (torch.randn(n, 3, generator=g, dtype=DT) for _ in range(4))
+    ((w1 * block(x1)).sum(1).mean() + (w2 * block(x2)).sum(1).mean()).backward()
+    a1, b1 = _fine_integral(field, x1, w1, T)
+    a2, b2 = _fine_integral(field, x2, w2, T)
+    (layer,) = collector.layers
+    assert len(layer.stage_pending) == 2
+    A, B, _ = layer.factors()
+    assert _rel(A, a1 + a2) < 3e-3 and _rel(B, b1 + b2) < 3e-3, (_rel(A, a1 + a2), _rel(B, b1 + b2))
+
+
+def _steps_and_stages(build, loss, step):
+    """Factors of the same pass sampled at the step starts and at the stages."""
+    out = {}
+    for sampling in ("steps", "stages"):
+        torch.manual_seed(11)
+        model = build()
+        collector = CurvatureCollector(model, sample_step=step, sampling=sampling)
+        collector.arm(True)
+        loss(model).backward()
+        out[sampling] = (model, collector, {layer.name: layer.factors() for layer in collector.layers})
+    return out
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_stage_sampling_of_a_cnf_ignores_the_inner_trace_gradient(trace, adjoint):
+    """One output gradient per evaluation reaches each layer (the trace's own autograd calls,
+    made while the evaluation runs, do not), and the factors agree with step sampling, which
+    takes the adjoint's product through the field explicitly, to the quadrature error."""
+    x = torch.randn(6, 2, dtype=DT)
+
+    def build():
+        rk4 = dict(method="rk4", options={"step_size": 0.05}, adjoint=adjoint)
+        return CNF(2, hidden=4, depth=1, trace=trace, **rk4).to(DT)
+
+    out = _steps_and_stages(build, lambda model: -model.log_prob(x).mean(), 0.05)
+    model, collector, stages = out["stages"]
+    s = model.blocks[0].stats
+    assert collector.samples == (s.nfe_backward - 1 if adjoint else s.nfe_forward) == s.samples
+    for layer in collector.layers:
+        assert layer.count == collector.samples
+    for name, (A, B, _) in stages.items():
+        A_ref, B_ref, _ = out["steps"][2][name]
+        assert _rel(A, A_ref) < 5e-3 and _rel(B, B_ref) < 5e-3, (name, _rel(A, A_ref), _rel(B, B_ref))
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_stage_sampling_of_an_odernn_matches_step_sampling(adjoint):
+    """Tuple states, a gap-scaled field and one solve per observation gap."""
+    times = torch.tensor([[0.0, 0.4, 1.0, 1.3], [0.0, 0.5, 0.7, 1.5]], dtype=DT)
+    values = torch.randn(2, 4, 2, dtype=DT)
+    target = torch.randn(2, 1, dtype=DT)
+
+    def build():
+        rk4 = dict(method="rk4", options={"step_size": 0.05}, adjoint=adjoint)
+        return ODERNN(2, 3, 1, hidden=4, depth=1, **rk4).to(DT)
+
+    def loss(model):
+        return nn.functional.mse_loss(model(times, values), target)
+
+    out = _steps_and_stages(build, loss, 0.05)
+    model, collector, stages = out["stages"]
+    assert len(stages) == 3  # the field's two layers and the head; the GRU cell has no adapter
+    assert len([layer for layer in collector.layers if layer.block is not None]) == 2
+    assert collector.samples == model.blocks[0].totals.samples > 0
+    for name, (A, B, _) in stages.items():
+        A_ref, B_ref, _ = out["steps"][2][name]
+        assert _rel(A, A_ref) < 5e-3 and _rel(B, B_ref) < 5e-3, (name, _rel(A, A_ref), _rel(B, B_ref))
+
+
+@pytest.mark.parametrize("bad", ["stage", "", None, 1])
+def test_invalid_sampling_is_rejected(bad):
+    message = r"`sampling` must be one of \['steps', 'stages'\], but got sampling="
+    with pytest.raises(ValueError, match=message):
+        CurvatureCollector(nn.Linear(2, 2), sampling=bad)

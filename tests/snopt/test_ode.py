@@ -233,6 +233,65 @@ def test_sampler_gets_exact_state_and_adjoint(adjoint):
         torch.testing.assert_close(adj, a_ref, rtol=1e-5, atol=1e-6)
 
 
+class _StageRecorder:
+    """A StateSampler of the solver's own evaluations: its field records what the block publishes."""
+
+    def sampling(self, block):
+        return True
+
+    def sample_spacing(self, block):
+        return 1.0
+
+    def sample(self, block, t, state, adjoint, call):
+        raise AssertionError("a stage sampler is never handed step-start samples")
+
+    def stages(self, block):
+        return True
+
+
+class _Published(Linear):
+    def __init__(self, a):
+        super().__init__(a)
+        self.block = None
+        self.seen = []
+
+    def forward(self, t, x):
+        self.seen.append(self.block.evaluation)
+        return super().forward(t, x)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_stage_sampling_publishes_the_evaluations_of_the_solve_that_carries_the_gradient(adjoint):
+    """Adjoint mode: the adjoint solve's evaluations, numbered by its own steps (the forward
+    solve's rejected step marks nothing); direct mode: the forward solve's, and the step
+    starts' times as their gradients arrive, from t1 down."""
+    a, x0, w = _problem(2)
+    field = _Published(2 * a)
+    block = ODEBlock(field, 0.0, 2.0, rtol=1e-6, atol=1e-6, adjoint=adjoint)
+    field.block = block
+    block.sampler = _StageRecorder()
+    out = block(x0)
+    forward = list(field.seen)
+    (w * out).sum().backward()
+    s = block.stats
+    assert s.rejected_forward == 1 and s.rejected_backward == 0
+    published = [e for e in field.seen if e is not None]
+    if adjoint:
+        assert all(e is None for e in forward)
+        assert len(published) == s.nfe_backward - 1  # dL/dt1's evaluation is not the solver's
+        steps = [e.step for e in published]
+        assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == s.steps_backward
+        assert published[0].t.item() == 2.0 and not published[0].rejected
+    else:
+        assert len(published) == len(forward) == s.nfe_forward
+        assert published[-1].step == s.steps_forward and len(published[0].rejected) == 1
+        bounds = [b.item() for b in published[0].bounds]
+        # t1, then the starts of the attempted steps but the first (x0 needs no gradient).
+        assert bounds[0] == 2.0 and bounds == sorted(bounds, reverse=True)
+        assert len(bounds) == s.steps_forward and bounds[-1] > 0.0
+    assert len({id(e.solve) for e in published}) == 1 and block.evaluation is None
+
+
 def test_sampler_is_not_called_without_grad():
     a, x0, _ = _problem()
     block = ODEBlock(Linear(a), 0.0, 1.0)

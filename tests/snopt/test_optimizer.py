@@ -194,13 +194,15 @@ def test_basis_is_kept_between_refreshes_and_moment_follows_the_running_update()
     assert opt.stats["refreshes"] == 2
 
 
-@pytest.mark.parametrize("curvature", ["kfac", "reference"])
+@pytest.mark.parametrize(
+    "curvature,sampling", [("kfac", "steps"), ("reference", "steps"), ("kfac", "stages")]
+)
 @pytest.mark.parametrize("full_precond", [True, False])
-def test_optimizer_equals_preconditioner_in_front_of_torch_sgd(full_precond, curvature):
+def test_optimizer_equals_preconditioner_in_front_of_torch_sgd(full_precond, curvature, sampling):
     kw = dict(
         eps=0.1, alpha=0.75, update_freq=2, update_growth=0.0, sample_step=0.25, full_precond=full_precond
     )
-    kw["curvature"] = curvature
+    kw.update(curvature=curvature, sampling=sampling)
     m1, m2 = make_model(DT), make_model(DT)
     opt1 = SNOpt(m1, lr=0.2, momentum=0.9, weight_decay=1e-3, untracked="sgd", kl_clip=None, **kw)
     precond = SNOptPreconditioner(m2, **kw)
@@ -505,6 +507,12 @@ INVALID = [
     ("snopt", dict(full_precond="yes"), ValueError, r"`full_precond` must be True or False, but got"),
     (
         "snopt",
+        dict(sampling="stage"),
+        ValueError,
+        r"`sampling` must be one of \['steps', 'stages'\], but got sampling='stage'",
+    ),
+    (
+        "snopt",
         dict(lr=lambda s: -1.0),
         ValueError,
         r"`lr` schedule must return a positive number, but lr\(0\)",
@@ -529,6 +537,13 @@ INVALID = [
 def test_contract_invalid_hyperparameters_raise(kind, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         make_optimizer(kind, make_model(), **kwargs)
+
+
+def test_preconditioner_rejects_an_unknown_sampling():
+    with pytest.raises(
+        ValueError, match=r"`sampling` must be one of \['steps', 'stages'\], but got sampling='grid'"
+    ):
+        SNOptPreconditioner(make_model(), sampling="grid")
 
 
 def test_snopt_rejects_a_bad_param_group_and_a_non_module():
