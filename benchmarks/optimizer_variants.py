@@ -220,7 +220,7 @@ def report() -> None:
     for path in sorted(PARTS.glob("variants_*.json")):
         part = json.loads(path.read_text())
         lines += [
-            f"## {part['task']} (seeds {part['seeds']})",
+            f"## {part['task']} (seeds {part['seeds']}; `parts/{path.name}`)",
             "",
             f"Targets: {json.dumps({k: round(v, 4) for k, v in part['targets'].items()})}",
             "",
