@@ -23,10 +23,10 @@ def _seeded_tmp_cwd(tmp_path, monkeypatch):
 
 
 def _tiny_config(**overrides) -> RunConfig:
-    """Digits with a width-4 model, 3 fixed RK4 steps of training, a 90-image validation set."""
+    """Digits with a width-4 model, 3 fixed RK4 steps of training, a 36-image validation set."""
     values = dict(
         task="digits",
-        task_kwargs={"val_fraction": 0.05},
+        task_kwargs={"val_fraction": 0.02},
         model_kwargs={"width": 4},
         method="rk4",
         epochs=None,
