@@ -1,6 +1,7 @@
 """Shared fixtures: fixed seeds, every test in its own temporary folder, and a tiny training run."""
 
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +21,33 @@ def _seeded_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
     yield
+
+
+@pytest.fixture(scope="session")
+def _mlflow_store_template(tmp_path_factory):
+    """An empty MLflow SQLite store, created once: a new store runs MLflow's schema migrations (~1 s)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # the Default experiment's artifacts would go here, not to the repo
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_store(_mlflow_store_template):
+    """``mlflow_store(path) -> "sqlite:///path"``: an empty, already migrated MLflow store at ``path``.
+
+    For tests about what lands in a store, not about creating one (the default-store test
+    creates its own from nothing).
+    """
+
+    def make(path) -> str:
+        shutil.copyfile(_mlflow_store_template, path)
+        return f"sqlite:///{path}"
+
+    return make
 
 
 def _tiny_config(**overrides) -> RunConfig:
