@@ -50,7 +50,7 @@ def test_a_misspelled_model_argument_is_refused_before_training(tmp_path, capsys
     assert "snopt train: completed" not in out and not path.exists()
 
 
-def test_ui_warns_when_the_folder_holds_no_store(tmp_path, monkeypatch, capsys):
+def test_ui_warns_when_the_folder_holds_no_store(tmp_path, monkeypatch, capsys, mlflow_store):
     import subprocess
     import types
 
@@ -72,7 +72,7 @@ def test_ui_warns_when_the_folder_holds_no_store(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"warning: no MLflow store at {tmp_path / 'mlflow.db'}: the UI will show no runs" in err
     assert "--backend-store-uri" in err and len(started) == 1
-    (tmp_path / "mlflow.db").write_bytes(b"")  # a store is there: no warning
+    mlflow_store(tmp_path / "mlflow.db")  # a store is there: no warning
     assert main(["ui", "--port", "5123"]) == 0
     assert "warning" not in capsys.readouterr().err and len(started) == 2
 

@@ -35,7 +35,7 @@ class Field(nn.Module):
 
 def _model(seed: int = 0, frozen: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    block = ODEBlock(Field(), 0.0, 0.5, method="rk4", options={"step_size": 0.125}, adjoint=True)
+    block = ODEBlock(Field(), 0.0, 0.5, method="rk4", options={"step_size": 0.25}, adjoint=True)
     model = nn.Sequential(nn.Linear(2, 3), block, nn.Linear(3, 1)).to(DT)
     if frozen:
         model[0].weight.requires_grad_(False)

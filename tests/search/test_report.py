@@ -13,12 +13,12 @@ from snopt.search import Budget, ComparisonReport, Float, SearchSpace, compare, 
 SPACE = SearchSpace({"t1": Float(0.5, 2.0, log=True, default=1.0), "lr": Float(1e-3, 1e-1, log=True)})
 
 
-def _independent(url, name, strategies, seeds, epsilon):
+def _independent(storage, name, strategies, seeds, epsilon):
     """Recompute the report's figures from the raw trials, with no code from snopt.search."""
     per = {}
     for strategy in strategies:
         for seed in seeds:
-            trials = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=url).trials
+            trials = optuna.load_study(study_name=f"{name}-{strategy}-s{seed}", storage=storage).trials
             done = [
                 t
                 for t in trials
@@ -60,15 +60,20 @@ def _independent(url, name, strategies, seeds, epsilon):
     return targets, per
 
 
+#: Two RK4 steps a trial (18 NFE) and 30 NFE a study: a complete trial, then one the budget cuts.
+STEPS, NFE = 2, 30
+
+
 def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     url = f"sqlite:///{tmp_path / 'cmp.db'}"
+    storage = optuna.storages.RDBStorage(url)  # one connection for the independent reads
     strategies, seeds, eps = ["random", "tpe"], [0, 1], 0.02
     out = tmp_path / "report"
     hooks = []
     report = compare(
-        tiny_config(),
+        tiny_config(max_steps=STEPS),
         strategies=strategies,
-        budget=Budget(nfe=50),
+        budget=Budget(nfe=NFE),
         seeds=seeds,
         space=SPACE,
         storage=url,
@@ -82,7 +87,7 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     )
     assert hooks[0] == ("start", "digits-random-s0") and hooks[-1] == ("report", "digits")
     assert len(hooks) == 2 * 4 + 1
-    targets, per = _independent(url, "digits", strategies, seeds, eps)
+    targets, per = _independent(storage, "digits", strategies, seeds, eps)
     assert report.targets == targets and report.target == statistics.median(targets.values())
     for s in report.studies:
         p = per[s.strategy, s.seed]
@@ -100,7 +105,7 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
         )
         assert [c["best"] for c in s.curve] == p["best_so_far"]
         # Equal budget: no study spent more than its NFE budget plus the last step of one trial.
-        assert 50 <= s.nfe < 50 + 2 * 8
+        assert NFE <= s.nfe < NFE + 2 * 8
     rows = {r["strategy"]: r for r in report.summary()}
     for strategy in strategies:
         bests = [per[strategy, seed]["best"] for seed in seeds]
@@ -141,7 +146,7 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     assert data["target"] == report.target and data["budget"] == {
         "n_trials": None,
         "timeout": None,
-        "nfe": 50,
+        "nfe": NFE,
         "work": None,
     }
     assert [s["nfe"] for s in data["studies"]] == [s.nfe for s in report.studies]
@@ -157,12 +162,12 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
     # Running the comparison again continues every study and runs its budget again (Optuna's
     # convention); the report says what ran now and what was there before.
     n_before = sum(
-        len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies
+        len(optuna.load_study(study_name=s.study_name, storage=storage).trials) for s in report.studies
     )
     second = compare(
-        tiny_config(),
+        tiny_config(max_steps=STEPS),
         strategies=strategies,
-        budget=Budget(nfe=50),
+        budget=Budget(nfe=NFE),
         seeds=seeds,
         space=SPACE,
         storage=url,
@@ -171,11 +176,13 @@ def test_report_numbers_match_the_storage(tiny_config, tmp_path):
         progress=False,
         warm_up=False,
     )
-    n_after = sum(len(optuna.load_study(study_name=s.study_name, storage=url).trials) for s in report.studies)
+    n_after = sum(
+        len(optuna.load_study(study_name=s.study_name, storage=storage).trials) for s in report.studies
+    )
     assert n_after > n_before
     for first, again in zip(report.studies, second.studies):
         assert again.n_before == first.n_trials and again.n_now == again.n_trials - first.n_trials > 0
-        assert 50 <= again.spent_now["nfe"] < 50 + 2 * 8
+        assert NFE <= again.spent_now["nfe"] < NFE + 2 * 8
 
 
 def test_reach_and_target_on_hand_made_curves():

@@ -240,20 +240,20 @@ def test_default_trial_budget_keeps_one_wide_trial_from_taking_the_whole_budget(
     probe.enqueue_trial({"width": 4})
     probe.optimize()
     unit = probe.trials[0].user_attrs["work"]  # one trial of the default (width-4) model
-    budget = Budget(work=40 * unit)
+    budget = Budget(work=20 * unit)
     runs = {}
     for cap in (default_trial_budget(config, budget, space=space), None):
         study = _study(config, space=space, budget=budget, trial_budget=cap)
         study.enqueue_trial({"width": 32})  # about 50 width-4 trials' work: more than the budget
-        for _ in range(8):
+        for _ in range(2):
             study.enqueue_trial({"width": 4})
-        study.optimize(n_trials=9)
+        study.optimize(n_trials=3)
         runs[cap is None] = study.trials
     wide, *rest = runs[False]
     assert wide.state == TrialState.PRUNED
     assert "the trial's budget ran out (work" in wide.user_attrs["stop_reason"]
-    assert 3 * unit <= wide.user_attrs["work"] < 0.5 * 40 * unit  # cut near its cap
-    assert [t.state for t in rest] == [TrialState.COMPLETE] * 8
+    assert 3 * unit <= wide.user_attrs["work"] < 0.5 * 20 * unit  # cut near its cap
+    assert [t.state for t in rest] == [TrialState.COMPLETE] * 2
     # Without a cap the wide trial spends the whole budget and the study has no result.
     ran = [t for t in runs[True] if t.state != TrialState.WAITING]
     assert [t.state for t in ran] == [TrialState.PRUNED]

@@ -78,7 +78,7 @@ class Scaled(nn.Module):
 def test_fisher_term_of_a_parameter_outside_any_block_uses_the_batch_size(float64):
     torch.manual_seed(0)
     model = Scaled()
-    x, y = _data(n=256, seed=1)
+    x, y = _data(n=128, seed=1)
     # The brute-force empirical Fisher over the data set: mean_i (dl_i/ds)^2.
     per_sample = []
     for i in range(len(x)):
@@ -99,7 +99,7 @@ def test_fisher_term_of_a_parameter_outside_any_block_uses_the_batch_size(float6
     )
     g = torch.Generator().manual_seed(2)
     estimates = []
-    for _ in range(20):  # 20 windows of 8 batches of 32, the value kept (almost) fixed
+    for _ in range(10):  # 10 windows of 8 batches of 32, the value kept (almost) fixed
         for _ in range(8):
             idx = torch.randint(0, len(x), (32,), generator=g)
             F.mse_loss(model(x[idx]), y[idx], reduction="sum").div(32).backward()

@@ -413,7 +413,8 @@ def test_every_method_runs():
             if method not in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
             else None
         )
-        block = ODEBlock(Linear(a), 0.0, 1.0, method=method, options=options, rtol=1e-6, atol=1e-6)
+        # rtol 1e-4: the low-order adaptive_heun needs ~1,000 evaluations at 1e-6, 100 at 1e-4.
+        block = ODEBlock(Linear(a), 0.0, 1.0, method=method, options=options, rtol=1e-4, atol=1e-4)
         _loss(block, x0, w).backward()
         assert block.stats.nfe_forward > 0 and block.stats.nfe_backward > 0, method
 

@@ -307,16 +307,18 @@ def test_defaults_do_not_blow_up_an_ode_rnn():
     """SNOpt at its defaults on the time-series ODE-RNN (seed 1 of the benchmark): with the
     former trust region (kl_clip 1e-2) the loss jumped from 0.36 to 3.8 at step 3 as the
     field layers moved 70-200% of their norm (10.6x the first loss); at kl_clip 1e-3 the worst
-    of the first 8 steps is 2.3x."""
+    of the first 8 steps is 2.3x.  Four steps see the jump (and a step after it)."""
     from snopt import RunConfig, run_training
     from snopt._training import Callback, StopTraining
+
+    steps = 4
 
     class Watch(Callback):
         losses: list[float] = []
 
         def on_step_end(self, trainer, record):
             self.losses.append(record["train_loss"])
-            if record["step"] >= 8:
+            if record["step"] >= steps:
                 raise StopTraining("budget", "enough steps")
 
     watch = Watch()
@@ -332,5 +334,5 @@ def test_defaults_do_not_blow_up_an_ode_rnn():
         eval_every=None,
     )
     run_training(cfg, callbacks=[watch], progress=False)
-    assert len(watch.losses) == 8
+    assert len(watch.losses) == steps
     assert max(watch.losses) < 3 * watch.losses[0], watch.losses

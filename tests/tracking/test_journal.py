@@ -60,8 +60,8 @@ def artifacts(uri, experiment="planted"):
     return out
 
 
-def test_a_planted_journal_runs_nothing_and_uploads_nothing_outside_its_folder(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+def test_a_planted_journal_runs_nothing_and_uploads_nothing_outside_its_folder(tmp_path, mlflow_store):
+    uri = mlflow_store(tmp_path / "store.db")
     folder = tmp_path / "fallback"
     local_id = "20260101-000000-deadbeef"
     files = folder / local_id

@@ -367,27 +367,28 @@ def test_default_store_is_the_sqlite_file_in_the_working_directory(tmp_path, mon
     assert tracking_callbacks(parser.parse_args(["--no-tracking"]), {}, {}) == []
 
 
-def test_sqlite_store_keeps_its_artifacts_next_to_its_file(tmp_path, toy):
+def test_sqlite_store_keeps_its_artifacts_next_to_its_file(tmp_path, toy, mlflow_store):
     store = tmp_path / "store" / "runs.db"
     store.parent.mkdir()
     callback = MlflowCallback(
-        {}, tracking_uri=f"sqlite:///{store}", experiment="a b", system_metrics=False, log_model=False
+        {}, tracking_uri=mlflow_store(store), experiment="a b", system_metrics=False, log_model=False
     )
     toy.fit([callback], max_steps=1, eval_every=None)
     run = MlflowClient(f"sqlite:///{store}").get_run(callback.run_id)
     assert run.info.artifact_uri.startswith((store.parent / "mlruns" / "a_b").as_uri())
-    assert (store.parent / "mlruns" / "a_b" / callback.run_id / "artifacts" / "config.json").exists()
+    files = store.parent / "mlruns" / "a_b" / callback.run_id / "artifacts"
+    assert (files / "config.json").exists() and (files / "figures" / "loss.png").exists()
     assert not (tmp_path / "mlruns").exists()  # not in the working directory
 
 
 def test_callback_follows_set_tracking_uri_set_experiment_and_nests_under_the_active_run(
-    tmp_path, toy, monkeypatch
+    tmp_path, toy, monkeypatch, mlflow_store
 ):
     from mlflow.tracking import fluent
 
     monkeypatch.setattr(fluent, "_active_experiment_id", None)  # set_experiment sets both: undo them
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    store = mlflow_store(tmp_path / "elsewhere.db")
     mlflow.set_tracking_uri(store)
     try:
         mlflow.set_experiment("mine")
