@@ -175,8 +175,8 @@ class TestSNOptStages(OptimizerContract):
         self.train(model, opt, _batches(3))
         block = model[1]
         # One refresh (the first step), sampled at every evaluation of its adjoint solve
-        # (rk4: 4 per step, 4 steps) and no other.
-        assert opt.stats["refreshes"] == 1 and opt.stats["samples"] == 16
+        # (rk4: 4 per step, 2 steps of 0.25 over [0, 0.5]) and no other.
+        assert opt.stats["refreshes"] == 1 and opt.stats["samples"] == 8
         assert block.stats.samples == 0  # the last step was no refresh
 
 
