@@ -1,7 +1,7 @@
 """SNOpt: the Kronecker-factored second-order optimizer of Neural ODEs.
 
 The math is a functional core of pure tensor functions (:func:`eigenbasis`,
-:func:`kronecker_scale`, :func:`kronecker_precondition`, :func:`running_average`,
+:func:`eigenbases`, :func:`kronecker_scale`, :func:`kronecker_precondition`, :func:`running_average`,
 :func:`kl_clip_factor`, and the reference form's :func:`initial_moment` and
 :func:`precondition`); :class:`SNOpt` (a ``torch.optim.Optimizer``) and
 :class:`SNOptPreconditioner` (in front of any torch optimizer) wrap it around a
@@ -74,7 +74,7 @@ def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor] | None:
     """Eigenvalues and eigenvectors of a symmetric positive semi-definite factor.
 
     The factor is symmetrised and decomposed in float64 with ``torch.linalg.eigh``;
-    round-off negative eigenvalues are clipped to 0.
+    round-off negative eigenvalues are clipped to 0.  One factor of :func:`eigenbases`.
 
     Args:
         factor: a square matrix.
@@ -83,17 +83,67 @@ def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor] | None:
         ``(eigenvalues, eigenvectors)`` in the factor's dtype and device, or None when the
         factor is not finite or the decomposition fails.
     """
-    f64 = factor.detach().to(torch.float64)
-    sym = 0.5 * (f64 + f64.T)
-    if not bool(torch.isfinite(sym).all()):
-        return None
+    return eigenbases([factor])[0]
+
+
+def eigenbases(factors: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+    """:func:`eigenbasis` of every factor, one batched ``eigh`` per group of equal shape and device.
+
+    Factors of the same size (the layers of a field are often the same width) are stacked
+    and decomposed in one call; each group costs two host synchronisations (finiteness of
+    the inputs and of the results), whatever its size.  A factor that is not finite gets
+    None without holding back its group; when a batched decomposition does not converge,
+    the group's factors are decomposed one at a time, so only the failing one gets None.
+
+    Returns:
+        one entry per factor, in order: ``(eigenvalues, eigenvectors)`` in the factor's dtype
+        and device, or None.
+    """
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(factors)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, factor in enumerate(factors):
+        groups.setdefault((tuple(factor.shape), factor.device), []).append(i)
+    for members in groups.values():
+        stack = torch.stack([factors[i].detach().to(torch.float64) for i in members])
+        stack = 0.5 * (stack + stack.transpose(1, 2))
+        finite = torch.isfinite(stack).flatten(1).all(1).tolist()
+        kept = [m for m, ok in zip(members, finite) if ok]
+        if not kept:
+            continue
+        batch = stack[[j for j, ok in enumerate(finite) if ok]]
+        decs: list[tuple[Tensor, Tensor] | None]
+        try:
+            values, vectors = torch.linalg.eigh(batch)
+            decs = list(zip(values.unbind(0), vectors.unbind(0)))
+        except RuntimeError:  # torch.linalg.LinAlgError: one of them did not converge
+            decs = [_eigh_or_none(matrix) for matrix in batch]
+        _store_finite(out, kept, decs, factors)
+    return out
+
+
+def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     try:
-        values, vectors = torch.linalg.eigh(sym)
-    except RuntimeError:  # torch.linalg.LinAlgError: no convergence
+        values, vectors = torch.linalg.eigh(matrix)
+    except RuntimeError:
         return None
-    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all())):
-        return None
-    return values.clamp_min(0).to(factor.dtype), vectors.to(factor.dtype)
+    return values, vectors
+
+
+def _store_finite(
+    out: list[tuple[Tensor, Tensor] | None],
+    members: list[int],
+    decs: list[tuple[Tensor, Tensor] | None],
+    factors: list[Tensor],
+) -> None:
+    """Put each finite decomposition at its factor's place, clipped and cast like the factor."""
+    present = [(i, d) for i, d in zip(members, decs) if d is not None]
+    if not present:
+        return
+    ok = torch.stack([torch.isfinite(v).all() & torch.isfinite(u).all() for _, (v, u) in present]).tolist()
+    for (i, (values, vectors)), good in zip(present, ok):
+        if good:
+            dtype = factors[i].dtype
+            out[i] = values.clamp_min(0).to(dtype), vectors.to(dtype)
 
 
 def initial_moment(eigenvalues_a: Tensor, eigenvalues_b: Tensor, locations: int = 1) -> Tensor:
@@ -283,17 +333,30 @@ def _check_bool(name: str, value: Any) -> bool:
 class BaseCurvature(ABC):
     """How a tracked layer's factors become its preconditioner (one entry of :data:`CURVATURES`).
 
-    ``refresh`` stores what a refresh computes in the layer's state and returns False when
-    the factors cannot be used (the state is then left as it was); ``direction`` turns a
-    gradient matrix into the preconditioned one.  ``hyper`` holds the step's resolved
-    hyperparameters (``eps``, ``alpha``, ``damping``, ``factor_decay``).
+    A refresh has two halves so that the engine can decompose every layer's factors in one
+    batched call (:func:`eigenbases`): ``to_decompose`` names the two matrices whose
+    eigenbases the layer needs, ``install`` stores what the refresh computes from them in the
+    layer's state (when both matrices could be decomposed; otherwise the state is kept).
+    ``direction`` turns a gradient matrix into the preconditioned one.  ``hyper`` holds the step's resolved
+    hyperparameters (``eps``, ``alpha``, ``damping``, ``factor_decay``, ``batch_size``).
     """
 
     @abstractmethod
-    def refresh(
-        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
-    ) -> bool:
-        """Fold the new factors ``A``, ``B`` (with ``L`` locations) into ``state``."""
+    def to_decompose(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, hyper: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """The input-side and output-side matrices to eigendecompose for the new factors ``A``, ``B``."""
+
+    @abstractmethod
+    def install(
+        self,
+        state: dict[str, Any],
+        matrices: tuple[Tensor, Tensor],
+        decompositions: tuple[Tensor, Tensor, Tensor, Tensor],
+        locations: int,
+        hyper: dict[str, Any],
+    ) -> None:
+        """Store the refresh in ``state`` from ``matrices`` and their ``(a, U_A, b, U_B)``."""
 
     @abstractmethod
     def direction(
@@ -306,30 +369,26 @@ class BaseCurvature(ABC):
     ) -> Tensor:
         """The preconditioned gradient; ``finite`` (a device flag) masks any state update."""
 
-    @staticmethod
-    def _decompose(a: Tensor, b: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        dec_a = eigenbasis(a)
-        dec_b = eigenbasis(b) if dec_a is not None else None
-        if dec_a is None or dec_b is None:
-            return None
-        va, ua = (t.to(like.device, like.dtype) for t in dec_a)
-        vb, ub = (t.to(like.device, like.dtype) for t in dec_b)
-        return va, ua, vb, ub
-
 
 class ReferenceCurvature(BaseCurvature):
     """The paper's released code: eigenbasis of the refresh step, running second moment, absolute ``eps``."""
 
-    def refresh(
-        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
-    ) -> bool:
-        dec = self._decompose(a, b, a)
-        if dec is None:
-            return False
-        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = dec
+    def to_decompose(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, hyper: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        return a, b
+
+    def install(
+        self,
+        state: dict[str, Any],
+        matrices: tuple[Tensor, Tensor],
+        decompositions: tuple[Tensor, Tensor, Tensor, Tensor],
+        locations: int,
+        hyper: dict[str, Any],
+    ) -> None:
+        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = decompositions
         state["moment"] = initial_moment(state["eigenvalues_a"], state["eigenvalues_b"], locations)
         state["batch_size"] = hyper["batch_size"]
-        return True
 
     def direction(
         self,
@@ -355,21 +414,26 @@ class ReferenceCurvature(BaseCurvature):
 class KroneckerCurvature(BaseCurvature):
     """Running-average factors across refreshes, Kronecker eigenvalues, damping relative to the spectrum."""
 
-    def refresh(
-        self, state: dict[str, Any], a: Tensor, b: Tensor, locations: int, hyper: dict[str, Any]
-    ) -> bool:
+    def to_decompose(
+        self, state: dict[str, Any], a: Tensor, b: Tensor, hyper: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
         decay = hyper["factor_decay"]
         factor_a = running_average(state.get("factor_a"), a, decay)
-        factor_b = running_average(state.get("factor_b"), b, decay)
-        dec = self._decompose(factor_a, factor_b, a)
-        if dec is None:
-            return False
-        state["factor_a"], state["factor_b"] = factor_a, factor_b
-        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = dec
+        return factor_a, running_average(state.get("factor_b"), b, decay)
+
+    def install(
+        self,
+        state: dict[str, Any],
+        matrices: tuple[Tensor, Tensor],
+        decompositions: tuple[Tensor, Tensor, Tensor, Tensor],
+        locations: int,
+        hyper: dict[str, Any],
+    ) -> None:
+        state["factor_a"], state["factor_b"] = matrices
+        state["eigenvalues_a"], state["basis_a"], state["eigenvalues_b"], state["basis_b"] = decompositions
         state["scale"] = kronecker_scale(
             state["eigenvalues_a"], state["eigenvalues_b"], locations, hyper["damping"]
         )
-        return True
 
     def direction(
         self,
@@ -466,6 +530,7 @@ class _Engine:
         """Fold the factors gathered in this step into each layer's preconditioner; return warnings."""
         messages = []
         start = time.perf_counter()
+        pending = []
         for layer in self.collector.layers:
             factors = layer.factors()
             hyper = hyper_for(layer)
@@ -473,8 +538,16 @@ class _Engine:
                 continue
             a, b, locations = factors
             hyper = dict(hyper, batch_size=layer.batch_size)
-            if not self.curvature.refresh(state_for(layer), a, b, locations, hyper):
+            state = state_for(layer)
+            pending.append((layer, state, self.curvature.to_decompose(state, a, b, hyper), locations, hyper))
+        # Every layer's factors in one batched eigendecomposition per shape (eigenbases).
+        decs = eigenbases([m for *_, matrices, _, _ in pending for m in matrices])
+        for k, (layer, state, matrices, locations, hyper) in enumerate(pending):
+            dec_a, dec_b = decs[2 * k], decs[2 * k + 1]
+            if dec_a is None or dec_b is None:
                 messages.append(layer.name)
+                continue
+            self.curvature.install(state, matrices, (*dec_a, *dec_b), locations, hyper)
         self.decompose_time += time.perf_counter() - start
         self.collector.reset()
         self.last_refresh = self.steps

@@ -10,7 +10,14 @@ from torch import nn
 
 from snopt._models import ODEClassifier
 from snopt._ode import ODEBlock
-from snopt._optimizer import SNOpt, SNOptPreconditioner, eigenbasis, initial_moment, precondition
+from snopt._optimizer import (
+    SNOpt,
+    SNOptPreconditioner,
+    eigenbases,
+    eigenbasis,
+    initial_moment,
+    precondition,
+)
 from snopt._tasks import get_task
 from snopt._training import fit
 
@@ -120,6 +127,75 @@ def test_eigenbasis_reconstructs_and_rejects_non_finite_factors():
     assert eigenbasis(A) is None
     A[1, 2] = math.inf
     assert eigenbasis(A) is None
+
+
+def _spy_eigh(monkeypatch, fail=lambda m: False):
+    """Record the batch shape of every ``torch.linalg.eigh`` call; raise where ``fail(m)``."""
+    calls, real = [], torch.linalg.eigh
+
+    def eigh(m):
+        calls.append(tuple(m.shape))
+        if fail(m):
+            raise torch.linalg.LinAlgError("planted: no convergence")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    return calls
+
+
+def _assert_decomposes(dec, factor):
+    values, vectors = dec
+    assert values.dtype == factor.dtype and (values >= 0).all()
+    tol = 1e-5 if factor.dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, factor, rtol=tol, atol=tol)
+
+
+def test_eigenbases_decomposes_each_shape_in_one_call_and_matches_one_at_a_time(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    factors = [_spd(3, g), _spd(4, g), _spd(3, g), _spd(3, g).float(), _spd(4, g)]
+    alone = [eigenbasis(f) for f in factors]
+    calls = _spy_eigh(monkeypatch)
+    got = eigenbases(factors)
+    assert sorted(calls) == [(2, 4, 4), (3, 3, 3)]  # one batched call per shape, dtypes mixed
+    for dec, one, factor in zip(got, alone, factors):
+        _assert_decomposes(dec, factor)
+        torch.testing.assert_close(dec[0], one[0])
+
+
+def test_eigenbases_gives_none_to_a_non_finite_factor_only():
+    g = torch.Generator().manual_seed(4)
+    bad = _spd(3, g)
+    bad[0, 1] = math.nan
+    factors = [_spd(3, g), bad, _spd(3, g)]
+    got = eigenbases(factors)
+    assert got[1] is None
+    _assert_decomposes(got[0], factors[0])
+    _assert_decomposes(got[2], factors[2])
+
+
+def test_eigenbases_falls_back_to_one_at_a_time_when_a_batch_does_not_converge(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    factors = [_spd(3, g), _spd(3, g), _spd(3, g)]
+    poisoned = factors[1][0, 0].item()
+    calls = _spy_eigh(monkeypatch, fail=lambda m: m.dim() == 3 or m[0, 0].item() == poisoned)
+    got = eigenbases(factors)
+    assert calls == [(3, 3, 3), (3, 3), (3, 3), (3, 3)]
+    assert got[1] is None
+    _assert_decomposes(got[0], factors[0])
+    _assert_decomposes(got[2], factors[2])
+
+
+def test_a_refresh_decomposes_all_layers_with_one_call_per_factor_shape(monkeypatch):
+    model = make_model(DT)
+    opt = SNOpt(model, lr=0.1)
+    ((x, y),) = make_batches(1, DT)
+    nn.functional.cross_entropy(model(x), y).backward()
+    shapes = {tuple(m.shape) for layer in opt.collector.layers for m in layer.factors()[:2]}
+    calls = _spy_eigh(monkeypatch)
+    opt.step()
+    assert opt.stats["refreshes"] == 1
+    assert len(calls) == len(shapes) < 2 * len(opt.collector.layers)
+    assert sorted(c[1:] for c in calls) == sorted(shapes)
 
 
 # ------------------------------------------------------- refresh-step solves
