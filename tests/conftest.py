@@ -82,6 +82,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is not None:
+            # With `--dist loadgroup` (pyproject's addopts) the integration tests share one
+            # worker and run one at a time: each session's server and database start once,
+            # and two servers never compete for the cores the other tests use.
+            item.add_marker(pytest.mark.xdist_group("integration"))
 
 
 def pytest_configure(config):
