@@ -3,7 +3,7 @@
 Logs, CI consoles and pipes get no cursor codes: when the stream is not a terminal,
 :func:`progress_bar` returns a :class:`PlainProgress` that writes one self-contained line
 (``train 40/92 step (43%) loss=0.61 T=1.2, 12 s``) at most every ``interval`` seconds and a
-last one when it closes.
+last one when it closes, unless that would repeat the line before it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class PlainProgress:
         self.postfix: dict[str, Any] = {}
         self._start = time.monotonic()
         self._last = self._start
+        self._written: tuple[float, dict[str, Any]] | None = None  # count and postfix last written
         self._closed = False
 
     def update(self, n: float = 1) -> None:
@@ -63,10 +64,11 @@ class PlainProgress:
         self._maybe_write()
 
     def close(self) -> None:
-        """Write the final line (once)."""
+        """Write the final line (once), unless the last line written already says the same."""
         if not self._closed:
             self._closed = True
-            self._write()
+            if self._written != (self.n, self.postfix):
+                self._write()
 
     def line(self) -> str:
         """The current progress as one line."""
@@ -82,6 +84,7 @@ class PlainProgress:
 
     def _write(self) -> None:
         self._last = time.monotonic()
+        self._written = (self.n, dict(self.postfix))
         print(self.line(), file=self.stream, flush=True)
 
 
