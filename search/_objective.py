@@ -42,7 +42,7 @@ import optuna
 
 from snopt._ode import SolverError, ode_blocks
 from snopt._run import RunConfig, build_run, run_training
-from snopt._signals import Terminated, interrupt_reason
+from snopt._signals import Terminated, deferred_signals, interrupt_reason
 from snopt._training import Callback, FitResult, Status, StopTraining, TrainingError, jsonable
 from snopt._work import WorkCounter
 
@@ -170,13 +170,16 @@ class PruningCallback(Callback):
         value = record.get(self.key)
         if value is None or not math.isfinite(value):
             return
-        self.trial.report(float(value), int(trainer.step))
+        with deferred_signals():  # a stop waits for the storage write under way
+            self.trial.report(float(value), int(trainer.step))
         total = getattr(trainer, "total_steps", None)
         if total is not None and trainer.step >= total:
             return  # the run is over: pruning now would discard a finished result
         if trainer.step < self.min_step:
             return
-        if self.trial.should_prune():
+        with deferred_signals():
+            prune = self.trial.should_prune()
+        if prune:
             raise StopTraining(Status.PRUNED, f"pruned at step {trainer.step} with {self.key}={value:.6g}")
 
     @staticmethod
@@ -264,8 +267,9 @@ class _TrialMonitor(Callback):
     def _progress(self, nfe: int) -> None:
         # Other workers count what this running trial spent so far against the budget.
         try:
-            self.trial.set_user_attr("nfe_total", nfe)
-            self.trial.set_user_attr("work", self.work)
+            with deferred_signals():  # a stop waits for the storage write under way
+                self.trial.set_user_attr("nfe_total", nfe)
+                self.trial.set_user_attr("work", self.work)
         except Exception:  # noqa: BLE001 - progress is advisory; a storage hiccup must not kill the trial
             pass
 

@@ -6,8 +6,15 @@ RUNNING.  Inside :func:`terminate_as_interrupt` SIGTERM (and SIGINT, unless the 
 ignores it) raises :class:`Terminated`, a ``KeyboardInterrupt``, so that every layer that
 cleans up after Ctrl-C (the trainer's checkpoint, the MLflow runs, the Optuna trial) does
 the same for a scheduler's stop.  Only the first signal raises: later ones, while that
-cleanup runs, are reported and ignored (SIGKILL still ends the process).  This module
-imports nothing heavy, so the command line can use it before torch is loaded.
+cleanup runs, are reported and ignored (SIGKILL still ends the process).
+
+A stop raised in the middle of a database write can leave that write's connection inside an
+open transaction, holding the database's lock while the cleanup tries to record the stop
+(SQLite: "database is locked").  Code that writes to a store wraps the write in
+:func:`deferred_signals`: a signal that arrives inside it raises when the write is done, and a
+second signal while one is held raises at once (a store that does not answer cannot hold a
+stop back).  This module imports nothing heavy, so the command line can use it before torch
+is loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # the scopes are nested (the trainer's inside the command line's).
 _stopping: str | None = None
 _depth = 0
+# A signal held until the outermost deferred_signals block ends, and how deep those blocks are.
+_pending: int | None = None
+_defer_depth = 0
 
 
 class Terminated(KeyboardInterrupt):
@@ -64,8 +74,12 @@ def interrupt_reason(exc: BaseException) -> str:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _stopping
+    global _stopping, _pending
     name = signal.Signals(signum).name
+    if _pending is not None:
+        # A second signal while the first waits for a store write: do not wait.
+        _pending = None
+        raise Terminated(signum)
     if _stopping is not None:
         # The first signal's cleanup is running (checkpoint, MLflow, Optuna): let it finish.
         print(
@@ -76,7 +90,32 @@ def _handler(signum: int, frame: Any) -> None:
         )
         return
     _stopping = name
+    if _defer_depth > 0:
+        _pending = signum  # raised when the write under way ends
+        return
     raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold a stop signal that arrives inside the block until the block ends, then raise it.
+
+    For writes to a store (MLflow's, Optuna's) that an exception must not cut in half; a
+    second signal inside the block raises at once.  Outside :func:`terminate_as_interrupt`
+    and outside the main thread this does nothing.
+    """
+    global _defer_depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+        if _defer_depth == 0 and _pending is not None:
+            signum, _pending = _pending, None
+            raise Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -105,4 +144,4 @@ def terminate_as_interrupt() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if _depth == 0:
-            _stopping = None
+            _stopping = _pending = None

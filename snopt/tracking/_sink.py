@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._redact import redact_url
+from .._signals import deferred_signals
 from ._common import (
     _MAX_METRICS_PER_BATCH,
     _MAX_PARAMS_TAGS_PER_BATCH,
@@ -39,7 +40,11 @@ from ._ops import (
 
 
 class _RunSink:
-    """Delivers one run's operations to MLflow, or to a journal once MLflow fails."""
+    """Delivers one run's operations to MLflow, or to a journal once MLflow fails.
+
+    Every write runs inside :func:`~snopt._signals.deferred_signals`: a SIGTERM or Ctrl-C that
+    arrives during one raises after it, so no write is cut in half with its database lock held.
+    """
 
     def __init__(
         self,
@@ -73,7 +78,7 @@ class _RunSink:
         """Create the run (online, or as the journal's first operation)."""
         tags = {k: _truncate(str(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
         start = _now_ms()
-        with self._lock:
+        with self._lock, deferred_signals():  # a stop waits for the write under way
             try:
                 if tags.get(_PARENT_TAG, "").startswith(_OFFLINE_PREFIX):
                     # Its parent will get its id only when synced: the child waits with it.
@@ -116,7 +121,7 @@ class _RunSink:
 
     def submit(self, op: dict[str, Any]) -> None:
         """Apply ``op`` online, or journal it (files are copied next to the journal)."""
-        with self._lock:
+        with self._lock, deferred_signals():  # a stop waits for the write under way
             if self.journal is None and self.run_id is not None:
                 try:
                     self.notes += _apply(self.client, self.tracking_uri, self.run_id, op, None)
@@ -178,7 +183,7 @@ class _RunSink:
                 file.
         """
         requirements = _model_requirements()
-        with self._lock:
+        with self._lock, deferred_signals():  # a stop waits for the write under way
             if self.journal is None and self.run_id is not None:
                 try:
                     with _picklable(model):

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from snopt import fit
-from snopt._signals import Terminated, exit_status, interrupt_reason, terminate_as_interrupt
+from snopt._signals import (
+    Terminated,
+    deferred_signals,
+    exit_status,
+    interrupt_reason,
+    terminate_as_interrupt,
+)
 from snopt._training import Callback
 
 
@@ -87,3 +93,36 @@ def test_fit_stopped_by_a_signal_checkpoints_and_says_which(tmp_path, sig, name)
     assert result.status == "interrupted" and result.signal == name and name in result.message
     assert result.to_dict()["signal"] == name
     assert ckpt.exists() and len(result.history) == 2
+
+
+def test_a_signal_inside_a_deferred_block_raises_when_the_block_ends():
+    done = []
+    with pytest.raises(Terminated) as info, terminate_as_interrupt():
+        with deferred_signals():  # a store write under way
+            _kill_self(signal.SIGTERM)
+            with deferred_signals():  # nested: held until the outermost block ends
+                done.append("inner")
+            done.append("write finished")
+        done.append("after the block")  # never reached: the stop is raised first
+    assert done == ["inner", "write finished"] and info.value.signal_name == "SIGTERM"
+
+
+def test_a_second_signal_does_not_wait_for_the_deferred_block():
+    done = []
+    with pytest.raises(Terminated) as info, terminate_as_interrupt():
+        with deferred_signals():
+            _kill_self(signal.SIGTERM)
+            done.append("held")
+            _kill_self(signal.SIGINT)  # the user insists: a store that hangs cannot hold the stop
+            done.append("never")
+    assert done == ["held"] and info.value.signal_name == "SIGINT"
+    with pytest.raises(Terminated), terminate_as_interrupt():  # nothing left pending for the next scope
+        _kill_self(signal.SIGTERM)
+
+
+def test_an_exception_of_the_deferred_block_does_not_swallow_the_stop():
+    with pytest.raises(Terminated) as info, terminate_as_interrupt():
+        with deferred_signals():
+            _kill_self(signal.SIGTERM)
+            raise OSError("the write failed")
+    assert isinstance(info.value.__context__, OSError)  # both are in the traceback
