@@ -145,27 +145,22 @@ class _RunSink:
         params: Mapping[str, str] | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Send metrics/params/tags in chunks within MLflow's per-request limits."""
+        """Send metrics/params/tags in chunks within MLflow's per-request limits.
+
+        A stop that arrives meanwhile waits for the last chunk: a batch lands whole.
+        """
         params = dict(params or {})
         tags = {k: _truncate(str(v), _MAX_TAG_LENGTH) for k, v in (tags or {}).items()}
-        keys = list(params)
-        for i in range(0, len(keys), _MAX_PARAMS_TAGS_PER_BATCH):
-            self.submit(
-                {
-                    "op": "log_batch",
-                    "params": {k: params[k] for k in keys[i : i + _MAX_PARAMS_TAGS_PER_BATCH]},
-                }
-            )
-        keys = list(tags)
-        for i in range(0, len(keys), _MAX_PARAMS_TAGS_PER_BATCH):
-            self.submit(
-                {"op": "log_batch", "tags": {k: tags[k] for k in keys[i : i + _MAX_PARAMS_TAGS_PER_BATCH]}}
-            )
-        metrics = list(metrics)
-        for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-            self.submit(
-                {"op": "log_batch", "metrics": [list(m) for m in metrics[i : i + _MAX_METRICS_PER_BATCH]]}
-            )
+        p_keys, t_keys, metrics = list(params), list(tags), list(metrics)
+        step = _MAX_PARAMS_TAGS_PER_BATCH
+        with deferred_signals():
+            for i in range(0, len(p_keys), step):
+                self.submit({"op": "log_batch", "params": {k: params[k] for k in p_keys[i : i + step]}})
+            for i in range(0, len(t_keys), step):
+                self.submit({"op": "log_batch", "tags": {k: tags[k] for k in t_keys[i : i + step]}})
+            for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+                chunk = metrics[i : i + _MAX_METRICS_PER_BATCH]
+                self.submit({"op": "log_batch", "metrics": [list(m) for m in chunk]})
 
     def close(self) -> None:
         """Close the journal, if the run went offline (it is then ready for a sync)."""

@@ -79,11 +79,13 @@ def test_a_stop_during_a_store_write_lets_the_write_finish_first(tmp_path, mlflo
     event.listen(Engine, "before_cursor_execute", stop_mid_write)
     try:
         with pytest.raises(Terminated), terminate_as_interrupt():
-            sink.log_batch(tags={"note": "written"})
+            # 150 tags: two requests (100 per request); the stop lands in the first one
+            sink.log_batch(tags={"note": "written", **{f"tag{i}": str(i) for i in range(149)}})
     finally:
         event.remove(Engine, "before_cursor_execute", stop_mid_write)
-    assert sent and not sink.offline
+    assert len(sent) == 1 and not sink.offline
     client = MlflowClient(uri)
-    assert client.get_run(run_id).data.tags["note"] == "written"
+    tags = client.get_run(run_id).data.tags
+    assert tags["note"] == "written" and tags["tag148"] == "148"  # the whole batch landed
     sink.log_batch(tags={"after": "the stop"})  # nothing holds the database's lock
     assert client.get_run(run_id).data.tags["after"] == "the stop" and not sink.offline
