@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ._checks import flag, integer
+
 TimeLike = Tensor | float
 
 #: Activation names accepted by the vector fields, with their module factories.
@@ -25,20 +27,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
 }
 ACTIVATIONS = tuple(_ACTIVATIONS)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an integer >= ``minimum`` (bools excluded), else raise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {rule}, but got {name}={value!r}.")
-    return int(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, but got {name}={value!r}.")
-    return value
 
 
 def _make_activation(activation: str) -> nn.Module:
@@ -89,9 +77,9 @@ class ConcatLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.in_features = _check_int("in_features", in_features, 1)
-        self.out_features = _check_int("out_features", out_features, 1)
-        self.linear = nn.Linear(self.in_features + 1, self.out_features, bias=_check_bool("bias", bias))
+        self.in_features = integer("in_features", in_features)
+        self.out_features = integer("out_features", out_features)
+        self.linear = nn.Linear(self.in_features + 1, self.out_features, bias=flag("bias", bias))
 
     def forward(self, t: TimeLike, x: Tensor) -> Tensor:
         """Apply the layer.
@@ -135,15 +123,15 @@ class ConcatConv2d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_int("in_channels", in_channels, 1)
-        self.out_channels = _check_int("out_channels", out_channels, 1)
+        self.in_channels = integer("in_channels", in_channels)
+        self.out_channels = integer("out_channels", out_channels)
         self.conv = nn.Conv2d(
             self.in_channels + 1,
             self.out_channels,
-            kernel_size=_check_int("kernel_size", kernel_size, 1),
-            stride=_check_int("stride", stride, 1),
-            padding=_check_int("padding", padding, 0),
-            bias=_check_bool("bias", bias),
+            kernel_size=integer("kernel_size", kernel_size),
+            stride=integer("stride", stride),
+            padding=integer("padding", padding, low=0),
+            bias=flag("bias", bias),
         )
 
     def forward(self, t: TimeLike, x: Tensor) -> Tensor:
@@ -190,10 +178,10 @@ class MLPField(nn.Module):
         self, dim: int, hidden: int = 64, depth: int = 2, activation: str = "tanh", time: bool = True
     ) -> None:
         super().__init__()
-        self.dim = _check_int("dim", dim, 1)
-        self.hidden = _check_int("hidden", hidden, 1)
-        self.depth = _check_int("depth", depth, 1)
-        self.time = _check_bool("time", time)
+        self.dim = integer("dim", dim)
+        self.hidden = integer("hidden", hidden)
+        self.depth = integer("depth", depth)
+        self.time = flag("time", time)
         self.activation = _make_activation(activation)
         sizes = [self.dim] + [self.hidden] * self.depth + [self.dim]
         layer = ConcatLinear if self.time else nn.Linear
@@ -233,9 +221,9 @@ class ConvField(nn.Module):
         self, channels: int, hidden: int | None = None, activation: str = "relu", norm: bool = True
     ) -> None:
         super().__init__()
-        self.channels = _check_int("channels", channels, 1)
-        self.hidden = self.channels if hidden is None else _check_int("hidden", hidden, 1)
-        self.norm = _check_bool("norm", norm)
+        self.channels = integer("channels", channels)
+        self.hidden = self.channels if hidden is None else integer("hidden", hidden)
+        self.norm = flag("norm", norm)
         self.conv1 = ConcatConv2d(self.channels, self.hidden)
         self.norm1 = _group_norm(self.hidden) if self.norm else nn.Identity()
         self.activation = _make_activation(activation)

@@ -14,7 +14,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._layers import ConvField, MLPField, TimeLike, _check_int, _group_norm
+from ._checks import integer
+from ._layers import ConvField, MLPField, TimeLike, _group_norm
 from ._ode import ODEBlock
 
 #: Trace estimators accepted by :class:`CNFField` and :class:`CNF`.
@@ -96,11 +97,11 @@ class ODEClassifier(nn.Module):
         Returns:
             A model mapping ``[batch, in_channels, H, W]`` images to ``[batch, num_classes]`` logits.
         """
-        in_channels = _check_int("in_channels", in_channels, 1)
-        num_classes = _check_int("num_classes", num_classes, 2)
-        width = _check_int("width", width, 1)
-        n_blocks = _check_int("n_blocks", n_blocks, 1)
-        pool = _check_int("pool", pool, 1)
+        in_channels = integer("in_channels", in_channels)
+        num_classes = integer("num_classes", num_classes, low=2)
+        width = integer("width", width)
+        n_blocks = integer("n_blocks", n_blocks)
+        pool = integer("pool", pool)
         stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), _group_norm(width), nn.ReLU())
         kwargs = _solver_kwargs(t1, method, rtol, atol, adjoint, options)
         blocks = [ODEBlock(ConvField(width), **kwargs) for _ in range(n_blocks)]
@@ -151,10 +152,10 @@ class ODEClassifier(nn.Module):
         Returns:
             A model mapping ``[batch, in_features]`` to ``[batch, num_classes]`` logits.
         """
-        in_features = _check_int("in_features", in_features, 1)
-        num_classes = _check_int("num_classes", num_classes, 2)
-        width = _check_int("width", width, 1)
-        n_blocks = _check_int("n_blocks", n_blocks, 1)
+        in_features = integer("in_features", in_features)
+        num_classes = integer("num_classes", num_classes, low=2)
+        width = integer("width", width)
+        n_blocks = integer("n_blocks", n_blocks)
         hidden = width if hidden is None else hidden
         kwargs = _solver_kwargs(t1, method, rtol, atol, adjoint, options)
         blocks = [ODEBlock(MLPField(width, hidden, depth, activation), **kwargs) for _ in range(n_blocks)]
@@ -320,7 +321,7 @@ class CNF(nn.Module):
         options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.dim = _check_int("dim", dim, 1)
+        self.dim = integer("dim", dim)
         field = CNFField(MLPField(self.dim, hidden, depth, activation), trace)
         self.blocks = nn.ModuleList(
             [ODEBlock(field, **_solver_kwargs(t1, method, rtol, atol, adjoint, options))]
@@ -425,9 +426,9 @@ class ODERNN(nn.Module):
         options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.input_dim = _check_int("input_dim", input_dim, 1)
-        self.hidden_dim = _check_int("hidden_dim", hidden_dim, 1)
-        self.output_dim = _check_int("output_dim", output_dim, 1)
+        self.input_dim = integer("input_dim", input_dim)
+        self.hidden_dim = integer("hidden_dim", hidden_dim)
+        self.output_dim = integer("output_dim", output_dim)
         hidden = self.hidden_dim if hidden is None else hidden
         field = _GapScaledField(MLPField(self.hidden_dim, hidden, depth, activation, time=False))
         self.blocks = nn.ModuleList(
@@ -532,9 +533,9 @@ class MultiBlockClassifier(nn.Module):
         options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        in_channels = _check_int("in_channels", in_channels, 1)
-        num_classes = _check_int("num_classes", num_classes, 2)
-        width = _check_int("width", width, 1)
+        in_channels = integer("in_channels", in_channels)
+        num_classes = integer("num_classes", num_classes, low=2)
+        width = integer("width", width)
         kwargs = _solver_kwargs(t1, method, rtol, atol, adjoint, options)
         dim = 2 * width
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), _group_norm(width), nn.ReLU())

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _defaults as D
+from ._checks import flag, one_of
 from ._curvature import CurvatureCollector, TrackedLayer, check_sampling
 
 Schedule = Union[float, Callable[[int], float]]  # noqa: UP007 - a runtime alias
@@ -303,13 +304,6 @@ def _check_optional(name: str, value: Any) -> Any:
     return None if value is None else _check_hyper(name, value)
 
 
-def _check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, but got {name}={value!r}.")
-    return value
-
-
 def _check_growth(value: Any) -> float:
     return _check_value("update_growth", value, "a non-negative number", lambda v: v >= 0)
 
@@ -320,12 +314,6 @@ def _value(name: str, value: Any, step: int) -> Any:
         return None
     if callable(value):
         return _resolve(name, value, step)
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, but got {name}={value!r}.")
     return value
 
 
@@ -786,7 +774,7 @@ class SNOpt(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
-        self.curvature = _check_choice("curvature", curvature, CURVATURES)
+        self.curvature = one_of("curvature", curvature, sorted(CURVATURES))
         if isinstance(kl_clip, str) and kl_clip != "auto":
             raise ValueError(
                 f"`kl_clip` must be a positive number, None or 'auto', but got kl_clip={kl_clip!r}."
@@ -802,12 +790,12 @@ class SNOpt(torch.optim.Optimizer):
             kl_clip=_check_optional("kl_clip", D.KL_CLIP[curvature] if kl_clip == "auto" else kl_clip),
             diag_scale=_check_hyper("diag_scale", diag_scale),
         )
-        self.untracked = _check_choice("untracked", untracked, UNTRACKED)
+        self.untracked = one_of("untracked", untracked, sorted(UNTRACKED))
         self.update_freq = _check_update_freq(update_freq)
         self.update_growth = _check_growth(update_growth)
         self.sample_step = _check_hyper("sample_step", sample_step)
         self.sampling = check_sampling(sampling)
-        self.full_precond = _check_bool("full_precond", full_precond)
+        self.full_precond = flag("full_precond", full_precond)
         super().__init__(model.parameters() if params is None else params, defaults)
         optimized = [p for group in self.param_groups for p in group["params"]]
         self._engine = _Engine(
@@ -1025,7 +1013,7 @@ class SNOptPreconditioner:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, but got {type(model).__name__}.")
         self.model = model
-        self.curvature = _check_choice("curvature", curvature, CURVATURES)
+        self.curvature = one_of("curvature", curvature, sorted(CURVATURES))
         self.hyper = {
             "eps": _check_hyper("eps", eps),
             "alpha": _check_hyper("alpha", alpha),
@@ -1036,7 +1024,7 @@ class SNOptPreconditioner:
         self.update_growth = _check_growth(update_growth)
         self.sample_step = _check_hyper("sample_step", sample_step)
         self.sampling = check_sampling(sampling)
-        self.full_precond = _check_bool("full_precond", full_precond)
+        self.full_precond = flag("full_precond", full_precond)
         self._engine = _Engine(
             model,
             curvature=self.curvature,

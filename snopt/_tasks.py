@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._checks import integer
 from ._defaults import TASKS
-from ._layers import _check_int
 from ._models import CNF, ODERNN, MultiBlockClassifier, ODEClassifier
 
 Batch = Sequence[Tensor]
@@ -34,14 +34,14 @@ def _check_fraction(name: str, value: object) -> float:
 
 
 def _check_seed(seed: object) -> int:
-    return _check_int("seed", seed, 0)
+    return integer("seed", seed, low=0)
 
 
 def _make_loaders(
     train: Sequence[Tensor], val: Sequence[Tensor], batch_size: int, seed: int
 ) -> tuple[DataLoader, DataLoader]:
     """A shuffled training loader (order fixed by ``seed``) and an ordered validation loader."""
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = integer("batch_size", batch_size)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=True, generator=generator)
     val_loader = DataLoader(TensorDataset(*val), batch_size=batch_size, shuffle=False)
@@ -315,7 +315,7 @@ class DigitsTask(Task):
     def test_loader(self, batch_size: int, *, seed: int = 0) -> DataLoader:
         """An ordered loader of the held-out test split (needs ``test_fraction``)."""
         _, _, test = self.split(seed=seed)
-        return DataLoader(TensorDataset(*test), batch_size=_check_int("batch_size", batch_size, 1))
+        return DataLoader(TensorDataset(*test), batch_size=integer("batch_size", batch_size))
 
     def loaders(self, batch_size: int, *, seed: int = 0) -> tuple[DataLoader, DataLoader]:
         """Training and validation loaders of ``(images, labels)``; see :meth:`Task.loaders`."""
@@ -413,7 +413,7 @@ def toy2d_sample(dataset: str, n: int, *, seed: int = 0) -> np.ndarray:
     """
     if dataset not in _TOY2D:
         raise ValueError(f"`dataset` must be one of {list(TOY2D_DATASETS)}, but got dataset={dataset!r}.")
-    n = _check_int("n", n, 1)
+    n = integer("n", n)
     return _TOY2D[dataset](np.random.RandomState(_check_seed(seed)), n).astype(np.float64)
 
 
@@ -439,8 +439,8 @@ class Toy2DTask(Task):
         if dataset not in _TOY2D:
             raise ValueError(f"`dataset` must be one of {list(TOY2D_DATASETS)}, but got dataset={dataset!r}.")
         self.dataset = dataset
-        self.n_train = _check_int("n_train", n_train, 1)
-        self.n_val = _check_int("n_val", n_val, 1)
+        self.n_train = integer("n_train", n_train)
+        self.n_val = integer("n_val", n_val)
 
     def build_model(
         self,
@@ -536,10 +536,10 @@ class TimeSeriesTask(Task):
         drop: float = 0.2,
         lead: float = 0.5,
     ) -> None:
-        self.n_train = _check_int("n_train", n_train, 1)
-        self.n_val = _check_int("n_val", n_val, 1)
-        self.n_points = _check_int("n_points", n_points, 1)
-        self.min_points = _check_int("min_points", min_points, 1)
+        self.n_train = integer("n_train", n_train)
+        self.n_val = integer("n_val", n_val)
+        self.n_points = integer("n_points", n_points)
+        self.min_points = integer("min_points", min_points)
         if self.min_points > self.n_points:
             raise ValueError(
                 f"`min_points <= n_points` must hold, but got min_points={min_points}, n_points={n_points}."
@@ -588,7 +588,7 @@ class TimeSeriesTask(Task):
 
     def generate(self, n: int, rs: np.random.RandomState) -> tuple[Tensor, ...]:
         """Draw ``n`` series as the tensors of one batch (see the class docstring)."""
-        n = _check_int("n", n, 1)
+        n = integer("n", n)
         length = self.n_points
         amp = rs.uniform(0.5, 1.5, n)
         damp = rs.uniform(0.0, 0.15, n)
@@ -709,7 +709,7 @@ def test_loader(task: Task, batch_size: int, *, seed: int = 0) -> DataLoader:
         task.generate(task.n_train, rs)
         task.generate(task.n_val, rs)
         test = task.generate(task.n_val, rs)
-        return DataLoader(TensorDataset(*test), batch_size=_check_int("batch_size", batch_size, 1))
+        return DataLoader(TensorDataset(*test), batch_size=integer("batch_size", batch_size))
     raise ValueError(
         f"Task {task.name!r} has no test split; `multiblock`, `timeseries` and `digits` with "
         "`test_fraction` have one."
