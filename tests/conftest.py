@@ -1,7 +1,10 @@
 """Shared fixtures: fixed seeds, every test in its own temporary folder, and a tiny training run."""
 
+import contextlib
+import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -48,6 +51,34 @@ def mlflow_store(_mlflow_store_template):
         return f"sqlite:///{path}"
 
     return make
+
+
+@pytest.fixture
+def sigterm_inside_sql():
+    """``with sigterm_inside_sql("INSERT INTO tags") as sent:`` sends this process SIGTERM from
+    inside the first SQL statement (of any SQLAlchemy engine) that starts with that text.
+
+    The handler runs there, in the middle of the write; ``sent`` lists the statement it hit.
+    """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @contextlib.contextmanager
+    def arm(prefix: str):
+        sent: list[str] = []
+
+        def stop_mid_write(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
+            if not sent and statement.lstrip().upper().startswith(prefix.upper()):
+                sent.append(statement)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        event.listen(Engine, "before_cursor_execute", stop_mid_write)
+        try:
+            yield sent
+        finally:
+            event.remove(Engine, "before_cursor_execute", stop_mid_write)
+
+    return arm
 
 
 def _tiny_config(**overrides) -> RunConfig:

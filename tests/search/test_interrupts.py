@@ -180,31 +180,18 @@ def test_heartbeats_are_on_by_default_for_database_storages(tmp_path):
     assert (storage.get_heartbeat_interval(), storage.grace_period) == (10, 30)
 
 
-def test_a_stop_during_a_report_lets_the_storage_write_finish_first(tmp_path):
+def test_a_stop_during_a_report_lets_the_storage_write_finish_first(tmp_path, sigterm_inside_sql):
     """SIGTERM inside the pruning callback's report: the value is stored, then the stop is raised."""
     import types
 
     from snopt.search._objective import PruningCallback
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     trial = study.ask()
-    sent = []
-
-    def stop_mid_write(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
-        if "trial_intermediate_values" in statement and statement.lstrip().upper().startswith("INSERT"):
-            if not sent:
-                sent.append(statement)
-                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the write
-
-    event.listen(Engine, "before_cursor_execute", stop_mid_write)
-    try:
+    with sigterm_inside_sql("INSERT INTO trial_intermediate_values") as sent:
         with pytest.raises(Terminated), terminate_as_interrupt():
             PruningCallback(trial).on_evaluate(types.SimpleNamespace(step=3), {"metric": 0.5})
-    finally:
-        event.remove(Engine, "before_cursor_execute", stop_mid_write)
-    assert sent
+    assert len(sent) == 1
     assert study.trials[0].intermediate_values == {3: 0.5}
     study.tell(trial, 0.5)  # the storage takes writes after the stop
     assert study.trials[0].state == TrialState.COMPLETE

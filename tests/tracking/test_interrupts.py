@@ -53,36 +53,23 @@ def test_sigterm_ends_every_open_run_of_a_comparison_killed(tmp_path, monkeypatc
     assert "by SIGTERM" in kinds["comparison"].data.tags["mlflow.note.content"]
 
 
-def test_a_stop_during_a_store_write_lets_the_write_finish_first(tmp_path, mlflow_store):
+def test_a_stop_during_a_store_write_lets_the_write_finish_first(tmp_path, mlflow_store, sigterm_inside_sql):
     """SIGTERM inside an MLflow write: the write completes, the stop follows, the store stays writable.
 
     An interrupt raised mid-write could leave the connection in an open transaction that holds
     SQLite's lock, so that the cleanup's own writes (the KILLED status) failed with "database is
     locked"; the sink defers the stop to the end of the write.
     """
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
     from snopt._signals import terminate_as_interrupt
     from snopt.tracking._sink import _RunSink
 
     uri = mlflow_store(tmp_path / "mlflow.db")
     sink = _RunSink(uri, "stops", fallback_dir=tmp_path / "fallback")
     run_id = sink.create_run("stopped mid-write", {})
-    sent = []
-
-    def stop_mid_write(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
-        if statement.lstrip().upper().startswith("INSERT INTO TAGS") and not sent:
-            sent.append(statement)
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the write
-
-    event.listen(Engine, "before_cursor_execute", stop_mid_write)
-    try:
+    with sigterm_inside_sql("INSERT INTO tags") as sent:
         with pytest.raises(Terminated), terminate_as_interrupt():
             # 150 tags: two requests (100 per request); the stop lands in the first one
             sink.log_batch(tags={"note": "written", **{f"tag{i}": str(i) for i in range(149)}})
-    finally:
-        event.remove(Engine, "before_cursor_execute", stop_mid_write)
     assert len(sent) == 1 and not sink.offline
     client = MlflowClient(uri)
     tags = client.get_run(run_id).data.tags
