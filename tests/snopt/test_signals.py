@@ -18,6 +18,18 @@ from snopt._signals import (
 from snopt._training import Callback
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """Python's own Ctrl-C handler for each test, whatever pytest inherited.
+
+    A shell starts a background job with SIGINT ignored, and :func:`terminate_as_interrupt`
+    rightly keeps an ignored SIGINT ignored: without this, the SIGINT cases would test that.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _kill_self(sig: int) -> None:
     os.kill(os.getpid(), sig)
 
