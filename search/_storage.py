@@ -12,14 +12,24 @@ A trial also records its owner (user attributes ``snopt_host`` and ``snopt_pid``
 study resumed on the same machine fails the trials of a dead process at once, without
 waiting out the grace period (a trial killed and resumed within it would otherwise stay
 RUNNING).  Every trial failed this way, or by its heartbeat, gets a ``fail_reason``.
+
+Every call of a database storage runs inside :func:`~snopt._signals.deferred_signals`: a
+SIGTERM or Ctrl-C that lands in one raises when the call is done.  Raised in the middle of
+one, after a SELECT ran and before its rows were read, it left that connection holding
+SQLite's read lock, and the trial's own clean-up (its reason, its FAIL) then waited on it:
+a worker that hung on SIGTERM instead of stopping.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
@@ -29,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from snopt._checks import sqlite_path, writable_file
 from snopt._redact import redact_text, redact_url
+from snopt._signals import deferred_signals
 
 from ._choices import DEFAULT_STORAGE
 
@@ -43,14 +54,27 @@ HOST_ATTR = "snopt_host"
 PID_ATTR = "snopt_pid"
 
 
+def _whole(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with stop signals held until it returns: no database call is cut in half."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with deferred_signals():
+            return method(*args, **kwargs)
+
+    return call
+
+
 class _ReasonedRDBStorage(RDBStorage):
-    """An ``RDBStorage`` whose heartbeat-stale trials get a ``fail_reason`` before they fail.
+    """An ``RDBStorage`` whose heartbeat-stale trials get a ``fail_reason`` before they fail,
+    and whose calls a stop signal does not cut in half (see the module's docstring).
 
     Optuna fails stale trials itself before each new trial, from the ids this method
     returns, and a finished trial's attributes can no longer be set: the reason is written
     here, while the trial still runs.
     """
 
+    @_whole
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
         grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
@@ -65,6 +89,16 @@ class _ReasonedRDBStorage(RDBStorage):
             except UpdateFinishedTrialError:  # another process failed it first
                 pass
         return stale
+
+
+# Every method of RDBStorage: Optuna's storage API, and the private ones that its cache and
+# fail_stale_trials call (_get_trials, _create_new_trial, ...); static methods run no SQL.
+for _name, _method in inspect.getmembers(RDBStorage, inspect.isfunction):
+    if _name.startswith("__") or _name in vars(_ReasonedRDBStorage):
+        continue
+    if isinstance(inspect.getattr_static(RDBStorage, _name), staticmethod):
+        continue
+    setattr(_ReasonedRDBStorage, _name, _whole(_method))
 
 
 def resolve_storage(

@@ -59,24 +59,27 @@ def sigterm_inside_sql():
     inside the first SQL statement (of any SQLAlchemy engine) that starts with that text.
 
     The handler runs there, in the middle of the write; ``sent`` lists the statement it hit.
+    ``after=True`` sends it once the statement ran, before its rows are read (a SELECT then
+    holds SQLite's read lock).
     """
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
     @contextlib.contextmanager
-    def arm(prefix: str):
+    def arm(prefix: str, after: bool = False):
         sent: list[str] = []
+        when = "after_cursor_execute" if after else "before_cursor_execute"
 
         def stop_mid_write(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
             if not sent and statement.lstrip().upper().startswith(prefix.upper()):
                 sent.append(statement)
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        event.listen(Engine, "before_cursor_execute", stop_mid_write)
+        event.listen(Engine, when, stop_mid_write)
         try:
             yield sent
         finally:
-            event.remove(Engine, "before_cursor_execute", stop_mid_write)
+            event.remove(Engine, when, stop_mid_write)
 
     return arm
 

@@ -195,3 +195,27 @@ def test_a_stop_during_a_report_lets_the_storage_write_finish_first(tmp_path, si
     assert study.trials[0].intermediate_values == {3: 0.5}
     study.tell(trial, 0.5)  # the storage takes writes after the stop
     assert study.trials[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.integration  # an SQLite database
+def test_a_stop_after_a_storage_read_leaves_the_database_unlocked(tmp_path, sigterm_inside_sql):
+    """SIGTERM after a SELECT ran, before its rows were read: the read ends first, then the stop.
+
+    Raised there, it left the connection holding SQLite's read lock, and the trial's clean-up
+    (its fail reason, its state) waited 60 s on it: `snopt worker` hung on SIGTERM.
+    """
+    from snopt.search import resolve_storage
+
+    path = tmp_path / "s.db"
+    study = optuna.create_study(storage=resolve_storage(f"sqlite:///{path}", heartbeat_interval=None))
+    trial = study.ask()
+    with sigterm_inside_sql("SELECT", after=True) as sent:
+        with pytest.raises(Terminated), terminate_as_interrupt():
+            study.get_trials(deepcopy=False)
+    assert len(sent) == 1
+    with sqlite3.connect(path, timeout=0.5) as db:  # fails with "database is locked" under a read lock
+        db.execute("BEGIN EXCLUSIVE")
+        db.rollback()
+    trial.set_user_attr("fail_reason", "interrupted by SIGTERM")
+    study.tell(trial, state=TrialState.FAIL)
+    assert study.trials[0].user_attrs["fail_reason"] == "interrupted by SIGTERM"
