@@ -8,13 +8,13 @@ cleans up after Ctrl-C (the trainer's checkpoint, the MLflow runs, the Optuna tr
 the same for a scheduler's stop.  Only the first signal raises: later ones, while that
 cleanup runs, are reported and ignored (SIGKILL still ends the process).
 
-A stop raised in the middle of a database write can leave that write's connection inside an
-open transaction, holding the database's lock while the cleanup tries to record the stop
-(SQLite: "database is locked").  Code that writes to a store wraps the write in
-:func:`deferred_signals`: a signal that arrives inside it raises when the write is done, and a
-second signal while one is held raises at once (a store that does not answer cannot hold a
-stop back).  This module imports nothing heavy, so the command line can use it before torch
-is loaded.
+A stop raised in the middle of a database call can leave its connection inside an open
+transaction (a write cut in half, or a read whose rows were not yet fetched), holding the
+database's lock while the cleanup tries to record the stop (SQLite: "database is locked").
+Code that calls a store wraps the call in :func:`deferred_signals`: a signal that arrives
+inside it raises when the call is done, and a second signal while one is held raises at
+once (a store that does not answer cannot hold a stop back).  This module imports nothing
+heavy, so the command line can use it before torch is loaded.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _handler(signum: int, frame: Any) -> None:
 def deferred_signals() -> Iterator[None]:
     """Hold a stop signal that arrives inside the block until the block ends, then raise it.
 
-    For writes to a store (MLflow's, Optuna's) that an exception must not cut in half; a
+    For calls to a store (MLflow's, Optuna's) that an exception must not cut in half; a
     second signal inside the block raises at once.  Outside :func:`terminate_as_interrupt`
     and outside the main thread this does nothing.
     """
