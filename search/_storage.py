@@ -91,10 +91,11 @@ class _ReasonedRDBStorage(RDBStorage):
         return stale
 
 
-# Every method of RDBStorage: Optuna's storage API, and the private ones that its cache and
-# fail_stale_trials call (_get_trials, _create_new_trial, ...); static methods run no SQL.
+# Every method of RDBStorage: its constructor (it creates or upgrades the tables), Optuna's
+# storage API, and the private ones that its cache and fail_stale_trials call (_get_trials,
+# _create_new_trial, ...); static methods run no SQL.
 for _name, _method in inspect.getmembers(RDBStorage, inspect.isfunction):
-    if _name.startswith("__") or _name in vars(_ReasonedRDBStorage):
+    if (_name.startswith("__") and _name != "__init__") or _name in vars(_ReasonedRDBStorage):
         continue
     if isinstance(inspect.getattr_static(RDBStorage, _name), staticmethod):
         continue
