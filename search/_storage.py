@@ -22,14 +22,11 @@ a worker that hung on SIGTERM instead of stopping.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import socket
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
@@ -54,17 +51,6 @@ HOST_ATTR = "snopt_host"
 PID_ATTR = "snopt_pid"
 
 
-def _whole(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` with stop signals held until it returns: no database call is cut in half."""
-
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with deferred_signals():
-            return method(*args, **kwargs)
-
-    return call
-
-
 class _ReasonedRDBStorage(RDBStorage):
     """An ``RDBStorage`` whose heartbeat-stale trials get a ``fail_reason`` before they fail,
     and whose calls a stop signal does not cut in half (see the module's docstring).
@@ -74,7 +60,7 @@ class _ReasonedRDBStorage(RDBStorage):
     here, while the trial still runs.
     """
 
-    @_whole
+    @deferred_signals()
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
         grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
@@ -93,13 +79,14 @@ class _ReasonedRDBStorage(RDBStorage):
 
 # Every method of RDBStorage: its constructor (it creates or upgrades the tables), Optuna's
 # storage API, and the private ones that its cache and fail_stale_trials call (_get_trials,
-# _create_new_trial, ...); static methods run no SQL.
+# _create_new_trial, ...); static methods run no SQL.  A contextmanager is also a decorator:
+# each call gets a block of its own.
 for _name, _method in inspect.getmembers(RDBStorage, inspect.isfunction):
     if (_name.startswith("__") and _name != "__init__") or _name in vars(_ReasonedRDBStorage):
         continue
     if isinstance(inspect.getattr_static(RDBStorage, _name), staticmethod):
         continue
-    setattr(_ReasonedRDBStorage, _name, _whole(_method))
+    setattr(_ReasonedRDBStorage, _name, deferred_signals()(_method))
 
 
 def resolve_storage(

@@ -70,16 +70,16 @@ def sigterm_inside_sql():
         sent: list[str] = []
         when = "after_cursor_execute" if after else "before_cursor_execute"
 
-        def stop_mid_write(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
+        def stop_inside(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
             if not sent and statement.lstrip().upper().startswith(prefix.upper()):
                 sent.append(statement)
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        event.listen(Engine, when, stop_mid_write)
+        event.listen(Engine, when, stop_inside)
         try:
             yield sent
         finally:
-            event.remove(Engine, when, stop_mid_write)
+            event.remove(Engine, when, stop_inside)
 
     return arm
 
